@@ -1,0 +1,223 @@
+//! Optional PROXY protocol header (v1 text or v2 binary) at the start of a connection.
+//!
+//! Relays put one in front of the client's stream so the server can see the client's
+//! address (for per-address rate limits, and for logs if the operator enables them). The
+//! server detects it from the first byte, which is unambiguous:
+//!
+//! * `P` (0x50): v1, a text line `PROXY TCP4 src dst sport dport\r\n` of at most 107 bytes;
+//! * `\r` (0x0D): v2, the 12-byte signature, then a 4-byte header and the addresses;
+//! * 0x00–0x03: a Noise handshake frame (its length is below 1,024), so no header.
+//!
+//! Anything else is not Postern traffic and the connection is closed. Parsing is done by
+//! the `ppp` crate; this module only bounds what is read and reports the addresses.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
+
+use crate::ProtocolError;
+
+/// The longest valid v1 header, CRLF included (from the PROXY protocol specification).
+pub const V1_MAX_LEN: usize = 107;
+/// The v2 signature.
+pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// We accept v2 headers up to this size (addresses plus modest TLVs); larger is refused.
+pub const V2_MAX_LEN: usize = 16 + 512;
+
+/// What a PROXY header said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyHeader {
+    pub version: u8,
+    /// The original client address, or `None` for `UNKNOWN`/`LOCAL` headers.
+    pub source: Option<SocketAddr>,
+    pub destination: Option<SocketAddr>,
+}
+
+/// Reads a PROXY header if the stream starts with one. Leaves the stream positioned at
+/// the first byte after the header (or untouched when there is none).
+pub async fn read_optional<S: AsyncBufRead + Unpin>(
+    stream: &mut S,
+) -> Result<Option<ProxyHeader>, ProtocolError> {
+    let first = match stream.fill_buf().await?.first() {
+        Some(b) => *b,
+        None => return Err(ProtocolError::Closed),
+    };
+    match first {
+        b'P' => read_v1(stream).await.map(Some),
+        b'\r' => read_v2(stream).await.map(Some),
+        0x00..=0x03 => Ok(None),
+        other => Err(ProtocolError::ProxyHeader(format!(
+            "unexpected first byte 0x{other:02x}: neither a PROXY header nor a Postern handshake"
+        ))),
+    }
+}
+
+async fn read_v1<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProtocolError> {
+    let mut line = Vec::with_capacity(V1_MAX_LEN);
+    while !line.ends_with(b"\r\n") {
+        if line.len() >= V1_MAX_LEN {
+            return Err(ProtocolError::ProxyHeader(
+                "v1 header longer than 107 bytes".into(),
+            ));
+        }
+        line.push(stream.read_u8().await?);
+    }
+    parse_v1(&line)
+}
+
+/// Parses a complete v1 line (including CRLF).
+pub fn parse_v1(line: &[u8]) -> Result<ProxyHeader, ProtocolError> {
+    let header = ppp::v1::Header::try_from(line)
+        .map_err(|e| ProtocolError::ProxyHeader(format!("v1: {e}")))?;
+    let (source, destination) = match header.addresses {
+        ppp::v1::Addresses::Tcp4(a) => (
+            Some(SocketAddr::from((a.source_address, a.source_port))),
+            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+        ),
+        ppp::v1::Addresses::Tcp6(a) => (
+            Some(SocketAddr::from((a.source_address, a.source_port))),
+            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+        ),
+        ppp::v1::Addresses::Unknown => (None, None),
+    };
+    Ok(ProxyHeader {
+        version: 1,
+        source,
+        destination,
+    })
+}
+
+async fn read_v2<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProtocolError> {
+    let mut buf = vec![0u8; 16];
+    stream.read_exact(&mut buf).await?;
+    if buf[..12] != V2_SIGNATURE {
+        return Err(ProtocolError::ProxyHeader("bad v2 signature".into()));
+    }
+    let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+    if 16 + len > V2_MAX_LEN {
+        return Err(ProtocolError::ProxyHeader(format!(
+            "v2 header of {} bytes exceeds the {V2_MAX_LEN}-byte limit",
+            16 + len
+        )));
+    }
+    buf.resize(16 + len, 0);
+    stream.read_exact(&mut buf[16..]).await?;
+    parse_v2(&buf)
+}
+
+/// Parses a complete v2 header.
+pub fn parse_v2(bytes: &[u8]) -> Result<ProxyHeader, ProtocolError> {
+    let header = ppp::v2::Header::try_from(bytes)
+        .map_err(|e| ProtocolError::ProxyHeader(format!("v2: {e}")))?;
+    let (source, destination) = match (header.command, header.addresses) {
+        (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => (
+            Some(SocketAddr::from((a.source_address, a.source_port))),
+            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+        ),
+        (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => (
+            Some(SocketAddr::from((a.source_address, a.source_port))),
+            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+        ),
+        _ => (None, None),
+    };
+    Ok(ProxyHeader {
+        version: 2,
+        source,
+        destination,
+    })
+}
+
+/// Builds a v2 `PROXY` header for a TCP connection (what relays send upstream).
+pub fn encode_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    // Mixed families cannot be expressed; ppp then writes an UNSPEC (LOCAL-like) header.
+    let builder = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (source, destination),
+    );
+    builder
+        .build()
+        .expect("building a PROXY v2 header into a Vec cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tokio::io::BufReader;
+
+    async fn detect(bytes: &[u8]) -> (Result<Option<ProxyHeader>, ProtocolError>, Vec<u8>) {
+        let mut r = BufReader::new(bytes);
+        let h = read_optional(&mut r).await;
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest).await;
+        (h, rest)
+    }
+
+    #[tokio::test]
+    async fn v1_tcp4_then_payload() {
+        let (h, rest) = detect(b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 5222\r\n\x00\x05hello").await;
+        let h = h.unwrap().unwrap();
+        assert_eq!(h.version, 1);
+        assert_eq!(h.source, Some("192.0.2.1:56324".parse().unwrap()));
+        assert_eq!(h.destination, Some("198.51.100.2:5222".parse().unwrap()));
+        assert_eq!(rest, b"\x00\x05hello");
+    }
+
+    #[tokio::test]
+    async fn v2_known_vector() {
+        // PROXY v2, TCP over IPv4, 127.0.0.1:1 -> 127.0.0.2:2 (from the specification's layout).
+        let mut v = V2_SIGNATURE.to_vec();
+        v.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c, 127, 0, 0, 1, 127, 0, 0, 2, 0, 1, 0, 2]);
+        assert_eq!(
+            encode_v2("127.0.0.1:1".parse().unwrap(), "127.0.0.2:2".parse().unwrap()),
+            v
+        );
+        v.extend_from_slice(b"\x00\x01x");
+        let (h, rest) = detect(&v).await;
+        let h = h.unwrap().unwrap();
+        assert_eq!(h.version, 2);
+        assert_eq!(h.source, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(rest, b"\x00\x01x");
+    }
+
+    #[tokio::test]
+    async fn v2_ipv6_round_trip() {
+        let src: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        let dst: SocketAddr = "[2001:db8::2]:443".parse().unwrap();
+        let (h, _) = detect(&encode_v2(src, dst)).await;
+        assert_eq!(h.unwrap().unwrap().source, Some(src));
+    }
+
+    #[tokio::test]
+    async fn noise_frame_means_no_header() {
+        let (h, rest) = detect(b"\x00\x60abc").await;
+        assert_eq!(h.unwrap(), None);
+        assert_eq!(rest, b"\x00\x60abc");
+    }
+
+    #[tokio::test]
+    async fn bogus_headers_are_errors() {
+        assert!(detect(b"PROXY TCP4 nonsense\r\n").await.0.is_err());
+        assert!(detect(b"GET / HTTP/1.1\r\n\r\n").await.0.is_err());
+        assert!(detect(&[b'P'; 300]).await.0.is_err());
+        let mut big = V2_SIGNATURE.to_vec();
+        big.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert!(detect(&big).await.0.is_err());
+        assert!(detect(b"").await.0.is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_input_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async { let _ = detect(&bytes).await; });
+        }
+
+        #[test]
+        fn v1_prefix_with_garbage_never_panics(tail in "[ -~]{0,120}") {
+            let line = format!("PROXY {tail}\r\n");
+            let _ = parse_v1(line.as_bytes());
+        }
+    }
+}
