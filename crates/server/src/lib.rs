@@ -1,1 +1,45 @@
-//! placeholder
+//! The Postern server: accounts, device keys, durable per-device message queues, and
+//! delivery over the Noise channel defined in `postern-protocol`.
+//!
+//! The server never sees message plaintext: clients encrypt each message end to end (Olm)
+//! for every recipient device, and the server stores and forwards that ciphertext.
+//!
+//! * [`data_dir`]: the key, network file and database in one directory (`server init`).
+//! * [`store`]: SQLite through sqlx, one transaction per operation; what is acknowledged
+//!   is on disk.
+//! * [`hub`]: which devices are online, to wake their connections.
+//! * [`limits`]: every bound (handshake time, idle time, queue length, registrations).
+//! * `connection`: one client connection, from PROXY header to the request loop.
+//! * [`Server`]: binds, accepts, and shuts down cleanly.
+//!
+//! Delivery is at-least-once: a message stays queued until the recipient device
+//! acknowledges that it stored it; clients drop duplicates by message id.
+
+pub mod data_dir;
+mod connection;
+mod error;
+pub mod hub;
+pub mod limits;
+mod server;
+pub mod store;
+
+pub use data_dir::{DataDir, InitReport};
+pub use error::ServerError;
+pub use limits::Limits;
+pub use server::{Server, ServerConfig};
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use postern_protocol::noise::StaticKeypair;
+
+/// State every connection shares.
+pub(crate) struct Shared {
+    pub store: store::Store,
+    pub hub: Arc<hub::Hub>,
+    pub keys: StaticKeypair,
+    pub limits: Limits,
+    pub registrations: limits::RegistrationLimiter,
+    pub log_client_addresses: bool,
+    pub next_conn_id: AtomicU64,
+}

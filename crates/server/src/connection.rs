@@ -1,0 +1,541 @@
+//! One client connection: optional PROXY header, Noise handshake, then requests and pushes.
+//!
+//! A reader task decodes frames into a channel so the main loop can `select!` safely over
+//! client requests, wake-ups from the [`Hub`](crate::hub::Hub), the idle deadline and
+//! server shutdown. Pushes are read from the database from a per-connection cursor, so
+//! delivery to an online device and to one that reconnects later is the same code path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use postern_protocol::noise::{self, SecureWriter, ServerHandshake};
+use postern_protocol::schema::{
+    client_frame, server_frame, Acked, ClientFrame, DeviceBundle as WireBundle, DeviceIdentity,
+    DeviceKeys, Envelope, Error as WireError, ErrorCode, KeyBundle, KeysLow, KeysUploaded,
+    MessageAccepted, Pong, Receipt, Registered, ServerFrame, ServerHello, SignedKey as WireKey,
+};
+use postern_protocol::{proxy_header, username, ProtocolError, PROTOCOL_VERSION};
+use tokio::io::{AsyncWrite, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::hub::Presence;
+use crate::store::{DeviceRecord, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey};
+use crate::{ServerError, Shared};
+
+/// Envelopes or receipts read from the database per round trip while pushing.
+const PUSH_BATCH: u32 = 64;
+/// Length of a message id (random, chosen by the sender).
+const MESSAGE_ID_LEN: usize = 16;
+
+/// Why a connection ended early. Never shown to the client in detail.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("closed after a bad request: {0}")]
+    BadRequest(String),
+}
+
+/// Serves one accepted TCP connection until it ends or the server shuts down.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let span = if shared.log_client_addresses {
+        tracing::debug_span!("conn", id = conn_id, peer = %peer)
+    } else {
+        tracing::debug_span!("conn", id = conn_id)
+    };
+    let result = tracing::Instrument::instrument(run(stream, peer, shared, shutdown), span).await;
+    match result {
+        Ok(()) => debug!("connection closed"),
+        Err(ConnError::Protocol(ProtocolError::Closed)) => debug!("client disconnected"),
+        Err(ConnError::Server(e)) => warn!(error = %e, "connection failed on a server error"),
+        Err(e) => debug!(error = %e, "connection closed"),
+    }
+}
+
+async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let _ = stream.set_nodelay(true);
+    // The buffer lets us peek at the first byte for PROXY detection without losing it.
+    let mut stream = BufReader::with_capacity(2048, stream);
+    let limit = shared.limits.handshake_timeout;
+    let (proxy, handshake) = tokio::time::timeout(limit, async {
+        let proxy = proxy_header::read_optional(&mut stream).await?;
+        let hs = ServerHandshake::read_first(&mut stream, &shared.keys, limit).await?;
+        Ok::<_, ProtocolError>((proxy, hs))
+    })
+    .await
+    .map_err(|_| ProtocolError::Timeout(limit))??;
+    // Advisory only: used for per-address limits, never to authorise anything.
+    let client_addr = proxy.and_then(|p| p.source).unwrap_or(peer);
+    if shared.log_client_addresses {
+        debug!(client = %client_addr, via_proxy = proxy.is_some(), "handshake received");
+    }
+
+    let device = shared
+        .store
+        .device_by_noise_key(handshake.client_static())
+        .await?;
+    let remaining = match &device {
+        Some(d) => shared.store.one_time_key_count(d.device_id).await?,
+        None => 0,
+    };
+    let send_only = handshake.hello().send_only;
+    let noise_key = *handshake.client_static();
+    let hello = ServerHello {
+        protocol_version: PROTOCOL_VERSION,
+        device: device.as_ref().map(identity),
+        one_time_keys_remaining: remaining,
+        server_time_ms: postern_protocol::now_ms(),
+    };
+    let transport = handshake.finish(&mut stream, &hello).await?;
+    let (read_half, write_half) = tokio::io::split(stream);
+    let (mut reader, writer) = noise::split(transport, read_half, write_half);
+
+    let (frames_tx, frames_rx) = mpsc::channel(8);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let frame = reader.recv::<ClientFrame>().await;
+            let failed = frame.is_err();
+            if frames_tx.send(frame).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let mut session = Session {
+        shared,
+        writer,
+        device,
+        noise_key,
+        client_addr,
+        send_only,
+        presence: None,
+        envelope_cursor: 0,
+        receipt_cursor: 0,
+    };
+    let result = session.run(frames_rx, shutdown).await;
+    reader_task.abort();
+    result
+}
+
+fn identity(d: &DeviceRecord) -> DeviceIdentity {
+    DeviceIdentity {
+        username: d.username.clone(),
+        device_id: d.device_id as u64,
+    }
+}
+
+fn error_body(code: ErrorCode, message: impl Into<String>) -> server_frame::Body {
+    server_frame::Body::Error(WireError {
+        code: code as i32,
+        message: message.into(),
+    })
+}
+
+struct Session<W> {
+    shared: Arc<Shared>,
+    writer: SecureWriter<W>,
+    device: Option<DeviceRecord>,
+    noise_key: [u8; 32],
+    client_addr: SocketAddr,
+    send_only: bool,
+    presence: Option<Presence>,
+    envelope_cursor: i64,
+    receipt_cursor: i64,
+}
+
+impl<W: AsyncWrite + Unpin> Session<W> {
+    async fn run(
+        &mut self,
+        mut frames: mpsc::Receiver<Result<ClientFrame, ProtocolError>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        self.go_online();
+        self.push_pending().await?;
+        let idle = self.shared.limits.idle_timeout;
+        let mut deadline = Instant::now() + idle;
+        loop {
+            let signal = self.presence.as_ref().map(|p| p.signal.clone());
+            tokio::select! {
+                frame = frames.recv() => {
+                    deadline = Instant::now() + idle;
+                    match frame {
+                        None => return Ok(()),
+                        Some(Ok(frame)) => self.handle(frame).await?,
+                        Some(Err(ProtocolError::Decode(e))) => {
+                            let body = error_body(ErrorCode::BadRequest, format!("malformed frame: {e}"));
+                            self.reply(0, body).await?;
+                            return Err(ConnError::BadRequest(e.to_string()));
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                    }
+                }
+                _ = async { signal.as_ref().expect("guarded by if").notify.notified().await }, if signal.is_some() => {
+                    self.push_pending().await?;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    debug!("idle timeout");
+                    return Ok(());
+                }
+                _ = shutdown.changed() => {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Starts receiving pushes, if this connection is a registered, receiving device.
+    fn go_online(&mut self) {
+        if let (Some(d), None, false) = (&self.device, &self.presence, self.send_only) {
+            self.presence = Some(self.shared.hub.join(d.device_id));
+        }
+    }
+
+    async fn reply(&mut self, request_id: u64, body: server_frame::Body) -> Result<(), ConnError> {
+        self.writer
+            .send(&ServerFrame {
+                request_id,
+                body: Some(body),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sends everything queued for this device that this connection has not sent yet.
+    async fn push_pending(&mut self) -> Result<(), ConnError> {
+        let (Some(device), Some(presence)) = (&self.device, &self.presence) else {
+            return Ok(());
+        };
+        let device_id = device.device_id;
+        let keys_low = presence.signal.keys_low.swap(false, Ordering::Relaxed);
+        loop {
+            let batch = self
+                .shared
+                .store
+                .pending(device_id, self.envelope_cursor, PUSH_BATCH)
+                .await?;
+            let full = batch.len() == PUSH_BATCH as usize;
+            for e in batch {
+                self.envelope_cursor = e.seq;
+                let body = server_frame::Body::Envelope(Envelope {
+                    message_id: e.message_id,
+                    sender: e.sender,
+                    sender_device_id: e.sender_device as u64,
+                    server_time_ms: e.server_time_ms,
+                    olm_type: e.olm_type,
+                    ciphertext: e.ciphertext,
+                });
+                self.reply(0, body).await?;
+            }
+            if !full {
+                break;
+            }
+        }
+        loop {
+            let batch = self
+                .shared
+                .store
+                .pending_receipts(device_id, self.receipt_cursor, PUSH_BATCH)
+                .await?;
+            let full = batch.len() == PUSH_BATCH as usize;
+            for r in batch {
+                self.receipt_cursor = r.seq;
+                let body = server_frame::Body::Receipt(Receipt {
+                    message_id: r.message_id,
+                    recipient: r.recipient,
+                    server_time_ms: r.server_time_ms,
+                });
+                self.reply(0, body).await?;
+            }
+            if !full {
+                break;
+            }
+        }
+        if keys_low {
+            let remaining = self.shared.store.one_time_key_count(device_id).await?;
+            let body = server_frame::Body::KeysLow(KeysLow {
+                one_time_keys_remaining: remaining,
+            });
+            self.reply(0, body).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, frame: ClientFrame) -> Result<(), ConnError> {
+        use client_frame::Body;
+        let id = frame.request_id;
+        let Some(body) = frame.body else {
+            let body = error_body(ErrorCode::BadRequest, "empty frame");
+            self.reply(id, body).await?;
+            return Err(ConnError::BadRequest("empty frame".into()));
+        };
+        let answer = match body {
+            Body::Ping(p) => server_frame::Body::Pong(Pong { nonce: p.nonce }),
+            Body::Register(r) => self.register(r).await?,
+            other => match self.device.clone() {
+                None => error_body(
+                    ErrorCode::NotRegistered,
+                    "this device is not registered: create an account first",
+                ),
+                Some(device) => match other {
+                    Body::UploadKeys(u) => self.upload_keys(&device, u).await?,
+                    Body::ClaimKeys(c) => self.claim_keys(c).await?,
+                    Body::Send(s) => self.send(&device, s).await?,
+                    Body::AckMessage(a) => {
+                        if let Some(sender_device) =
+                            self.shared.store.ack_message(&device, &a.message_id).await?
+                        {
+                            self.shared.hub.wake(sender_device);
+                        }
+                        server_frame::Body::Acked(Acked {})
+                    }
+                    Body::AckReceipt(a) => {
+                        self.shared
+                            .store
+                            .ack_receipt(device.device_id, &a.message_id)
+                            .await?;
+                        server_frame::Body::Acked(Acked {})
+                    }
+                    Body::Ping(_) | Body::Register(_) => unreachable!("handled above"),
+                },
+            },
+        };
+        let fatal = matches!(&answer, server_frame::Body::Error(e) if e.code == ErrorCode::BadRequest as i32);
+        self.reply(id, answer).await?;
+        if fatal {
+            return Err(ConnError::BadRequest("invalid request".into()));
+        }
+        if self.presence.is_none() {
+            self.go_online();
+            self.push_pending().await?;
+        }
+        Ok(())
+    }
+
+    async fn register(
+        &mut self,
+        r: postern_protocol::schema::Register,
+    ) -> Result<server_frame::Body, ConnError> {
+        if self.device.is_some() {
+            return Ok(error_body(
+                ErrorCode::AlreadyRegistered,
+                "this device already belongs to an account",
+            ));
+        }
+        if let Err(msg) = username::validate(&r.username) {
+            return Ok(error_body(ErrorCode::InvalidUsername, msg));
+        }
+        let Some(keys) = r.keys.filter(valid_device_keys) else {
+            return Ok(error_body(ErrorCode::BadRequest, "device keys missing or malformed"));
+        };
+        let Some(otks) = signed_keys(&r.one_time_keys) else {
+            return Ok(error_body(ErrorCode::BadRequest, "malformed one-time key"));
+        };
+        if otks.len() > self.shared.limits.max_one_time_keys as usize {
+            return Ok(error_body(ErrorCode::TooManyKeys, "too many one-time keys"));
+        }
+        let fallback = match r.fallback_key.as_ref().map(signed_key) {
+            Some(None) => return Ok(error_body(ErrorCode::BadRequest, "malformed fallback key")),
+            Some(Some(k)) => Some(k),
+            None => None,
+        };
+        if !self.shared.registrations.allow(self.client_addr.ip()) {
+            return Ok(error_body(
+                ErrorCode::RateLimited,
+                "too many registrations from this address: wait a minute and try again",
+            ));
+        }
+        let outcome = self
+            .shared
+            .store
+            .register(
+                &r.username,
+                &self.noise_key,
+                &keys.curve25519,
+                &keys.ed25519,
+                &otks,
+                fallback.as_ref(),
+            )
+            .await?;
+        Ok(match outcome {
+            RegisterOutcome::Registered(device) => {
+                info!(device = device.device_id, "account registered");
+                let body = server_frame::Body::Registered(Registered {
+                    device: Some(identity(&device)),
+                });
+                self.device = Some(device);
+                body
+            }
+            RegisterOutcome::UsernameTaken => error_body(
+                ErrorCode::UsernameTaken,
+                format!("the username {:?} is taken: choose another", r.username),
+            ),
+            RegisterOutcome::DeviceAlreadyRegistered => error_body(
+                ErrorCode::AlreadyRegistered,
+                "this device already belongs to an account",
+            ),
+        })
+    }
+
+    async fn upload_keys(
+        &mut self,
+        device: &DeviceRecord,
+        u: postern_protocol::schema::UploadKeys,
+    ) -> Result<server_frame::Body, ConnError> {
+        let Some(otks) = signed_keys(&u.one_time_keys) else {
+            return Ok(error_body(ErrorCode::BadRequest, "malformed one-time key"));
+        };
+        let fallback = match u.fallback_key.as_ref().map(signed_key) {
+            Some(None) => return Ok(error_body(ErrorCode::BadRequest, "malformed fallback key")),
+            Some(Some(k)) => Some(k),
+            None => None,
+        };
+        let max = self.shared.limits.max_one_time_keys;
+        Ok(
+            match self
+                .shared
+                .store
+                .upload_keys(device.device_id, &otks, fallback.as_ref(), max)
+                .await?
+            {
+                Some(n) => server_frame::Body::KeysUploaded(KeysUploaded {
+                    one_time_keys_remaining: n,
+                }),
+                None => error_body(
+                    ErrorCode::TooManyKeys,
+                    format!("a device may store at most {max} one-time keys"),
+                ),
+            },
+        )
+    }
+
+    async fn claim_keys(
+        &mut self,
+        c: postern_protocol::schema::ClaimKeys,
+    ) -> Result<server_frame::Body, ConnError> {
+        if username::validate(&c.username).is_err() {
+            return Ok(error_body(ErrorCode::UnknownUser, "no such user"));
+        }
+        let Some(bundles) = self.shared.store.claim_keys(&c.username).await? else {
+            return Ok(error_body(
+                ErrorCode::UnknownUser,
+                format!("there is no user {:?} on this server", c.username),
+            ));
+        };
+        let low = self.shared.limits.low_one_time_keys;
+        let mut devices = Vec::with_capacity(bundles.len());
+        for b in bundles {
+            if !b.is_fallback && self.shared.store.one_time_key_count(b.device_id).await? < low {
+                self.shared.hub.keys_low(b.device_id);
+            }
+            devices.push(WireBundle {
+                device_id: b.device_id as u64,
+                keys: Some(DeviceKeys {
+                    curve25519: b.curve25519,
+                    ed25519: b.ed25519,
+                }),
+                one_time_key: b.key.map(|k| WireKey {
+                    public_key: k.public_key,
+                    signature: k.signature,
+                }),
+                is_fallback: b.is_fallback,
+            });
+        }
+        Ok(server_frame::Body::KeyBundle(KeyBundle {
+            username: c.username,
+            devices,
+        }))
+    }
+
+    async fn send(
+        &mut self,
+        device: &DeviceRecord,
+        s: postern_protocol::schema::SendMessage,
+    ) -> Result<server_frame::Body, ConnError> {
+        if s.message_id.len() != MESSAGE_ID_LEN {
+            return Ok(error_body(ErrorCode::BadRequest, "message id must be 16 bytes"));
+        }
+        if s.ciphertexts.is_empty() || s.ciphertexts.len() > self.shared.limits.max_devices_per_message {
+            return Ok(error_body(ErrorCode::BadRequest, "wrong number of ciphertexts"));
+        }
+        if username::validate(&s.recipient).is_err() {
+            return Ok(error_body(ErrorCode::UnknownUser, "no such user"));
+        }
+        let ciphertexts: Vec<OutgoingCiphertext> = s
+            .ciphertexts
+            .into_iter()
+            .map(|c| OutgoingCiphertext {
+                device_id: c.device_id as i64,
+                olm_type: c.olm_type,
+                body: c.body,
+            })
+            .collect();
+        let outcome = self
+            .shared
+            .store
+            .enqueue(
+                device,
+                &s.recipient,
+                &s.message_id,
+                &ciphertexts,
+                self.shared.limits.max_queue_per_device,
+            )
+            .await?;
+        Ok(match outcome {
+            EnqueueOutcome::Accepted {
+                server_time_ms,
+                recipient_devices,
+            } => {
+                for d in recipient_devices {
+                    self.shared.hub.wake(d);
+                }
+                server_frame::Body::MessageAccepted(MessageAccepted {
+                    message_id: s.message_id,
+                    server_time_ms,
+                })
+            }
+            EnqueueOutcome::UnknownRecipient => error_body(
+                ErrorCode::UnknownUser,
+                format!("there is no user {:?} on this server", s.recipient),
+            ),
+            EnqueueOutcome::DevicesChanged => error_body(
+                ErrorCode::DevicesChanged,
+                "the recipient's devices changed: claim their keys again",
+            ),
+            EnqueueOutcome::QueueFull => error_body(
+                ErrorCode::QueueFull,
+                "the recipient has too many undelivered messages: try again later",
+            ),
+        })
+    }
+}
+
+fn valid_device_keys(k: &DeviceKeys) -> bool {
+    k.curve25519.len() == 32 && k.ed25519.len() == 32
+}
+
+fn signed_key(k: &WireKey) -> Option<SignedKey> {
+    (k.public_key.len() == 32 && k.signature.len() == 64).then(|| SignedKey {
+        public_key: k.public_key.clone(),
+        signature: k.signature.clone(),
+    })
+}
+
+fn signed_keys(keys: &[WireKey]) -> Option<Vec<SignedKey>> {
+    keys.iter().map(signed_key).collect()
+}

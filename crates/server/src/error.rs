@@ -1,0 +1,28 @@
+//! Server errors.
+
+use postern_protocol::ProtocolError;
+
+/// Errors from running the server or touching its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ServerError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| ServerError::Io { context, source }
+    }
+}

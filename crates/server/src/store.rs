@@ -1,0 +1,600 @@
+//! Durable server state in SQLite (through sqlx), one transaction per operation.
+//!
+//! Every write that the protocol acknowledges is committed first (WAL journal,
+//! `synchronous = FULL`), so an acknowledged message survives a crash, and a crash in the
+//! middle of an operation leaves no half-written state. The SQL is deliberately plain so
+//! that a PostgreSQL backend can implement the same operations.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::ServerError;
+
+/// A device known to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device_id: i64,
+    pub account_id: i64,
+    pub username: String,
+}
+
+/// A key plus its Ed25519 signature, as uploaded by the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedKey {
+    pub public_key: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// Public keys handed to a device that wants to start a session.
+#[derive(Debug, Clone)]
+pub struct DeviceBundle {
+    pub device_id: i64,
+    pub curve25519: Vec<u8>,
+    pub ed25519: Vec<u8>,
+    pub key: Option<SignedKey>,
+    pub is_fallback: bool,
+}
+
+/// One ciphertext addressed to one device.
+#[derive(Debug, Clone)]
+pub struct OutgoingCiphertext {
+    pub device_id: i64,
+    pub olm_type: u32,
+    pub body: Vec<u8>,
+}
+
+/// A queued envelope waiting for its recipient device.
+#[derive(Debug, Clone)]
+pub struct QueuedEnvelope {
+    pub seq: i64,
+    pub message_id: Vec<u8>,
+    pub sender: String,
+    pub sender_device: i64,
+    pub server_time_ms: u64,
+    pub olm_type: u32,
+    pub ciphertext: Vec<u8>,
+}
+
+/// A delivery receipt waiting for the sending device.
+#[derive(Debug, Clone)]
+pub struct QueuedReceipt {
+    pub seq: i64,
+    pub message_id: Vec<u8>,
+    pub recipient: String,
+    pub server_time_ms: u64,
+}
+
+/// Result of registering an account.
+#[derive(Debug)]
+pub enum RegisterOutcome {
+    Registered(DeviceRecord),
+    UsernameTaken,
+    DeviceAlreadyRegistered,
+}
+
+/// Result of queueing a message.
+#[derive(Debug)]
+pub enum EnqueueOutcome {
+    /// Stored (or already stored under this id): acknowledge, and wake these devices.
+    Accepted {
+        server_time_ms: u64,
+        recipient_devices: Vec<i64>,
+    },
+    UnknownRecipient,
+    /// The ciphertexts do not match the recipient's current device list.
+    DevicesChanged,
+    QueueFull,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn now_ms() -> i64 {
+    postern_protocol::now_ms() as i64
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, ServerError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Flushes and closes every connection (called on shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn device_by_noise_key(
+        &self,
+        noise_key: &[u8],
+    ) -> Result<Option<DeviceRecord>, ServerError> {
+        let row = sqlx::query(
+            "SELECT d.id, d.account_id, a.username FROM devices d
+             JOIN accounts a ON a.id = d.account_id WHERE d.noise_key = ?",
+        )
+        .bind(noise_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| DeviceRecord {
+            device_id: r.get(0),
+            account_id: r.get(1),
+            username: r.get(2),
+        }))
+    }
+
+    /// Creates an account with its first device and keys, atomically.
+    pub async fn register(
+        &self,
+        username: &str,
+        noise_key: &[u8],
+        curve25519: &[u8],
+        ed25519: &[u8],
+        one_time_keys: &[SignedKey],
+        fallback: Option<&SignedKey>,
+    ) -> Result<RegisterOutcome, ServerError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM accounts WHERE username = ?")
+            .bind(username)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Ok(RegisterOutcome::UsernameTaken);
+        }
+        let known: Option<i64> = sqlx::query_scalar("SELECT id FROM devices WHERE noise_key = ?")
+            .bind(noise_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if known.is_some() {
+            return Ok(RegisterOutcome::DeviceAlreadyRegistered);
+        }
+        let now = now_ms();
+        let account_id: i64 =
+            sqlx::query_scalar("INSERT INTO accounts (username, created_ms) VALUES (?, ?) RETURNING id")
+                .bind(username)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+        let device_id: i64 = sqlx::query_scalar(
+            "INSERT INTO devices (account_id, noise_key, curve25519, ed25519, created_ms)
+             VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(account_id)
+        .bind(noise_key)
+        .bind(curve25519)
+        .bind(ed25519)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_keys(&mut tx, device_id, one_time_keys, fallback).await?;
+        tx.commit().await?;
+        Ok(RegisterOutcome::Registered(DeviceRecord {
+            device_id,
+            account_id,
+            username: username.to_string(),
+        }))
+    }
+
+    pub async fn one_time_key_count(&self, device_id: i64) -> Result<u32, ServerError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u32)
+    }
+
+    /// Adds one-time keys (and optionally replaces the fallback key); returns the new count,
+    /// or `None` if the device would hold more than `max_keys`.
+    pub async fn upload_keys(
+        &self,
+        device_id: i64,
+        one_time_keys: &[SignedKey],
+        fallback: Option<&SignedKey>,
+        max_keys: u32,
+    ) -> Result<Option<u32>, ServerError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let have: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if have as usize + one_time_keys.len() > max_keys as usize {
+            return Ok(None);
+        }
+        insert_keys(&mut tx, device_id, one_time_keys, fallback).await?;
+        let now: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(now as u32))
+    }
+
+    /// Hands out one key per device of `username`: a one-time key (deleted as it is handed
+    /// out) or, when none is left, the fallback key. `None` if the user does not exist.
+    pub async fn claim_keys(&self, username: &str) -> Result<Option<Vec<DeviceBundle>>, ServerError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT d.id, d.curve25519, d.ed25519 FROM devices d
+             JOIN accounts a ON a.id = d.account_id WHERE a.username = ? ORDER BY d.id",
+        )
+        .bind(username)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut bundles = Vec::with_capacity(rows.len());
+        for row in rows {
+            let device_id: i64 = row.get(0);
+            let otk = sqlx::query(
+                "DELETE FROM one_time_keys WHERE id =
+                   (SELECT id FROM one_time_keys WHERE device_id = ? ORDER BY id LIMIT 1)
+                 RETURNING public_key, signature",
+            )
+            .bind(device_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (key, is_fallback) = match otk {
+                Some(r) => (
+                    Some(SignedKey {
+                        public_key: r.get(0),
+                        signature: r.get(1),
+                    }),
+                    false,
+                ),
+                None => {
+                    let fb = sqlx::query(
+                        "SELECT public_key, signature FROM fallback_keys WHERE device_id = ?",
+                    )
+                    .bind(device_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    (
+                        fb.map(|r| SignedKey {
+                            public_key: r.get(0),
+                            signature: r.get(1),
+                        }),
+                        true,
+                    )
+                }
+            };
+            bundles.push(DeviceBundle {
+                device_id,
+                curve25519: row.get(1),
+                ed25519: row.get(2),
+                key,
+                is_fallback,
+            });
+        }
+        tx.commit().await?;
+        Ok(Some(bundles))
+    }
+
+    /// Writes one message to the recipient devices' queues; idempotent per message id, so a
+    /// sender that retries after a lost acknowledgement does not create duplicates.
+    pub async fn enqueue(
+        &self,
+        sender: &DeviceRecord,
+        recipient: &str,
+        message_id: &[u8],
+        ciphertexts: &[OutgoingCiphertext],
+        max_queue: u32,
+    ) -> Result<EnqueueOutcome, ServerError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let devices: Vec<i64> = sqlx::query_scalar(
+            "SELECT d.id FROM devices d JOIN accounts a ON a.id = d.account_id
+             WHERE a.username = ? ORDER BY d.id",
+        )
+        .bind(recipient)
+        .fetch_all(&mut *tx)
+        .await?;
+        if devices.is_empty() {
+            return Ok(EnqueueOutcome::UnknownRecipient);
+        }
+        let mut addressed: Vec<i64> = ciphertexts.iter().map(|c| c.device_id).collect();
+        addressed.sort_unstable();
+        addressed.dedup();
+        if addressed != devices || addressed.len() != ciphertexts.len() {
+            return Ok(EnqueueOutcome::DevicesChanged);
+        }
+        let now = now_ms();
+        for c in ciphertexts {
+            let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE recipient_device = ?")
+                .bind(c.device_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if queued >= i64::from(max_queue) {
+                return Ok(EnqueueOutcome::QueueFull);
+            }
+            sqlx::query(
+                "INSERT OR IGNORE INTO queue
+                   (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(c.device_id)
+            .bind(message_id)
+            .bind(sender.device_id)
+            .bind(&sender.username)
+            .bind(now)
+            .bind(i64::from(c.olm_type))
+            .bind(&c.body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(EnqueueOutcome::Accepted {
+            server_time_ms: now as u64,
+            recipient_devices: devices,
+        })
+    }
+
+    /// Envelopes for `device_id` after queue position `after_seq`, oldest first.
+    pub async fn pending(
+        &self,
+        device_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedEnvelope>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT seq, message_id, sender, sender_device, server_time_ms, olm_type, ciphertext
+             FROM queue WHERE recipient_device = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(device_id)
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedEnvelope {
+                seq: r.get(0),
+                message_id: r.get(1),
+                sender: r.get(2),
+                sender_device: r.get(3),
+                server_time_ms: r.get::<i64, _>(4) as u64,
+                olm_type: r.get::<i64, _>(5) as u32,
+                ciphertext: r.get(6),
+            })
+            .collect())
+    }
+
+    /// The recipient stored the message: delete it and queue a receipt for the sender's
+    /// device. Returns that device (to wake it), or `None` if there was nothing to delete
+    /// (a repeated acknowledgement).
+    pub async fn ack_message(
+        &self,
+        device: &DeviceRecord,
+        message_id: &[u8],
+    ) -> Result<Option<i64>, ServerError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let deleted = sqlx::query(
+            "DELETE FROM queue WHERE recipient_device = ? AND message_id = ? RETURNING sender_device",
+        )
+        .bind(device.device_id)
+        .bind(message_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = deleted else {
+            return Ok(None);
+        };
+        let sender_device: i64 = row.get(0);
+        // The sender's device may have been deleted since; then there is no one to tell.
+        let res = sqlx::query(
+            "INSERT OR IGNORE INTO receipts (device_id, message_id, recipient, server_time_ms)
+             SELECT id, ?, ?, ? FROM devices WHERE id = ?",
+        )
+        .bind(message_id)
+        .bind(&device.username)
+        .bind(now_ms())
+        .bind(sender_device)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((res.rows_affected() > 0).then_some(sender_device))
+    }
+
+    pub async fn pending_receipts(
+        &self,
+        device_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedReceipt>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT seq, message_id, recipient, server_time_ms FROM receipts
+             WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(device_id)
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedReceipt {
+                seq: r.get(0),
+                message_id: r.get(1),
+                recipient: r.get(2),
+                server_time_ms: r.get::<i64, _>(3) as u64,
+            })
+            .collect())
+    }
+
+    pub async fn ack_receipt(&self, device_id: i64, message_id: &[u8]) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM receipts WHERE device_id = ? AND message_id = ?")
+            .bind(device_id)
+            .bind(message_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn insert_keys(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    device_id: i64,
+    one_time_keys: &[SignedKey],
+    fallback: Option<&SignedKey>,
+) -> Result<(), ServerError> {
+    for k in one_time_keys {
+        sqlx::query(
+            "INSERT OR IGNORE INTO one_time_keys (device_id, public_key, signature) VALUES (?, ?, ?)",
+        )
+        .bind(device_id)
+        .bind(&k.public_key)
+        .bind(&k.signature)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if let Some(k) = fallback {
+        sqlx::query(
+            "INSERT INTO fallback_keys (device_id, public_key, signature) VALUES (?, ?, ?)
+             ON CONFLICT(device_id) DO UPDATE SET public_key = excluded.public_key,
+                                                  signature = excluded.signature",
+        )
+        .bind(device_id)
+        .bind(&k.public_key)
+        .bind(&k.signature)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> SignedKey {
+        SignedKey {
+            public_key: vec![b; 32],
+            signature: vec![b; 64],
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db")).await.unwrap();
+        (dir, s)
+    }
+
+    async fn register(s: &Store, name: &str, noise: u8, otks: &[SignedKey]) -> DeviceRecord {
+        match s
+            .register(name, &[noise; 32], &[1; 32], &[2; 32], otks, Some(&key(99)))
+            .await
+            .unwrap()
+        {
+            RegisterOutcome::Registered(d) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn usernames_and_devices_are_unique() {
+        let (_d, s) = store().await;
+        register(&s, "alice", 1, &[]).await;
+        assert!(matches!(
+            s.register("alice", &[2; 32], &[1; 32], &[2; 32], &[], None).await.unwrap(),
+            RegisterOutcome::UsernameTaken
+        ));
+        assert!(matches!(
+            s.register("bob", &[1; 32], &[1; 32], &[2; 32], &[], None).await.unwrap(),
+            RegisterOutcome::DeviceAlreadyRegistered
+        ));
+    }
+
+    #[tokio::test]
+    async fn one_time_keys_are_handed_out_once_then_fallback() {
+        let (_d, s) = store().await;
+        let bob = register(&s, "bob", 1, &[key(10), key(11)]).await;
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let b = s.claim_keys("bob").await.unwrap().unwrap();
+            assert!(!b[0].is_fallback);
+            seen.push(b[0].key.clone().unwrap().public_key);
+        }
+        seen.sort();
+        assert_eq!(seen, vec![vec![10; 32], vec![11; 32]]);
+        let b = s.claim_keys("bob").await.unwrap().unwrap();
+        assert!(b[0].is_fallback);
+        assert_eq!(b[0].key.as_ref().unwrap().public_key, vec![99; 32]);
+        assert_eq!(s.one_time_key_count(bob.device_id).await.unwrap(), 0);
+        assert!(s.claim_keys("nobody").await.unwrap().is_none());
+        assert_eq!(s.upload_keys(bob.device_id, &[key(12)], None, 1).await.unwrap(), Some(1));
+        assert_eq!(s.upload_keys(bob.device_id, &[key(13)], None, 1).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn queue_ack_and_receipt_cycle() {
+        let (_d, s) = store().await;
+        let alice = register(&s, "alice", 1, &[]).await;
+        let bob = register(&s, "bob", 2, &[]).await;
+        let ct = vec![OutgoingCiphertext {
+            device_id: bob.device_id,
+            olm_type: 0,
+            body: b"ciphertext".to_vec(),
+        }];
+        for _ in 0..2 {
+            // The retry with the same id is accepted without a duplicate.
+            assert!(matches!(
+                s.enqueue(&alice, "bob", b"id-1", &ct, 10).await.unwrap(),
+                EnqueueOutcome::Accepted { .. }
+            ));
+        }
+        let p = s.pending(bob.device_id, 0, 10).await.unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].sender, "alice");
+        assert_eq!(s.ack_message(&bob, b"id-1").await.unwrap(), Some(alice.device_id));
+        assert_eq!(s.ack_message(&bob, b"id-1").await.unwrap(), None);
+        assert!(s.pending(bob.device_id, 0, 10).await.unwrap().is_empty());
+        let r = s.pending_receipts(alice.device_id, 0, 10).await.unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].recipient, "bob");
+        s.ack_receipt(alice.device_id, b"id-1").await.unwrap();
+        assert!(s.pending_receipts(alice.device_id, 0, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn enqueue_rejects_bad_addressing_and_full_queues() {
+        let (_d, s) = store().await;
+        let alice = register(&s, "alice", 1, &[]).await;
+        let bob = register(&s, "bob", 2, &[]).await;
+        let ct = |dev| {
+            vec![OutgoingCiphertext {
+                device_id: dev,
+                olm_type: 1,
+                body: vec![1],
+            }]
+        };
+        assert!(matches!(
+            s.enqueue(&alice, "carol", b"x", &ct(bob.device_id), 10).await.unwrap(),
+            EnqueueOutcome::UnknownRecipient
+        ));
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"x", &ct(alice.device_id), 10).await.unwrap(),
+            EnqueueOutcome::DevicesChanged
+        ));
+        s.enqueue(&alice, "bob", b"1", &ct(bob.device_id), 1).await.unwrap();
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"2", &ct(bob.device_id), 1).await.unwrap(),
+            EnqueueOutcome::QueueFull
+        ));
+    }
+}
