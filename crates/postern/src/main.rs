@@ -1,1 +1,37 @@
-fn main() {}
+//! Entry point of the `postern` binary.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = postern::Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(postern::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &postern::Cli) {
+    use tracing_subscriber::EnvFilter;
+    // Long-running roles log what they do; one-shot client commands stay quiet.
+    let default = if cli.command.is_service() {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_env("POSTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

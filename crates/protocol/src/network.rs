@@ -114,7 +114,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("n.toml") && e.contains("public_key"), "{e}");
-        let e = NetworkFile::parse("nothing", "n.toml").unwrap_err().to_string();
+        let e = NetworkFile::parse("nothing", "n.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("n.toml"), "{e}");
     }
 }

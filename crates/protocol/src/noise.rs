@@ -86,7 +86,11 @@ impl StaticKeypair {
 
     /// Serialises the pair as `private_base64:public_base64` (keep it secret).
     pub fn to_secret_string(&self) -> String {
-        format!("{}:{}", b64().encode(self.private), b64().encode(self.public))
+        format!(
+            "{}:{}",
+            b64().encode(self.private),
+            b64().encode(self.public)
+        )
     }
 
     /// Parses the form written by [`Self::to_secret_string`].
@@ -365,10 +369,18 @@ mod tests {
         let server_keys = server.clone();
         let client_public = *client.public();
         let srv = tokio::spawn(async move {
-            let hs = ServerHandshake::read_first(&mut s, &server_keys, T).await.unwrap();
+            let hs = ServerHandshake::read_first(&mut s, &server_keys, T)
+                .await
+                .unwrap();
             assert_eq!(hs.client_static(), &client_public);
             let t = hs
-                .finish(&mut s, &ServerHello { protocol_version: 1, ..Default::default() })
+                .finish(
+                    &mut s,
+                    &ServerHello {
+                        protocol_version: 1,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .unwrap();
             let (r, w) = tokio::io::split(s);
@@ -407,7 +419,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, ProtocolError::HandshakeClosed | ProtocolError::ServerAuthentication),
+            matches!(
+                err,
+                ProtocolError::HandshakeClosed | ProtocolError::ServerAuthentication
+            ),
             "{err:?}"
         );
         assert!(err.to_string().contains("did not prove its identity"));

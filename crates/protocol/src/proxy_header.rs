@@ -72,11 +72,17 @@ pub fn parse_v1(line: &[u8]) -> Result<ProxyHeader, ProtocolError> {
     let (source, destination) = match header.addresses {
         ppp::v1::Addresses::Tcp4(a) => (
             Some(SocketAddr::from((a.source_address, a.source_port))),
-            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+            Some(SocketAddr::from((
+                a.destination_address,
+                a.destination_port,
+            ))),
         ),
         ppp::v1::Addresses::Tcp6(a) => (
             Some(SocketAddr::from((a.source_address, a.source_port))),
-            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+            Some(SocketAddr::from((
+                a.destination_address,
+                a.destination_port,
+            ))),
         ),
         ppp::v1::Addresses::Unknown => (None, None),
     };
@@ -112,11 +118,17 @@ pub fn parse_v2(bytes: &[u8]) -> Result<ProxyHeader, ProtocolError> {
     let (source, destination) = match (header.command, header.addresses) {
         (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => (
             Some(SocketAddr::from((a.source_address, a.source_port))),
-            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+            Some(SocketAddr::from((
+                a.destination_address,
+                a.destination_port,
+            ))),
         ),
         (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => (
             Some(SocketAddr::from((a.source_address, a.source_port))),
-            Some(SocketAddr::from((a.destination_address, a.destination_port))),
+            Some(SocketAddr::from((
+                a.destination_address,
+                a.destination_port,
+            ))),
         ),
         _ => (None, None),
     };
@@ -156,7 +168,8 @@ mod tests {
 
     #[tokio::test]
     async fn v1_tcp4_then_payload() {
-        let (h, rest) = detect(b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 5222\r\n\x00\x05hello").await;
+        let (h, rest) =
+            detect(b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 5222\r\n\x00\x05hello").await;
         let h = h.unwrap().unwrap();
         assert_eq!(h.version, 1);
         assert_eq!(h.source, Some("192.0.2.1:56324".parse().unwrap()));
@@ -168,9 +181,14 @@ mod tests {
     async fn v2_known_vector() {
         // PROXY v2, TCP over IPv4, 127.0.0.1:1 -> 127.0.0.2:2 (from the specification's layout).
         let mut v = V2_SIGNATURE.to_vec();
-        v.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c, 127, 0, 0, 1, 127, 0, 0, 2, 0, 1, 0, 2]);
+        v.extend_from_slice(&[
+            0x21, 0x11, 0x00, 0x0c, 127, 0, 0, 1, 127, 0, 0, 2, 0, 1, 0, 2,
+        ]);
         assert_eq!(
-            encode_v2("127.0.0.1:1".parse().unwrap(), "127.0.0.2:2".parse().unwrap()),
+            encode_v2(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.2:2".parse().unwrap()
+            ),
             v
         );
         v.extend_from_slice(b"\x00\x01x");

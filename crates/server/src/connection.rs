@@ -297,8 +297,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     Body::ClaimKeys(c) => self.claim_keys(c).await?,
                     Body::Send(s) => self.send(&device, s).await?,
                     Body::AckMessage(a) => {
-                        if let Some(sender_device) =
-                            self.shared.store.ack_message(&device, &a.message_id).await?
+                        if let Some(sender_device) = self
+                            .shared
+                            .store
+                            .ack_message(&device, &a.message_id)
+                            .await?
                         {
                             self.shared.hub.wake(sender_device);
                         }
@@ -341,7 +344,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return Ok(error_body(ErrorCode::InvalidUsername, msg));
         }
         let Some(keys) = r.keys.filter(valid_device_keys) else {
-            return Ok(error_body(ErrorCode::BadRequest, "device keys missing or malformed"));
+            return Ok(error_body(
+                ErrorCode::BadRequest,
+                "device keys missing or malformed",
+            ));
         };
         let Some(otks) = signed_keys(&r.one_time_keys) else {
             return Ok(error_body(ErrorCode::BadRequest, "malformed one-time key"));
@@ -468,10 +474,18 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         s: postern_protocol::schema::SendMessage,
     ) -> Result<server_frame::Body, ConnError> {
         if s.message_id.len() != MESSAGE_ID_LEN {
-            return Ok(error_body(ErrorCode::BadRequest, "message id must be 16 bytes"));
+            return Ok(error_body(
+                ErrorCode::BadRequest,
+                "message id must be 16 bytes",
+            ));
         }
-        if s.ciphertexts.is_empty() || s.ciphertexts.len() > self.shared.limits.max_devices_per_message {
-            return Ok(error_body(ErrorCode::BadRequest, "wrong number of ciphertexts"));
+        if s.ciphertexts.is_empty()
+            || s.ciphertexts.len() > self.shared.limits.max_devices_per_message
+        {
+            return Ok(error_body(
+                ErrorCode::BadRequest,
+                "wrong number of ciphertexts",
+            ));
         }
         if username::validate(&s.recipient).is_err() {
             return Ok(error_body(ErrorCode::UnknownUser, "no such user"));

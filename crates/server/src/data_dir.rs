@@ -57,8 +57,10 @@ impl DataDir {
     /// Creates the directory and server key if missing and (re)writes `network.toml` with
     /// `public_address`. An existing key is never replaced: clients have pinned it.
     pub fn init(&self, public_address: &str) -> Result<InitReport, ServerError> {
-        std::fs::create_dir_all(&self.root)
-            .map_err(ServerError::io(format!("cannot create {}", self.root.display())))?;
+        std::fs::create_dir_all(&self.root).map_err(ServerError::io(format!(
+            "cannot create {}",
+            self.root.display()
+        )))?;
         let (keys, created_key) = match self.load_key() {
             Ok(k) => (k, false),
             Err(_) if !self.key_path().exists() => {
@@ -112,7 +114,9 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
         opts.mode(0o600);
     }
     let err = ServerError::io(format!("cannot write {}", path.display()));
-    let mut f = opts.open(&tmp).map_err(ServerError::io(format!("cannot write {}", tmp.display())))?;
+    let mut f = opts
+        .open(&tmp)
+        .map_err(ServerError::io(format!("cannot write {}", tmp.display())))?;
     f.write_all(contents.as_bytes())
         .and_then(|_| f.sync_all())
         .and_then(|_| std::fs::rename(&tmp, path))
@@ -132,7 +136,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(d.key_path()).unwrap().permissions().mode();
+            let mode = std::fs::metadata(d.key_path())
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let second = d.init("example.org:443").unwrap();

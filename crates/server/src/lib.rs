@@ -15,8 +15,8 @@
 //! Delivery is at-least-once: a message stays queued until the recipient device
 //! acknowledges that it stored it; clients drop duplicates by message id.
 
-pub mod data_dir;
 mod connection;
+pub mod data_dir;
 mod error;
 pub mod hub;
 pub mod limits;

@@ -167,12 +167,13 @@ impl Store {
             return Ok(RegisterOutcome::DeviceAlreadyRegistered);
         }
         let now = now_ms();
-        let account_id: i64 =
-            sqlx::query_scalar("INSERT INTO accounts (username, created_ms) VALUES (?, ?) RETURNING id")
-                .bind(username)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?;
+        let account_id: i64 = sqlx::query_scalar(
+            "INSERT INTO accounts (username, created_ms) VALUES (?, ?) RETURNING id",
+        )
+        .bind(username)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
         let device_id: i64 = sqlx::query_scalar(
             "INSERT INTO devices (account_id, noise_key, curve25519, ed25519, created_ms)
              VALUES (?, ?, ?, ?, ?) RETURNING id",
@@ -211,10 +212,11 @@ impl Store {
         max_keys: u32,
     ) -> Result<Option<u32>, ServerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let have: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?")
-            .bind(device_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let have: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_one(&mut *tx)
+                .await?;
         if have as usize + one_time_keys.len() > max_keys as usize {
             return Ok(None);
         }
@@ -229,7 +231,10 @@ impl Store {
 
     /// Hands out one key per device of `username`: a one-time key (deleted as it is handed
     /// out) or, when none is left, the fallback key. `None` if the user does not exist.
-    pub async fn claim_keys(&self, username: &str) -> Result<Option<Vec<DeviceBundle>>, ServerError> {
+    pub async fn claim_keys(
+        &self,
+        username: &str,
+    ) -> Result<Option<Vec<DeviceBundle>>, ServerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
             "SELECT d.id, d.curve25519, d.ed25519 FROM devices d
@@ -317,10 +322,11 @@ impl Store {
         }
         let now = now_ms();
         for c in ciphertexts {
-            let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE recipient_device = ?")
-                .bind(c.device_id)
-                .fetch_one(&mut *tx)
-                .await?;
+            let queued: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE recipient_device = ?")
+                    .bind(c.device_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
             if queued >= i64::from(max_queue) {
                 return Ok(EnqueueOutcome::QueueFull);
             }
@@ -511,11 +517,15 @@ mod tests {
         let (_d, s) = store().await;
         register(&s, "alice", 1, &[]).await;
         assert!(matches!(
-            s.register("alice", &[2; 32], &[1; 32], &[2; 32], &[], None).await.unwrap(),
+            s.register("alice", &[2; 32], &[1; 32], &[2; 32], &[], None)
+                .await
+                .unwrap(),
             RegisterOutcome::UsernameTaken
         ));
         assert!(matches!(
-            s.register("bob", &[1; 32], &[1; 32], &[2; 32], &[], None).await.unwrap(),
+            s.register("bob", &[1; 32], &[1; 32], &[2; 32], &[], None)
+                .await
+                .unwrap(),
             RegisterOutcome::DeviceAlreadyRegistered
         ));
     }
@@ -537,8 +547,18 @@ mod tests {
         assert_eq!(b[0].key.as_ref().unwrap().public_key, vec![99; 32]);
         assert_eq!(s.one_time_key_count(bob.device_id).await.unwrap(), 0);
         assert!(s.claim_keys("nobody").await.unwrap().is_none());
-        assert_eq!(s.upload_keys(bob.device_id, &[key(12)], None, 1).await.unwrap(), Some(1));
-        assert_eq!(s.upload_keys(bob.device_id, &[key(13)], None, 1).await.unwrap(), None);
+        assert_eq!(
+            s.upload_keys(bob.device_id, &[key(12)], None, 1)
+                .await
+                .unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            s.upload_keys(bob.device_id, &[key(13)], None, 1)
+                .await
+                .unwrap(),
+            None
+        );
     }
 
     #[tokio::test]
@@ -561,14 +581,21 @@ mod tests {
         let p = s.pending(bob.device_id, 0, 10).await.unwrap();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].sender, "alice");
-        assert_eq!(s.ack_message(&bob, b"id-1").await.unwrap(), Some(alice.device_id));
+        assert_eq!(
+            s.ack_message(&bob, b"id-1").await.unwrap(),
+            Some(alice.device_id)
+        );
         assert_eq!(s.ack_message(&bob, b"id-1").await.unwrap(), None);
         assert!(s.pending(bob.device_id, 0, 10).await.unwrap().is_empty());
         let r = s.pending_receipts(alice.device_id, 0, 10).await.unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].recipient, "bob");
         s.ack_receipt(alice.device_id, b"id-1").await.unwrap();
-        assert!(s.pending_receipts(alice.device_id, 0, 10).await.unwrap().is_empty());
+        assert!(s
+            .pending_receipts(alice.device_id, 0, 10)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
@@ -584,16 +611,24 @@ mod tests {
             }]
         };
         assert!(matches!(
-            s.enqueue(&alice, "carol", b"x", &ct(bob.device_id), 10).await.unwrap(),
+            s.enqueue(&alice, "carol", b"x", &ct(bob.device_id), 10)
+                .await
+                .unwrap(),
             EnqueueOutcome::UnknownRecipient
         ));
         assert!(matches!(
-            s.enqueue(&alice, "bob", b"x", &ct(alice.device_id), 10).await.unwrap(),
+            s.enqueue(&alice, "bob", b"x", &ct(alice.device_id), 10)
+                .await
+                .unwrap(),
             EnqueueOutcome::DevicesChanged
         ));
-        s.enqueue(&alice, "bob", b"1", &ct(bob.device_id), 1).await.unwrap();
+        s.enqueue(&alice, "bob", b"1", &ct(bob.device_id), 1)
+            .await
+            .unwrap();
         assert!(matches!(
-            s.enqueue(&alice, "bob", b"2", &ct(bob.device_id), 1).await.unwrap(),
+            s.enqueue(&alice, "bob", b"2", &ct(bob.device_id), 1)
+                .await
+                .unwrap(),
             EnqueueOutcome::QueueFull
         ));
     }

@@ -1,0 +1,728 @@
+//! The client an app drives: create an account, connect, send, receive, read history.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), postern_client::ClientError> {
+//! use postern_client::{Client, ConnectMode};
+//! let client = Client::open(std::path::Path::new("/home/me/.postern")).await?;
+//! let mut events = client.subscribe();
+//! client.connect(ConnectMode::Receive).await?;
+//! let id = client.send("bob", "hello").await?; // returns once the server has it (✓)
+//! while let Ok(event) = events.recv().await { println!("{event:?}"); }
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_protocol::network::NetworkFile;
+use postern_protocol::schema::{
+    client_frame, server_frame, AckMessage, AckReceipt, ClaimKeys, Content, DeviceCiphertext,
+    DeviceKeys, Envelope, ErrorCode, Ping, Receipt, Register, SendMessage, UploadKeys,
+};
+use postern_protocol::username;
+use prost::Message as _;
+use tokio::sync::{broadcast, mpsc, Mutex};
+use tracing::{debug, warn};
+use vodozemac::olm::{Account, OlmMessage};
+use vodozemac::Curve25519PublicKey;
+
+use crate::connection::{BoxStream, Connection, Push};
+use crate::crypto::{self, ONE_TIME_KEY_LOW, ONE_TIME_KEY_TARGET};
+use crate::events::{Event, IncomingMessage, MessageId};
+use crate::profile::{ProfileDir, ProfileInfo, Secrets};
+use crate::store::{ContactDevice, HistoryEntry, LocalStore, MessageStatus};
+use crate::{transport, ClientError};
+
+/// Time allowed for connecting and the handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for one request's answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest message text, so one encrypted message always fits in one frame.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+
+/// Whether this connection receives pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectMode {
+    /// Receive queued messages and receipts (an inbox, an app).
+    Receive,
+    /// Only send; queued messages wait for a receiving connection (`postern send`).
+    SendOnly,
+}
+
+/// A Postern client for one profile. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: ProfileDir,
+    info: ProfileInfo,
+    secrets: Secrets,
+    server_key: [u8; 32],
+    store: LocalStore,
+    events: broadcast::Sender<Event>,
+    conn: Mutex<Option<Arc<Connection>>>,
+}
+
+/// What happened to one envelope.
+enum Received {
+    New(IncomingMessage),
+    Duplicate,
+    Undecryptable(String),
+}
+
+impl Client {
+    /// Creates a profile in `home` and registers `username` on the network's server.
+    /// Nothing is written unless the server accepts the registration.
+    pub async fn create_account(
+        home: &Path,
+        name: &str,
+        network: NetworkFile,
+    ) -> Result<Client, ClientError> {
+        username::validate(name).map_err(ClientError::InvalidInput)?;
+        let dir = ProfileDir::new(home);
+        if dir.exists() {
+            return Err(ClientError::ProfileExists(home.display().to_string()));
+        }
+        let server_key = network
+            .server_key()
+            .map_err(|e| ClientError::Profile(format!("network file: {e}")))?;
+        let secrets = Secrets::generate();
+        let mut account = Account::new();
+        let one_time_keys = crypto::unpublished_one_time_keys(&mut account, ONE_TIME_KEY_TARGET);
+        let fallback_key = crypto::new_fallback_key(&mut account);
+
+        let stream = transport::connect_direct(&network.server.address, CONNECT_TIMEOUT).await?;
+        let (conn, _pushes) =
+            Connection::establish(stream, &secrets.noise, &server_key, true, CONNECT_TIMEOUT)
+                .await?;
+        let register = client_frame::Body::Register(Register {
+            username: name.to_string(),
+            keys: Some(DeviceKeys {
+                curve25519: account.curve25519_key().to_vec(),
+                ed25519: account.ed25519_key().as_bytes().to_vec(),
+            }),
+            one_time_keys,
+            fallback_key,
+        });
+        let device = match conn.request(register, REQUEST_TIMEOUT).await {
+            Ok(server_frame::Body::Registered(r)) => r.device.ok_or_else(|| {
+                ClientError::Protocol(postern_protocol::ProtocolError::Violation(
+                    "registration answer without a device".into(),
+                ))
+            })?,
+            Ok(other) => return Err(unexpected(other)),
+            Err(ClientError::Server { code, message })
+                if code == ErrorCode::UsernameTaken as i32 =>
+            {
+                return Err(ClientError::InvalidInput(message))
+            }
+            Err(e) => return Err(e),
+        };
+        conn.shutdown().await;
+        account.mark_keys_as_published();
+
+        std::fs::create_dir_all(home)
+            .map_err(|e| ClientError::Profile(format!("cannot create {}: {e}", home.display())))?;
+        dir.save_secrets(&secrets)?;
+        let store = LocalStore::open(&dir.database_path(), secrets.pickle_key).await?;
+        let mut tx = store.begin().await?;
+        store.save_account(&mut tx, &account).await?;
+        tx.commit().await?;
+        let info = ProfileInfo {
+            username: device.username,
+            device_id: device.device_id,
+            network,
+        };
+        // Written last: its presence marks a complete profile.
+        dir.save_info(&info)?;
+        Ok(Self::from_parts(dir, info, secrets, server_key, store))
+    }
+
+    /// Opens an existing profile.
+    pub async fn open(home: &Path) -> Result<Client, ClientError> {
+        let dir = ProfileDir::new(home);
+        let info = dir.load_info()?;
+        let secrets = dir.load_secrets()?;
+        let server_key = info
+            .network
+            .server_key()
+            .map_err(|e| ClientError::Profile(format!("profile.toml network: {e}")))?;
+        let store = LocalStore::open(&dir.database_path(), secrets.pickle_key).await?;
+        Ok(Self::from_parts(dir, info, secrets, server_key, store))
+    }
+
+    fn from_parts(
+        dir: ProfileDir,
+        info: ProfileInfo,
+        secrets: Secrets,
+        server_key: [u8; 32],
+        store: LocalStore,
+    ) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            inner: Arc::new(Inner {
+                dir,
+                info,
+                secrets,
+                server_key,
+                store,
+                events,
+                conn: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn username(&self) -> &str {
+        &self.inner.info.username
+    }
+
+    pub fn device_id(&self) -> u64 {
+        self.inner.info.device_id
+    }
+
+    pub fn home(&self) -> &Path {
+        self.inner.dir.root()
+    }
+
+    pub fn network(&self) -> &NetworkFile {
+        &self.inner.info.network
+    }
+
+    /// Events from now on (connection state, messages, receipts).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Connects directly to the server named in the network file.
+    pub async fn connect(&self, mode: ConnectMode) -> Result<(), ClientError> {
+        let address = self.inner.info.network.server.address.clone();
+        let stream = transport::connect_direct(&address, CONNECT_TIMEOUT).await?;
+        self.connect_over(stream, &address, mode).await
+    }
+
+    /// Runs the handshake over an already-open stream (direct or through a relay) and
+    /// starts handling pushes. `via` names the path in events.
+    pub async fn connect_over(
+        &self,
+        stream: BoxStream,
+        via: &str,
+        mode: ConnectMode,
+    ) -> Result<(), ClientError> {
+        let (conn, pushes) = Connection::establish(
+            stream,
+            &self.inner.secrets.noise,
+            &self.inner.server_key,
+            mode == ConnectMode::SendOnly,
+            CONNECT_TIMEOUT,
+        )
+        .await?;
+        if conn.hello.device.as_ref().map(|d| d.device_id) != Some(self.inner.info.device_id) {
+            return Err(ClientError::Profile(
+                "the server does not know this device: was the server's database reset? \
+                 create a new profile with `postern account create`"
+                    .into(),
+            ));
+        }
+        let conn = Arc::new(conn);
+        let remaining = conn.hello.one_time_keys_remaining;
+        *self.inner.conn.lock().await = Some(conn.clone());
+        let _ = self.inner.events.send(Event::Connected {
+            via: via.to_string(),
+            handshake_ms: conn.handshake_time.as_millis() as u64,
+        });
+        let handler = self.clone();
+        let handler_conn = conn.clone();
+        tokio::spawn(async move { handler.handle_pushes(handler_conn, pushes).await });
+        if mode == ConnectMode::Receive && remaining < ONE_TIME_KEY_LOW {
+            self.top_up_keys(&conn, remaining).await?;
+        }
+        Ok(())
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
+        match &*self.inner.conn.lock().await {
+            Some(c) if !c.is_closed() => Ok(c.clone()),
+            _ => Err(ClientError::NotConnected),
+        }
+    }
+
+    pub async fn is_connected(&self) -> bool {
+        self.connection().await.is_ok()
+    }
+
+    /// Waits until everything the server had queued for us when we connected (and all
+    /// our acknowledgements) has been handled.
+    pub async fn sync(&self) -> Result<(), ClientError> {
+        let conn = self.connection().await?;
+        // The server answers in order and pushes its backlog before reading our requests,
+        // so once the pong is here every earlier push has reached the push queue.
+        conn.request(client_frame::Body::Ping(Ping { nonce: 1 }), REQUEST_TIMEOUT)
+            .await?;
+        conn.barrier().await?;
+        // And this one makes sure the server has processed the acknowledgements.
+        conn.request(client_frame::Body::Ping(Ping { nonce: 2 }), REQUEST_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// Sends `text` to `to`. Returns once the server holds it in the recipient's queue
+    /// (✓). The message is in the local history (as pending) before anything is sent, so
+    /// it is never lost; [`Client::send_pending`] retries it.
+    pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, ClientError> {
+        username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(ClientError::InvalidInput(format!(
+                "the message is {} bytes; the limit is {MAX_TEXT_BYTES}",
+                text.len()
+            )));
+        }
+        if to == self.username() {
+            return Err(ClientError::InvalidInput(
+                "you cannot send a message to yourself".into(),
+            ));
+        }
+        let id = MessageId::random();
+        let created = postern_protocol::now_ms();
+        self.inner
+            .store
+            .insert_outgoing(&id.0, to, text, created)
+            .await?;
+        let entry = HistoryEntry {
+            message_id: id,
+            peer: to.to_string(),
+            outgoing: true,
+            text: text.to_string(),
+            created_ms: created,
+            server_time_ms: None,
+            status: MessageStatus::Pending,
+        };
+        match self.transmit(&entry).await {
+            Ok(()) => Ok(id),
+            Err(ClientError::UnknownContact(c)) => {
+                self.inner.store.delete_message(&id.0).await?;
+                Err(ClientError::UnknownContact(c))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Retries every message that was typed but not yet accepted by the server.
+    /// Returns how many went out.
+    pub async fn send_pending(&self) -> Result<usize, ClientError> {
+        let mut sent = 0;
+        for entry in self.inner.store.pending_outgoing().await? {
+            match self.transmit(&entry).await {
+                Ok(()) => sent += 1,
+                Err(ClientError::UnknownContact(_)) => {
+                    self.inner.store.delete_message(&entry.message_id.0).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Encrypts for every device of the recipient and hands the message to the server.
+    async fn transmit(&self, entry: &HistoryEntry) -> Result<(), ClientError> {
+        let conn = self.connection().await?;
+        let content = Content {
+            message_id: entry.message_id.0.to_vec(),
+            sender: self.username().to_string(),
+            recipient: entry.peer.clone(),
+            sent_at_ms: entry.created_ms,
+            text: entry.text.clone(),
+        }
+        .encode_to_vec();
+        let mut reclaimed = false;
+        loop {
+            let ciphertexts = self
+                .encrypt_for(&conn, &entry.peer, &content, reclaimed)
+                .await?;
+            let request = client_frame::Body::Send(SendMessage {
+                message_id: entry.message_id.0.to_vec(),
+                recipient: entry.peer.clone(),
+                ciphertexts,
+            });
+            match conn.request(request, REQUEST_TIMEOUT).await {
+                Ok(server_frame::Body::MessageAccepted(a)) => {
+                    self.inner
+                        .store
+                        .mark_sent(&entry.message_id.0, a.server_time_ms)
+                        .await?;
+                    let _ = self.inner.events.send(Event::Sent {
+                        message_id: entry.message_id,
+                        to: entry.peer.clone(),
+                    });
+                    return Ok(());
+                }
+                Ok(other) => return Err(unexpected(other)),
+                Err(ClientError::Server { code, .. })
+                    if code == ErrorCode::DevicesChanged as i32 && !reclaimed =>
+                {
+                    reclaimed = true;
+                }
+                Err(ClientError::Server { code, .. }) if code == ErrorCode::UnknownUser as i32 => {
+                    return Err(ClientError::UnknownContact(entry.peer.clone()))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One ciphertext per device of `peer`, starting sessions where we have none.
+    async fn encrypt_for(
+        &self,
+        conn: &Connection,
+        peer: &str,
+        content: &[u8],
+        force_claim: bool,
+    ) -> Result<Vec<DeviceCiphertext>, ClientError> {
+        let store = &self.inner.store;
+        let mut devices = store.contact_devices(peer).await?;
+        let mut need_claim = force_claim || devices.is_empty();
+        if !need_claim {
+            let mut tx = store.begin().await?;
+            for d in &devices {
+                if store.sessions(&mut tx, peer, d.device_id).await?.is_empty() {
+                    need_claim = true;
+                }
+            }
+            tx.rollback().await?;
+        }
+        let mut claimed = Vec::new();
+        if need_claim {
+            let answer = conn
+                .request(
+                    client_frame::Body::ClaimKeys(ClaimKeys {
+                        username: peer.to_string(),
+                    }),
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .map_err(|e| match e {
+                    ClientError::Server { code, .. } if code == ErrorCode::UnknownUser as i32 => {
+                        ClientError::UnknownContact(peer.to_string())
+                    }
+                    e => e,
+                })?;
+            let server_frame::Body::KeyBundle(bundle) = answer else {
+                return Err(unexpected(answer));
+            };
+            for b in bundle.devices {
+                let keys = b
+                    .keys
+                    .ok_or_else(|| ClientError::Crypto("device without keys".into()))?;
+                let otk = match &b.one_time_key {
+                    Some(k) => Some(crypto::verify_signed_key(&keys.ed25519, k)?),
+                    None => None,
+                };
+                claimed.push((
+                    ContactDevice {
+                        device_id: b.device_id,
+                        curve25519: keys.curve25519,
+                        ed25519: Some(keys.ed25519),
+                    },
+                    otk,
+                ));
+            }
+            devices = claimed.iter().map(|(d, _)| d.clone()).collect();
+        }
+
+        let mut tx = store.begin().await?;
+        let account = store.load_account(&mut tx).await?;
+        let mut out = Vec::with_capacity(devices.len());
+        for device in &devices {
+            let mut sessions = store.sessions(&mut tx, peer, device.device_id).await?;
+            let mut session = if sessions.is_empty() {
+                let (d, otk) = claimed
+                    .iter()
+                    .find(|(d, _)| d.device_id == device.device_id)
+                    .ok_or_else(|| ClientError::Crypto("no key claimed for a device".into()))?;
+                store.pin_device(&mut tx, peer, d).await?;
+                let otk = otk.ok_or_else(|| {
+                    ClientError::Crypto(format!(
+                        "{peer}'s device {} has no keys left on the server; ask them to come online",
+                        d.device_id
+                    ))
+                })?;
+                let identity =
+                    Curve25519PublicKey::from_slice(&d.curve25519).map_err(ClientError::crypto)?;
+                account
+                    .create_outbound_session(crypto::session_config(), identity, otk)
+                    .map_err(ClientError::crypto)?
+            } else {
+                if let Some((d, _)) = claimed
+                    .iter()
+                    .find(|(d, _)| d.device_id == device.device_id)
+                {
+                    store.pin_device(&mut tx, peer, d).await?;
+                }
+                sessions.swap_remove(0)
+            };
+            let (olm_type, body) = session
+                .encrypt(content)
+                .map_err(ClientError::crypto)?
+                .to_parts();
+            store
+                .save_session(&mut tx, peer, device.device_id, &session)
+                .await?;
+            out.push(DeviceCiphertext {
+                device_id: device.device_id,
+                olm_type: olm_type as u32,
+                body,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Handles pushes in order until the connection closes.
+    async fn handle_pushes(self, conn: Arc<Connection>, mut pushes: mpsc::Receiver<Push>) {
+        while let Some(push) = pushes.recv().await {
+            match push {
+                Push::Frame(server_frame::Body::Envelope(e)) => {
+                    if let Err(err) = self.on_envelope(&conn, e).await {
+                        // Not acknowledged: the server will deliver it again.
+                        warn!(error = %err, "could not process an incoming message");
+                    }
+                }
+                Push::Frame(server_frame::Body::Receipt(r)) => {
+                    if let Err(err) = self.on_receipt(&conn, r).await {
+                        warn!(error = %err, "could not record a delivery receipt");
+                    }
+                }
+                Push::Frame(server_frame::Body::KeysLow(k)) => {
+                    let client = self.clone();
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client.top_up_keys(&conn, k.one_time_keys_remaining).await {
+                            warn!(error = %e, "could not upload one-time keys");
+                        }
+                    });
+                }
+                Push::Frame(other) => debug!(?other, "ignoring unexpected push"),
+                Push::Barrier(done) => {
+                    let _ = done.send(());
+                }
+                Push::Closed(reason) => {
+                    let _ = self.inner.events.send(Event::Disconnected { reason });
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn on_envelope(&self, conn: &Connection, e: Envelope) -> Result<(), ClientError> {
+        let id = MessageId::try_from(&e.message_id[..]).map_err(ClientError::InvalidInput)?;
+        let outcome = self.receive(&e, id).await?;
+        conn.notify(client_frame::Body::AckMessage(AckMessage {
+            message_id: e.message_id.clone(),
+        }))
+        .await?;
+        match outcome {
+            Received::New(m) => {
+                let _ = self.inner.events.send(Event::Incoming(m));
+            }
+            Received::Duplicate => debug!(%id, "duplicate delivery dropped"),
+            Received::Undecryptable(reason) => {
+                let _ = self.inner.events.send(Event::Undecryptable {
+                    message_id: id,
+                    from: e.sender.clone(),
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Decrypts and stores one envelope; Olm state and the message commit together.
+    async fn receive(&self, e: &Envelope, id: MessageId) -> Result<Received, ClientError> {
+        let store = &self.inner.store;
+        if store.has_message(&id.0).await? {
+            return Ok(Received::Duplicate);
+        }
+        let mut tx = store.begin().await?;
+        let decrypted = self.decrypt(&mut tx, e).await?;
+        let (plaintext, account_changed) = match decrypted {
+            Ok(ok) => ok,
+            Err(reason) => {
+                tx.rollback().await?;
+                let mut tx = store.begin().await?;
+                store
+                    .insert_incoming(
+                        &mut tx,
+                        &id.0,
+                        &e.sender,
+                        "",
+                        0,
+                        e.server_time_ms,
+                        MessageStatus::Undecryptable,
+                    )
+                    .await?;
+                tx.commit().await?;
+                return Ok(Received::Undecryptable(reason));
+            }
+        };
+        let _ = account_changed;
+        let content = match Content::decode(&plaintext[..]) {
+            Ok(c)
+                if c.message_id == e.message_id
+                    && c.sender == e.sender
+                    && c.recipient == self.username() =>
+            {
+                c
+            }
+            _ => {
+                tx.rollback().await?;
+                return Ok(Received::Undecryptable(
+                    "the decrypted content does not match its envelope".into(),
+                ));
+            }
+        };
+        let fresh = store
+            .insert_incoming(
+                &mut tx,
+                &id.0,
+                &e.sender,
+                &content.text,
+                content.sent_at_ms,
+                e.server_time_ms,
+                MessageStatus::Received,
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(if fresh {
+            Received::New(IncomingMessage {
+                message_id: id,
+                from: e.sender.clone(),
+                text: content.text,
+                sent_at_ms: content.sent_at_ms,
+                server_time_ms: e.server_time_ms,
+            })
+        } else {
+            Received::Duplicate
+        })
+    }
+
+    /// Decrypts inside `tx`, saving the session (and the account, for a new session).
+    /// The inner `Err` is a reason the message can never be decrypted.
+    async fn decrypt(
+        &self,
+        tx: &mut crate::store::Tx,
+        e: &Envelope,
+    ) -> Result<Result<(Vec<u8>, bool), String>, ClientError> {
+        let store = &self.inner.store;
+        let message = match OlmMessage::from_parts(e.olm_type as usize, &e.ciphertext) {
+            Ok(m) => m,
+            Err(err) => return Ok(Err(format!("malformed ciphertext: {err}"))),
+        };
+        let sessions = store.sessions(tx, &e.sender, e.sender_device_id).await?;
+        for mut session in sessions {
+            let matches = match &message {
+                OlmMessage::PreKey(p) => p.session_id() == session.session_id(),
+                OlmMessage::Normal(_) => true,
+            };
+            if !matches {
+                continue;
+            }
+            if let Ok(plain) = session.decrypt(&message) {
+                store
+                    .save_session(tx, &e.sender, e.sender_device_id, &session)
+                    .await?;
+                return Ok(Ok((plain, false)));
+            }
+        }
+        let OlmMessage::PreKey(pre) = &message else {
+            return Ok(Err("no session can decrypt this message".into()));
+        };
+        let device = ContactDevice {
+            device_id: e.sender_device_id,
+            curve25519: pre.identity_key().to_vec(),
+            ed25519: None,
+        };
+        if let Err(err) = store.pin_device(tx, &e.sender, &device).await {
+            return Ok(Err(err.to_string()));
+        }
+        let mut account = store.load_account(tx).await?;
+        let created =
+            match account.create_inbound_session(crypto::session_config(), pre.identity_key(), pre)
+            {
+                Ok(c) => c,
+                Err(err) => return Ok(Err(format!("cannot start a session: {err}"))),
+            };
+        store.save_account(tx, &account).await?;
+        store
+            .save_session(tx, &e.sender, e.sender_device_id, &created.session)
+            .await?;
+        Ok(Ok((created.plaintext, true)))
+    }
+
+    async fn on_receipt(&self, conn: &Connection, r: Receipt) -> Result<(), ClientError> {
+        let peer = self.inner.store.mark_delivered(&r.message_id).await?;
+        conn.notify(client_frame::Body::AckReceipt(AckReceipt {
+            message_id: r.message_id.clone(),
+        }))
+        .await?;
+        if let (Some(to), Ok(id)) = (peer, MessageId::try_from(&r.message_id[..])) {
+            let _ = self
+                .inner
+                .events
+                .send(Event::Delivered { message_id: id, to });
+        }
+        Ok(())
+    }
+
+    /// Uploads fresh one-time keys so the server holds about [`ONE_TIME_KEY_TARGET`].
+    async fn top_up_keys(&self, conn: &Connection, remaining: u32) -> Result<(), ClientError> {
+        let want = ONE_TIME_KEY_TARGET.saturating_sub(remaining as usize);
+        if want == 0 {
+            return Ok(());
+        }
+        let store = &self.inner.store;
+        let mut tx = store.begin().await?;
+        let mut account = store.load_account(&mut tx).await?;
+        let keys = crypto::unpublished_one_time_keys(&mut account, want);
+        store.save_account(&mut tx, &account).await?;
+        tx.commit().await?;
+        let answer = conn
+            .request(
+                client_frame::Body::UploadKeys(UploadKeys {
+                    one_time_keys: keys,
+                    fallback_key: None,
+                }),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        let server_frame::Body::KeysUploaded(_) = answer else {
+            return Err(unexpected(answer));
+        };
+        let mut tx = store.begin().await?;
+        let mut account = store.load_account(&mut tx).await?;
+        account.mark_keys_as_published();
+        store.save_account(&mut tx, &account).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The conversation with `peer`, oldest first.
+    pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
+        self.inner.store.history(peer).await
+    }
+
+    /// Closes the connection (if any) and the local database.
+    pub async fn close(&self) {
+        if let Some(c) = self.inner.conn.lock().await.take() {
+            c.shutdown().await;
+        }
+        self.inner.store.close().await;
+    }
+}
+
+fn unexpected(body: server_frame::Body) -> ClientError {
+    ClientError::Protocol(postern_protocol::ProtocolError::Violation(format!(
+        "unexpected answer from the server: {body:?}"
+    )))
+}

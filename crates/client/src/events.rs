@@ -1,0 +1,101 @@
+//! What the client library tells the app: message ids and events.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A message's id: 16 random bytes chosen by the sender, shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bytes = hex::decode(s).map_err(|e| format!("not a message id: {e}"))?;
+        Ok(Self(
+            bytes
+                .try_into()
+                .map_err(|_| "a message id is 32 hex digits")?,
+        ))
+    }
+}
+
+impl TryFrom<&[u8]> for MessageId {
+    type Error = String;
+    fn try_from(b: &[u8]) -> Result<Self, String> {
+        Ok(Self(
+            b.try_into()
+                .map_err(|_| "a message id is 16 bytes".to_string())?,
+        ))
+    }
+}
+
+impl serde::Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// A decrypted incoming message.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IncomingMessage {
+    pub message_id: MessageId,
+    pub from: String,
+    pub text: String,
+    /// The sender's clock when they wrote it.
+    pub sent_at_ms: u64,
+    /// When the server accepted it.
+    pub server_time_ms: u64,
+}
+
+/// Something that happened, in the order it happened.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The connection to the service is up (the handshake proved the server's identity).
+    Connected { via: String, handshake_ms: u64 },
+    /// The connection dropped.
+    Disconnected { reason: String },
+    /// A message arrived and is stored locally.
+    Incoming(IncomingMessage),
+    /// The server has our message in the recipient's queue (✓).
+    Sent { message_id: MessageId, to: String },
+    /// The recipient's device stored our message (✓✓).
+    Delivered { message_id: MessageId, to: String },
+    /// A message arrived that could not be decrypted (recorded in history, then dropped).
+    Undecryptable {
+        message_id: MessageId,
+        from: String,
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_text_round_trip() {
+        let id = MessageId::random();
+        assert_eq!(id.to_string().parse::<MessageId>().unwrap(), id);
+        assert!("zz".parse::<MessageId>().is_err());
+        assert!("00ff".parse::<MessageId>().is_err());
+    }
+}

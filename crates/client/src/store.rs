@@ -1,0 +1,403 @@
+//! The profile's local database (SQLite through sqlx).
+//!
+//! Olm state lives only here, never cached in memory across operations: each operation
+//! that touches it runs in one `BEGIN IMMEDIATE` transaction (load pickle, use, save), so
+//! two processes on the same profile (say `postern inbox --follow` and `postern send`)
+//! never overwrite each other's ratchet state, and a crash never leaves a decrypted
+//! message unrecorded while its keys are already spent.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use vodozemac::olm::{Account, AccountPickle, Session, SessionPickle};
+
+use crate::{ClientError, MessageId};
+
+pub type Tx = Transaction<'static, Sqlite>;
+
+/// Delivery state of a message in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    /// Typed, not yet accepted by the server (kept so nothing typed is lost).
+    Pending,
+    /// In the recipient's queue on the server (✓).
+    Sent,
+    /// Stored by the recipient's device (✓✓).
+    Delivered,
+    /// An incoming message.
+    Received,
+    /// An incoming message that could not be decrypted.
+    Undecryptable,
+}
+
+impl MessageStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Delivered => "delivered",
+            Self::Received => "received",
+            Self::Undecryptable => "undecryptable",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "sent" => Self::Sent,
+            "delivered" => Self::Delivered,
+            "received" => Self::Received,
+            "undecryptable" => Self::Undecryptable,
+            _ => Self::Pending,
+        }
+    }
+
+    /// The tick marks shown next to an outgoing message.
+    pub fn marks(self) -> &'static str {
+        match self {
+            Self::Pending => "…",
+            Self::Sent => "✓",
+            Self::Delivered => "✓✓",
+            Self::Received => "",
+            Self::Undecryptable => "⚠",
+        }
+    }
+}
+
+/// One line of a conversation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    pub message_id: MessageId,
+    pub peer: String,
+    pub outgoing: bool,
+    pub text: String,
+    pub created_ms: u64,
+    pub server_time_ms: Option<u64>,
+    pub status: MessageStatus,
+}
+
+/// A pinned device of a contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactDevice {
+    pub device_id: u64,
+    pub curve25519: Vec<u8>,
+    pub ed25519: Option<Vec<u8>>,
+}
+
+#[derive(Clone)]
+pub struct LocalStore {
+    pool: SqlitePool,
+    pickle_key: [u8; 32],
+}
+
+impl LocalStore {
+    pub async fn open(path: &Path, pickle_key: [u8; 32]) -> Result<Self, ClientError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, pickle_key })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a write transaction that holds the database lock until commit.
+    pub async fn begin(&self) -> Result<Tx, ClientError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    // --- Olm account -------------------------------------------------------------------
+
+    pub async fn load_account(&self, tx: &mut Tx) -> Result<Account, ClientError> {
+        let pickle: String = sqlx::query_scalar("SELECT pickle FROM olm_account WHERE id = 1")
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| ClientError::Profile("the profile has no Olm account".into()))?;
+        let pickle = AccountPickle::from_encrypted(&pickle, &self.pickle_key).map_err(|e| {
+            ClientError::Profile(format!(
+                "cannot decrypt the Olm account (wrong secrets.toml?): {e}"
+            ))
+        })?;
+        Ok(Account::from_pickle(pickle))
+    }
+
+    pub async fn save_account(&self, tx: &mut Tx, account: &Account) -> Result<(), ClientError> {
+        let pickle = account.pickle().encrypt(&self.pickle_key);
+        sqlx::query(
+            "INSERT INTO olm_account (id, pickle) VALUES (1, ?)
+             ON CONFLICT(id) DO UPDATE SET pickle = excluded.pickle",
+        )
+        .bind(pickle)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    // --- Olm sessions ------------------------------------------------------------------
+
+    /// Sessions with one device, most recently used first.
+    pub async fn sessions(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        device_id: u64,
+    ) -> Result<Vec<Session>, ClientError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT pickle FROM olm_sessions WHERE username = ? AND device_id = ?
+             ORDER BY last_used_ms DESC",
+        )
+        .bind(username)
+        .bind(device_id as i64)
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter()
+            .map(|p| {
+                SessionPickle::from_encrypted(p, &self.pickle_key)
+                    .map(Session::from_pickle)
+                    .map_err(|e| {
+                        ClientError::Profile(format!("cannot decrypt an Olm session: {e}"))
+                    })
+            })
+            .collect()
+    }
+
+    pub async fn save_session(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        device_id: u64,
+        session: &Session,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT INTO olm_sessions (session_id, username, device_id, pickle, last_used_ms)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(session_id) DO UPDATE SET pickle = excluded.pickle,
+                                                   last_used_ms = excluded.last_used_ms",
+        )
+        .bind(session.session_id())
+        .bind(username)
+        .bind(device_id as i64)
+        .bind(session.pickle().encrypt(&self.pickle_key))
+        .bind(postern_protocol::now_ms() as i64)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    // --- Contacts ----------------------------------------------------------------------
+
+    pub async fn contact_devices(&self, username: &str) -> Result<Vec<ContactDevice>, ClientError> {
+        let rows = sqlx::query(
+            "SELECT device_id, curve25519, ed25519 FROM contact_devices WHERE username = ? ORDER BY device_id",
+        )
+        .bind(username)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ContactDevice {
+                device_id: r.get::<i64, _>(0) as u64,
+                curve25519: r.get(1),
+                ed25519: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Pins a contact device's identity on first use. Returns an error if a different
+    /// identity was pinned before (the server, or someone, substituted keys).
+    pub async fn pin_device(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        device: &ContactDevice,
+    ) -> Result<(), ClientError> {
+        let existing = sqlx::query(
+            "SELECT curve25519, ed25519 FROM contact_devices WHERE username = ? AND device_id = ?",
+        )
+        .bind(username)
+        .bind(device.device_id as i64)
+        .fetch_optional(&mut **tx)
+        .await?;
+        match existing {
+            Some(row) => {
+                let curve: Vec<u8> = row.get(0);
+                let ed: Option<Vec<u8>> = row.get(1);
+                let ed_conflict = matches!((&ed, &device.ed25519), (Some(a), Some(b)) if a != b);
+                if curve != device.curve25519 || ed_conflict {
+                    return Err(ClientError::Crypto(format!(
+                        "the identity key of {username}'s device {} changed since you first talked: \
+                         refusing to use it (possible interception)",
+                        device.device_id
+                    )));
+                }
+                if ed.is_none() && device.ed25519.is_some() {
+                    sqlx::query("UPDATE contact_devices SET ed25519 = ? WHERE username = ? AND device_id = ?")
+                        .bind(&device.ed25519)
+                        .bind(username)
+                        .bind(device.device_id as i64)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO contact_devices (username, device_id, curve25519, ed25519, first_seen_ms)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(username)
+                .bind(device.device_id as i64)
+                .bind(&device.curve25519)
+                .bind(&device.ed25519)
+                .bind(postern_protocol::now_ms() as i64)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    // --- History -----------------------------------------------------------------------
+
+    pub async fn insert_outgoing(
+        &self,
+        message_id: &[u8; 16],
+        peer: &str,
+        text: &str,
+        created_ms: u64,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT INTO messages (message_id, peer, outgoing, body, created_ms, status)
+             VALUES (?, ?, 1, ?, ?, 'pending')",
+        )
+        .bind(&message_id[..])
+        .bind(peer)
+        .bind(text)
+        .bind(created_ms as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn mark_sent(
+        &self,
+        message_id: &[u8],
+        server_time_ms: u64,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "UPDATE messages SET status = 'sent', server_time_ms = ?
+             WHERE message_id = ? AND status = 'pending'",
+        )
+        .bind(server_time_ms as i64)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks an outgoing message delivered; returns its peer if it was ours.
+    pub async fn mark_delivered(&self, message_id: &[u8]) -> Result<Option<String>, ClientError> {
+        let peer: Option<String> = sqlx::query_scalar(
+            "UPDATE messages SET status = 'delivered' WHERE message_id = ? AND outgoing = 1 RETURNING peer",
+        )
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(peer)
+    }
+
+    pub async fn delete_message(&self, message_id: &[u8]) -> Result<(), ClientError> {
+        sqlx::query("DELETE FROM messages WHERE message_id = ?")
+            .bind(message_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn has_message(&self, message_id: &[u8]) -> Result<bool, ClientError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE message_id = ?")
+            .bind(message_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Records an incoming message inside the decrypting transaction. Returns false if it
+    /// was already there (a duplicate delivery).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_incoming(
+        &self,
+        tx: &mut Tx,
+        message_id: &[u8],
+        peer: &str,
+        text: &str,
+        created_ms: u64,
+        server_time_ms: u64,
+        status: MessageStatus,
+    ) -> Result<bool, ClientError> {
+        let r = sqlx::query(
+            "INSERT OR IGNORE INTO messages (message_id, peer, outgoing, body, created_ms, server_time_ms, status)
+             VALUES (?, ?, 0, ?, ?, ?, ?)",
+        )
+        .bind(message_id)
+        .bind(peer)
+        .bind(text)
+        .bind(created_ms as i64)
+        .bind(server_time_ms as i64)
+        .bind(status.as_str())
+        .execute(&mut **tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Outgoing messages the server has not accepted yet, oldest first.
+    pub async fn pending_outgoing(&self) -> Result<Vec<HistoryEntry>, ClientError> {
+        self.query_history("WHERE status = 'pending' AND outgoing = 1", None)
+            .await
+    }
+
+    pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
+        self.query_history("WHERE peer = ?", Some(peer)).await
+    }
+
+    async fn query_history(
+        &self,
+        filter: &str,
+        peer: Option<&str>,
+    ) -> Result<Vec<HistoryEntry>, ClientError> {
+        let sql = format!(
+            "SELECT message_id, peer, outgoing, body, created_ms, server_time_ms, status
+             FROM messages {filter} ORDER BY created_ms, rowid"
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(p) = peer {
+            q = q.bind(p);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let id: Vec<u8> = r.get(0);
+                Some(HistoryEntry {
+                    message_id: MessageId(id.try_into().ok()?),
+                    peer: r.get(1),
+                    outgoing: r.get::<i64, _>(2) != 0,
+                    text: r.get(3),
+                    created_ms: r.get::<i64, _>(4) as u64,
+                    server_time_ms: r.get::<Option<i64>, _>(5).map(|t| t as u64),
+                    status: MessageStatus::parse(r.get::<&str, _>(6)),
+                })
+            })
+            .collect())
+    }
+}

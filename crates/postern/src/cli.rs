@@ -1,0 +1,145 @@
+//! Command-line grammar. Every flag is documented here; `postern help COMMAND` shows it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Postern: an end-to-end encrypted messenger that keeps working when the network blocks it.
+#[derive(Debug, Parser)]
+#[command(name = "postern", version, about, long_about = None, after_help = "\
+Quick start (a whole local network, then two accounts):
+  postern dev
+  postern --home /tmp/alice account create alice --network postern-dev/network.toml
+  postern --home /tmp/bob account create bob --network postern-dev/network.toml
+  postern --home /tmp/alice send bob 'hello bob'
+  postern --home /tmp/bob inbox")]
+pub struct Cli {
+    /// Profile directory of the account to use (default: $POSTERN_HOME, else ~/.postern).
+    /// Give each user on a machine their own.
+    #[arg(long, global = true, env = "POSTERN_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or inspect your account.
+    #[command(subcommand)]
+    Account(AccountCommand),
+
+    /// Send a message; prints its id once the server holds it (✓).
+    #[command(after_help = "\
+The message is saved in your history before anything is sent: if the server cannot be
+reached it stays pending and goes out with your next `send` or `inbox`.
+Example:
+  postern send bob 'see you at eight'")]
+    Send {
+        /// Username of the recipient.
+        contact: String,
+        /// The message text (quote it).
+        text: String,
+    },
+
+    /// Fetch and print messages that arrived for you.
+    Inbox {
+        /// Stay connected and print messages and delivery receipts as they arrive.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line instead of text (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show your conversation with a contact, with ✓ (sent) and ✓✓ (delivered) marks.
+    History {
+        /// Username of the contact.
+        contact: String,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Run or set up a Postern server (operators).
+    #[command(subcommand)]
+    Server(ServerCommand),
+
+    /// Start a local development network (server with embedded storage) and print how to
+    /// create two accounts and chat.
+    Dev(DevArgs),
+}
+
+impl Command {
+    /// Commands that run until stopped (and so log at `info` by default).
+    pub fn is_service(&self) -> bool {
+        matches!(
+            self,
+            Command::Server(ServerCommand::Run(_)) | Command::Dev(_)
+        )
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Register NAME on the network described by a network file, creating the profile.
+    #[command(after_help = "\
+The network file comes from the server's operator (`postern server init` writes it).
+Example:
+  postern --home ~/.postern-alice account create alice --network network.toml")]
+    Create {
+        /// Username: 3-32 characters of a-z, 0-9, '_', '.', '-'.
+        name: String,
+        /// The network file (network.toml) of the server to register on.
+        #[arg(long, value_name = "FILE")]
+        network: PathBuf,
+    },
+    /// Print this profile's username, device and server.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Create the server key (kept, never replaced, if it exists) and write
+    /// DIR/network.toml, the file clients import.
+    Init {
+        /// Data directory (key, network file, database).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Address clients should connect to, as HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:5222")]
+        public_address: String,
+    },
+    /// Serve clients (and relays) until SIGTERM or Ctrl-C.
+    Run(ServerRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerRunArgs {
+    /// Data directory created by `postern server init`.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:5222")]
+    pub listen: SocketAddr,
+    /// Write client addresses to the logs (off by default, to protect users).
+    #[arg(long)]
+    pub log_client_addresses: bool,
+    /// Most concurrent connections; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 16_000)]
+    pub max_connections: usize,
+    /// New accounts allowed per source address per minute.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub registrations_per_minute: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Data directory of the development server (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "postern-dev")]
+    pub data: PathBuf,
+    /// Address the server listens on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5222")]
+    pub listen: SocketAddr,
+}

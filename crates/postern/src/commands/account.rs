@@ -1,0 +1,42 @@
+//! `postern account ...`
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use postern_client::Client;
+use postern_protocol::network::NetworkFile;
+
+use crate::cli::AccountCommand;
+
+pub async fn run(home: PathBuf, cmd: AccountCommand) -> anyhow::Result<()> {
+    match cmd {
+        AccountCommand::Create { name, network } => {
+            let network = NetworkFile::load(&network)?;
+            let client = Client::create_account(&home, &name, network)
+                .await
+                .with_context(|| format!("could not create the account {name:?}"))?;
+            println!(
+                "Account {} created (device {}) on {}.\nProfile: {}",
+                client.username(),
+                client.device_id(),
+                client.network().server.address,
+                home.display()
+            );
+            println!(
+                "Next: `postern --home {} send CONTACT 'hello'`",
+                home.display()
+            );
+            client.close().await;
+        }
+        AccountCommand::Show => {
+            let client = Client::open(&home).await?;
+            println!("username: {}", client.username());
+            println!("device:   {}", client.device_id());
+            println!("server:   {}", client.network().server.address);
+            println!("server key: {}", client.network().server.public_key);
+            println!("profile:  {}", home.display());
+            client.close().await;
+        }
+    }
+    Ok(())
+}

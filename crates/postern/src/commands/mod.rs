@@ -1,0 +1,63 @@
+//! One module per group of commands.
+
+mod account;
+mod dev;
+mod messaging;
+mod server;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::cli::{Cli, Command};
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let home = cli.home;
+    match cli.command {
+        Command::Account(cmd) => account::run(profile_home(home)?, cmd).await,
+        Command::Send { contact, text } => {
+            messaging::send(profile_home(home)?, &contact, &text).await
+        }
+        Command::Inbox { follow, json } => {
+            messaging::inbox(profile_home(home)?, follow, json).await
+        }
+        Command::History { contact, json } => {
+            messaging::history(profile_home(home)?, &contact, json).await
+        }
+        Command::Server(cmd) => server::run(cmd).await,
+        Command::Dev(args) => dev::run(args).await,
+    }
+}
+
+/// `--home`, else `$POSTERN_HOME` (clap reads both), else `~/.postern`.
+fn profile_home(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(h) = home {
+        return Ok(h);
+    }
+    let base = std::env::var_os("HOME")
+        .context("no profile directory: pass --home DIR or set POSTERN_HOME")?;
+    Ok(PathBuf::from(base).join(".postern"))
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub(crate) async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

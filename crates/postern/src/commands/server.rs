@@ -1,0 +1,51 @@
+//! `postern server init` and `postern server run`.
+
+use postern_server::{DataDir, Limits, Server, ServerConfig};
+
+use crate::cli::{ServerCommand, ServerRunArgs};
+
+pub async fn run(cmd: ServerCommand) -> anyhow::Result<()> {
+    match cmd {
+        ServerCommand::Init {
+            data,
+            public_address,
+        } => {
+            let report = DataDir::new(&data).init(&public_address)?;
+            if report.created_key {
+                println!("Created the server key in {}", data.display());
+            } else {
+                println!("Kept the existing server key in {}", data.display());
+            }
+            println!("Server public key: {}", report.public_key);
+            println!(
+                "Network file for clients: {}",
+                report.network_file.display()
+            );
+            println!(
+                "Start serving with: postern server run --data {}",
+                data.display()
+            );
+            Ok(())
+        }
+        ServerCommand::Run(args) => serve(args).await,
+    }
+}
+
+pub(crate) fn config(args: &ServerRunArgs) -> ServerConfig {
+    let mut config = ServerConfig::new(&args.data, args.listen);
+    config.log_client_addresses = args.log_client_addresses;
+    config.limits = Limits {
+        max_connections: args.max_connections,
+        registrations_per_minute: args.registrations_per_minute,
+        ..Limits::default()
+    };
+    config
+}
+
+async fn serve(args: ServerRunArgs) -> anyhow::Result<()> {
+    let server = Server::bind(config(&args)).await?;
+    // Scripts and tests wait for this line (the real port when --listen used port 0).
+    println!("postern server listening on {}", server.local_addr());
+    server.run_until(super::shutdown_signal()).await?;
+    Ok(())
+}
