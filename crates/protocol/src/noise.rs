@@ -358,6 +358,7 @@ mod tests {
         ClientHello {
             protocol_version: 1,
             software: "test".into(),
+            send_only: false,
         }
     }
 

@@ -20,10 +20,13 @@ pub struct DeviceSignal {
     pub keys_low: AtomicBool,
 }
 
+/// Connections of each online device: (connection id, its signal).
+type Online = HashMap<i64, Vec<(u64, Arc<DeviceSignal>)>>;
+
 #[derive(Default)]
 pub struct Hub {
     next_id: AtomicU64,
-    devices: Mutex<HashMap<i64, Vec<(u64, Arc<DeviceSignal>)>>>,
+    devices: Mutex<Online>,
 }
 
 /// Keeps a connection registered in the hub; unregisters on drop.
@@ -72,7 +75,7 @@ impl Hub {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<(u64, Arc<DeviceSignal>)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Online> {
         // A panic while holding this lock cannot leave the map inconsistent (each update is
         // a single insert or remove), so a poisoned lock is safe to keep using.
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
