@@ -66,6 +66,14 @@ struct Inner {
     conn: Mutex<Option<Arc<Connection>>>,
 }
 
+/// What became of one pending message in [`Client::send_pending`].
+#[derive(Debug)]
+pub struct PendingOutcome {
+    pub message_id: MessageId,
+    pub to: String,
+    pub result: Result<(), ClientError>,
+}
+
 /// What happened to one envelope.
 enum Received {
     New(IncomingMessage),
@@ -268,10 +276,9 @@ impl Client {
         Ok(())
     }
 
-    /// Sends `text` to `to`. Returns once the server holds it in the recipient's queue
-    /// (✓). The message is in the local history (as pending) before anything is sent, so
-    /// it is never lost; [`Client::send_pending`] retries it.
-    pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, ClientError> {
+    /// Puts a message in the local history as pending, without sending it: whatever
+    /// happens to the network afterwards, what was typed is kept.
+    pub async fn queue(&self, to: &str, text: &str) -> Result<MessageId, ClientError> {
         username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClientError::InvalidInput(format!(
@@ -285,20 +292,26 @@ impl Client {
             ));
         }
         let id = MessageId::random();
-        let created = postern_protocol::now_ms();
         self.inner
             .store
-            .insert_outgoing(&id.0, to, text, created)
+            .insert_outgoing(&id.0, to, text, postern_protocol::now_ms())
             .await?;
-        let entry = HistoryEntry {
-            message_id: id,
-            peer: to.to_string(),
-            outgoing: true,
-            text: text.to_string(),
-            created_ms: created,
-            server_time_ms: None,
-            status: MessageStatus::Pending,
-        };
+        Ok(id)
+    }
+
+    /// Sends `text` to `to`. Returns once the server holds it in the recipient's queue
+    /// (✓). The message is in the local history (as pending) before anything is sent, so
+    /// it is never lost; [`Client::send_pending`] retries it.
+    pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, ClientError> {
+        let id = self.queue(to, text).await?;
+        let entry = self
+            .inner
+            .store
+            .pending_outgoing()
+            .await?
+            .into_iter()
+            .find(|e| e.message_id == id)
+            .ok_or_else(|| ClientError::Profile("a queued message vanished".into()))?;
         match self.transmit(&entry).await {
             Ok(()) => Ok(id),
             Err(ClientError::UnknownContact(c)) => {
@@ -309,20 +322,28 @@ impl Client {
         }
     }
 
-    /// Retries every message that was typed but not yet accepted by the server.
-    /// Returns how many went out.
-    pub async fn send_pending(&self) -> Result<usize, ClientError> {
-        let mut sent = 0;
+    /// Sends every message that was typed but not yet accepted by the server, oldest
+    /// first. A message to a contact that does not exist is removed from the history and
+    /// reported; a connection failure stops the run (the rest stay pending).
+    pub async fn send_pending(&self) -> Result<Vec<PendingOutcome>, ClientError> {
+        let mut outcomes = Vec::new();
         for entry in self.inner.store.pending_outgoing().await? {
-            match self.transmit(&entry).await {
-                Ok(()) => sent += 1,
-                Err(ClientError::UnknownContact(_)) => {
+            let result = match self.transmit(&entry).await {
+                Ok(()) => Ok(()),
+                Err(ClientError::UnknownContact(c)) => {
                     self.inner.store.delete_message(&entry.message_id.0).await?;
+                    Err(ClientError::UnknownContact(c))
                 }
+                Err(e @ ClientError::Server { .. }) => Err(e),
                 Err(e) => return Err(e),
-            }
+            };
+            outcomes.push(PendingOutcome {
+                message_id: entry.message_id,
+                to: entry.peer,
+                result,
+            });
         }
-        Ok(sent)
+        Ok(outcomes)
     }
 
     /// Encrypts for every device of the recipient and hands the message to the server.
@@ -546,8 +567,8 @@ impl Client {
         }
         let mut tx = store.begin().await?;
         let decrypted = self.decrypt(&mut tx, e).await?;
-        let (plaintext, account_changed) = match decrypted {
-            Ok(ok) => ok,
+        let plaintext = match decrypted {
+            Ok(plain) => plain,
             Err(reason) => {
                 tx.rollback().await?;
                 let mut tx = store.begin().await?;
@@ -566,7 +587,6 @@ impl Client {
                 return Ok(Received::Undecryptable(reason));
             }
         };
-        let _ = account_changed;
         let content = match Content::decode(&plaintext[..]) {
             Ok(c)
                 if c.message_id == e.message_id
@@ -613,7 +633,7 @@ impl Client {
         &self,
         tx: &mut crate::store::Tx,
         e: &Envelope,
-    ) -> Result<Result<(Vec<u8>, bool), String>, ClientError> {
+    ) -> Result<Result<Vec<u8>, String>, ClientError> {
         let store = &self.inner.store;
         let message = match OlmMessage::from_parts(e.olm_type as usize, &e.ciphertext) {
             Ok(m) => m,
@@ -632,7 +652,7 @@ impl Client {
                 store
                     .save_session(tx, &e.sender, e.sender_device_id, &session)
                     .await?;
-                return Ok(Ok((plain, false)));
+                return Ok(Ok(plain));
             }
         }
         let OlmMessage::PreKey(pre) = &message else {
@@ -657,7 +677,7 @@ impl Client {
         store
             .save_session(tx, &e.sender, e.sender_device_id, &created.session)
             .await?;
-        Ok(Ok((created.plaintext, true)))
+        Ok(Ok(created.plaintext))
     }
 
     async fn on_receipt(&self, conn: &Connection, r: Receipt) -> Result<(), ClientError> {

@@ -4,10 +4,10 @@ use postern_protocol::ProtocolError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the server at {address}: {source} (is it running? is the address in the network file right? if your network blocks it, use a relay)")]
+    #[error("cannot reach the server at {address}: {error} (is it running? is the address in the network file right? if your network blocks it, use a relay)")]
     Unreachable {
         address: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),

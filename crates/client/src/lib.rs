@@ -24,7 +24,7 @@ pub mod profile;
 pub mod store;
 pub mod transport;
 
-pub use client::{Client, ConnectMode, CONNECT_TIMEOUT, MAX_TEXT_BYTES};
+pub use client::{Client, ConnectMode, PendingOutcome, CONNECT_TIMEOUT, MAX_TEXT_BYTES};
 pub use connection::{BoxStream, Stream};
 pub use error::ClientError;
 pub use events::{Event, IncomingMessage, MessageId};

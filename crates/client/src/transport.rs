@@ -9,9 +9,9 @@ use crate::ClientError;
 
 /// Opens a TCP connection to `address` (`host:port`) within `timeout`.
 pub async fn connect_direct(address: &str, timeout: Duration) -> Result<BoxStream, ClientError> {
-    let unreachable = |source| ClientError::Unreachable {
+    let unreachable = |error| ClientError::Unreachable {
         address: address.to_string(),
-        source,
+        error,
     };
     let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await

@@ -34,11 +34,8 @@ pub struct ServerEntry {
 /// Why a network file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkFileError {
-    #[error("cannot read network file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read network file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("network file {path} is not valid: {reason}")]
     Invalid { path: String, reason: String },
 }
@@ -72,9 +69,9 @@ impl NetworkFile {
     }
 
     pub fn load(path: &Path) -> Result<Self, NetworkFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| NetworkFileError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| NetworkFileError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text, &path.display().to_string())
     }

@@ -94,7 +94,7 @@ impl DataDir {
             } else {
                 ServerError::Io {
                     context: format!("cannot read {}", path.display()),
-                    source: e,
+                    error: e,
                 }
             }
         })?;

@@ -9,10 +9,10 @@ pub enum ServerError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
@@ -23,6 +23,6 @@ pub enum ServerError {
 impl ServerError {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
-        move |source| ServerError::Io { context, source }
+        move |error| ServerError::Io { context, error }
     }
 }

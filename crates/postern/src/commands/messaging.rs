@@ -17,32 +17,46 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub async fn send(home: PathBuf, contact: &str, text: &str) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
     let result = async {
+        // Saved first: from here on nothing typed can be lost.
+        let id = client.queue(contact, text).await?;
         client.connect(ConnectMode::SendOnly).await?;
-        // Earlier messages that could not go out go first, in order.
-        let earlier = client.send_pending().await?;
-        if earlier > 0 {
-            eprintln!("sent {earlier} earlier message(s) that were waiting");
+        let outcomes = client.send_pending().await?;
+        report_pending(&outcomes, Some(id));
+        match outcomes.into_iter().find(|o| o.message_id == id) {
+            Some(o) => o.result.map(|()| id),
+            None => Err(ClientError::NotConnected),
         }
-        client.send(contact, text).await
     }
     .await;
     client.close().await;
     match result {
         Ok(id) => {
             println!("{id}");
-            eprintln!(
-                "✓ sent to {contact} (✓✓ appears in `postern history {contact}` once delivered)"
-            );
+            eprintln!("✓ sent to {contact} (✓✓ appears in `postern history {contact}` once delivered)");
             Ok(())
         }
         Err(
             e @ (ClientError::Unreachable { .. }
             | ClientError::NotConnected
-            | ClientError::Timeout(_)),
+            | ClientError::Timeout(_)
+            | ClientError::Protocol(_)),
         ) => Err(anyhow::Error::new(e).context(
-            "the message is saved and will be sent by your next `postern send` or `postern inbox`",
+            "not sent yet: the message is saved and goes out with your next `postern send` or `postern inbox`",
         )),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Tells the user about earlier pending messages that went out (or never can).
+fn report_pending(
+    outcomes: &[postern_client::PendingOutcome],
+    except: Option<postern_client::MessageId>,
+) {
+    for o in outcomes.iter().filter(|o| Some(o.message_id) != except) {
+        match &o.result {
+            Ok(()) => eprintln!("✓ sent an earlier message to {} ({})", o.to, o.message_id),
+            Err(e) => eprintln!("✗ an earlier message to {} was not sent: {e}", o.to),
+        }
     }
 }
 
@@ -64,7 +78,7 @@ async fn fetch_once(
     json: bool,
 ) -> anyhow::Result<()> {
     client.connect(ConnectMode::Receive).await?;
-    client.send_pending().await?;
+    report_pending(&client.send_pending().await?, None);
     client.sync().await?;
     let mut shown = 0;
     while let Ok(event) = events.try_recv() {
@@ -88,8 +102,9 @@ async fn follow_inbox(
         match client.connect(ConnectMode::Receive).await {
             Ok(()) => {
                 backoff = Duration::from_secs(1);
-                if let Err(e) = client.send_pending().await {
-                    eprintln!("could not send waiting messages yet: {e}");
+                match client.send_pending().await {
+                    Ok(outcomes) => report_pending(&outcomes, None),
+                    Err(e) => eprintln!("could not send waiting messages yet: {e}"),
                 }
             }
             // A wrong server key will not fix itself: stop instead of retrying forever.

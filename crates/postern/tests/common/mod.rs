@@ -1,0 +1,338 @@
+//! Helpers for integration tests: real `postern` processes on loopback, and a TCP
+//! forwarder that records (and can tamper with) what crosses it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
+/// Upper bound for any single command; generous for a loaded CI machine.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `postern --home HOME ARGS...` to completion.
+pub fn postern(home: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--home").arg(home).args(args);
+    run(cmd)
+}
+
+pub fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.env_remove("POSTERN_HOME");
+    let mut child = cmd.spawn().expect("spawn postern");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "command timed out: {cmd:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(home: &Path, args: &[&str]) -> String {
+    let out = postern(home, args);
+    assert!(
+        out.status.success(),
+        "postern {args:?} failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns its stderr.
+pub fn fails(home: &Path, args: &[&str]) -> String {
+    let out = postern(home, args);
+    assert!(
+        !out.status.success(),
+        "postern {args:?} should have failed\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A `postern server run` process.
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+}
+
+impl TestServer {
+    /// Initialises `data` (if needed) and serves on a random loopback port; the network
+    /// file is rewritten with the real address.
+    pub fn start(data: &Path) -> Self {
+        Self::start_on(data, "127.0.0.1:0".parse().unwrap())
+    }
+
+    pub fn start_on(data: &Path, listen: SocketAddr) -> Self {
+        let mut init = Command::new(BIN);
+        init.args(["server", "init", "--data"]).arg(data);
+        assert!(run(init).status.success());
+        let mut child = Command::new(BIN)
+            .args(["server", "run", "--data"])
+            .arg(data)
+            .args(["--listen", &listen.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("postern server listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr: SocketAddr = rx
+            .recv_timeout(COMMAND_TIMEOUT)
+            .expect("server did not become ready")
+            .parse()
+            .expect("address");
+        let mut init = Command::new(BIN);
+        init.args(["server", "init", "--data"])
+            .arg(data)
+            .args(["--public-address", &addr.to_string()]);
+        assert!(run(init).status.success());
+        Self {
+            child,
+            addr,
+            data: data.to_path_buf(),
+        }
+    }
+
+    pub fn network_file(&self) -> PathBuf {
+        self.data.join("network.toml")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
+    pub fn terminate(mut self) -> bool {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signal");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            assert!(
+                started.elapsed() < COMMAND_TIMEOUT,
+                "server ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a network file naming `address` and the key of the server in `data`.
+pub fn network_file_via(data: &Path, address: SocketAddr, out: &Path) {
+    let text = std::fs::read_to_string(data.join("network.toml")).expect("network file");
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key = "))
+        .expect("public_key line");
+    std::fs::write(
+        out,
+        format!("[server]\naddress = \"{address}\"\npublic_key = {key}\n"),
+    )
+    .expect("write network file");
+}
+
+/// A long-running `postern inbox --follow --json` whose lines arrive on a channel.
+pub struct Follower {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Follower {
+    pub fn start(home: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("--home")
+            .arg(home)
+            .args(["inbox", "--follow", "--json"])
+            .env_remove("POSTERN_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn follower");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a JSON line containing every one of `needles`.
+    pub fn expect(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no line with {needles:?} within {COMMAND_TIMEOUT:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a forwarder does to the bytes it carries.
+#[derive(Clone, Copy, Debug)]
+pub enum Tamper {
+    None,
+    /// Flip one bit of the byte at this offset of the server→client stream.
+    FlipServerByte(usize),
+    /// Flip one bit of the byte at this offset of the client→server stream.
+    FlipClientByte(usize),
+}
+
+/// A TCP forwarder on loopback that records every byte in both directions.
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    pub captured: Arc<Mutex<Vec<u8>>>,
+    pub connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Forwarder {
+    pub fn start(target: SocketAddr, tamper: Tamper) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind forwarder");
+        let addr = listener.local_addr().expect("addr");
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (cap, conns, stopping) = (captured.clone(), connections.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                conns.fetch_add(1, Ordering::Relaxed);
+                let (flip_up, flip_down) = match tamper {
+                    Tamper::None => (None, None),
+                    Tamper::FlipClientByte(n) => (Some(n), None),
+                    Tamper::FlipServerByte(n) => (None, Some(n)),
+                };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    cap.clone(),
+                    flip_up,
+                );
+                pipe(server, client, cap.clone(), flip_down);
+            }
+        });
+        Self {
+            addr,
+            captured,
+            connections,
+            stop,
+        }
+    }
+
+    pub fn captured(&self) -> Vec<u8> {
+        self.captured.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    captured: Arc<Mutex<Vec<u8>>>,
+    flip: Option<usize>,
+) {
+    std::thread::spawn(move || {
+        let mut offset = 0usize;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Some(at) = flip {
+                if at >= offset && at < offset + n {
+                    buf[at - offset] ^= 0x01;
+                }
+            }
+            offset += n;
+            captured.lock().unwrap().extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// True if `needle` occurs anywhere in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
