@@ -132,6 +132,16 @@ pub struct ServerRunArgs {
     /// New accounts allowed per source address per minute.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub registrations_per_minute: u32,
+    /// Seconds a new connection gets to complete its PROXY header and Noise handshake
+    /// (slow or silent clients are cut off after this).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Seconds without any request (clients ping every minute) before a connection is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub idle_timeout: u64,
+    /// Messages waiting for one device before senders are told to retry later.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_queue_per_device: u32,
 }
 
 #[derive(Debug, Args)]

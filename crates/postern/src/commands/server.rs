@@ -37,6 +37,9 @@ pub(crate) fn config(args: &ServerRunArgs) -> ServerConfig {
     config.limits = Limits {
         max_connections: args.max_connections,
         registrations_per_minute: args.registrations_per_minute,
+        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout.max(1)),
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout.max(1)),
+        max_queue_per_device: args.max_queue_per_device,
         ..Limits::default()
     };
     config

@@ -84,6 +84,11 @@ impl TestServer {
     }
 
     pub fn start_on(data: &Path, listen: SocketAddr) -> Self {
+        Self::start_with(data, listen, &[])
+    }
+
+    /// Like [`TestServer::start_on`], with extra `server run` flags.
+    pub fn start_with(data: &Path, listen: SocketAddr, extra: &[&str]) -> Self {
         let mut init = Command::new(BIN);
         init.args(["server", "init", "--data"]).arg(data);
         assert!(run(init).status.success());
@@ -91,6 +96,7 @@ impl TestServer {
             .args(["server", "run", "--data"])
             .arg(data)
             .args(["--listen", &listen.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -246,6 +252,7 @@ pub enum Tamper {
 /// A TCP forwarder on loopback that records every byte in both directions.
 pub struct Forwarder {
     pub addr: SocketAddr,
+    tamper: Arc<Mutex<Tamper>>,
     pub captured: Arc<Mutex<Vec<u8>>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -258,7 +265,13 @@ impl Forwarder {
         let captured = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (cap, conns, stopping) = (captured.clone(), connections.clone(), stop.clone());
+        let tamper = Arc::new(Mutex::new(tamper));
+        let (cap, conns, stopping, mode) = (
+            captured.clone(),
+            connections.clone(),
+            stop.clone(),
+            tamper.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
@@ -269,7 +282,8 @@ impl Forwarder {
                     continue;
                 };
                 conns.fetch_add(1, Ordering::Relaxed);
-                let (flip_up, flip_down) = match tamper {
+                let current = *mode.lock().unwrap();
+                let (flip_up, flip_down) = match current {
                     Tamper::None => (None, None),
                     Tamper::FlipClientByte(n) => (Some(n), None),
                     Tamper::FlipServerByte(n) => (None, Some(n)),
@@ -285,10 +299,16 @@ impl Forwarder {
         });
         Self {
             addr,
+            tamper,
             captured,
             connections,
             stop,
         }
+    }
+
+    /// Changes what happens to connections opened from now on.
+    pub fn set_tamper(&self, tamper: Tamper) {
+        *self.tamper.lock().unwrap() = tamper;
     }
 
     pub fn captured(&self) -> Vec<u8> {

@@ -1,0 +1,194 @@
+//! The server under test: a real `postern server run` process in a temporary data
+//! directory, killed when the guard is dropped (also on error paths and panics).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use postern_protocol::network::NetworkFile;
+
+/// How long `server run` may take to print its listening line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running server process; killed on drop.
+pub struct ServerProcess {
+    child: Child,
+    /// Where clients connect (the port the server actually bound).
+    pub address: String,
+    /// The network file clients use: the server's key and `address`.
+    pub network: NetworkFile,
+    /// The server's log (stderr), for the error message if something goes wrong.
+    pub log: PathBuf,
+}
+
+/// What a client task needs to reach the server (cheap to clone).
+#[derive(Clone)]
+pub struct Endpoint {
+    pub address: String,
+    pub network: NetworkFile,
+}
+
+impl ServerProcess {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            address: self.address.clone(),
+            network: self.network.clone(),
+        }
+    }
+
+    /// Initialises a data directory under `dir` and starts the server on a free loopback
+    /// port, waiting until it prints that it is listening.
+    pub fn start(binary: &Path, dir: &Path, max_connections: usize) -> Result<Self> {
+        let data = dir.join("server");
+        let init = Command::new(binary)
+            .args(["server", "init", "--data"])
+            .arg(&data)
+            .args(["--public-address", "127.0.0.1:5222"])
+            .output()
+            .with_context(|| format!("cannot run {} server init", binary.display()))?;
+        if !init.status.success() {
+            bail!(
+                "postern server init failed: {}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
+        let log = dir.join("server.log");
+        let log_file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut child = Command::new(binary)
+            .args(["server", "run", "--data"])
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--registrations-per-minute", "1000000"])
+            .args(["--max-connections", &max_connections.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .with_context(|| format!("cannot start {} server run", binary.display()))?;
+        let stdout = child.stdout.take().context("server stdout is not piped")?;
+        // From here on the guard owns the child, so every early return kills it.
+        let mut guard = Self {
+            child,
+            address: String::new(),
+            network: NetworkFile::new("127.0.0.1:0", &[0; 32]),
+            log,
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout);
+            let mut line = String::new();
+            let ready = lines.read_line(&mut line).map(|_| line);
+            let _ = tx.send(ready);
+            // Keep draining so the server never blocks on a full pipe.
+            let mut sink = Vec::new();
+            let _ = lines.read_to_end(&mut sink);
+        });
+        let line = match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => return Err(e).context("cannot read the server's stdout"),
+            Err(_) => bail!(
+                "the server did not report that it is listening within {READY_TIMEOUT:?}; see {}",
+                guard.log.display()
+            ),
+        };
+        let address = line
+            .trim()
+            .strip_prefix("postern server listening on ")
+            .with_context(|| {
+                format!(
+                    "unexpected first line from the server: {line:?}; see {}",
+                    guard.log.display()
+                )
+            })?
+            .to_string();
+        let base = NetworkFile::load(&data.join("network.toml"))?;
+        let key = base
+            .server_key()
+            .map_err(|e| anyhow::anyhow!("network.toml: {e}"))?;
+        guard.network = NetworkFile::new(address.clone(), &key);
+        guard.address = address;
+        Ok(guard)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server process, in KiB (`VmRSS` in `/proc/PID/status`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmRSS line in {path}"))
+    }
+
+    /// CPU time (user + system) the server has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        cpu_seconds(&self.pid().to_string())
+    }
+
+    /// Fails if the server has exited (it should run until we kill it).
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the server exited ({status}); see {}", self.log.display());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds the `postern` binary: `--postern PATH`, else `target/release/postern` next to
+/// this benchmark's own executable.
+pub fn locate_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let me = std::env::current_exe().context("cannot find the benchmark's own path")?;
+    let candidate = me
+        .parent()
+        .map(|d| d.join("postern"))
+        .context("the benchmark's path has no parent directory")?;
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        bail!(
+            "{} not found: run `cargo build --release -p postern` first, or pass --postern PATH",
+            candidate.display()
+        )
+    }
+}
+
+/// CPU time (user + system) used so far by process `pid` ("self" for this one), seconds.
+pub fn cpu_seconds(pid: &str) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // Fields after the parenthesised command name start with field 3 (state), so utime
+    // (field 14) and stime (field 15) are at indexes 11 and 12.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("unexpected {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("unexpected {path}"))
+    };
+    // Linux reports them in USER_HZ, which is 100 on every mainstream architecture.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
