@@ -17,11 +17,12 @@ pub enum ProtocolError {
     )]
     ServerAuthentication,
     #[error(
-        "the server did not prove its identity: it closed the connection during the handshake \
-         (the network file may hold a different server key, a relay may not have reached the \
-         server, or the connection is being intercepted)"
+        "the service did not answer: the connection was closed during the handshake \
+         (a relay may not reach the server, or the server is overloaded)"
     )]
     HandshakeClosed,
+    #[error("the handshake was not made for this server's key")]
+    HandshakeUndecryptable,
     #[error("the Noise handshake failed: {0}")]
     Handshake(String),
     #[error("a message failed authentication: the traffic was altered on the way")]

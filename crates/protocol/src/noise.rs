@@ -207,7 +207,7 @@ impl ServerHandshake {
             let mut payload = vec![0u8; len];
             let n = hs
                 .read_message(&frame, &mut payload)
-                .map_err(|e| ProtocolError::Handshake(e.to_string()))?;
+                .map_err(|_| ProtocolError::HandshakeUndecryptable)?;
             let hello = ClientHello::decode(&payload[..n])?;
             let client_static: [u8; 32] = hs
                 .get_remote_static()
@@ -249,6 +249,17 @@ impl ServerHandshake {
             .map_err(|e| ProtocolError::Handshake(e.to_string()))?;
         Ok(Arc::new(transport))
     }
+}
+
+/// What a server sends to a handshake it cannot decrypt: random bytes shaped like a
+/// real message 2. The client then fails to authenticate the server and says so ("did not
+/// prove its identity"), which is the truth, instead of seeing a bare close that looks
+/// like an unreachable service. Returns the frame to write.
+pub fn decoy_answer() -> Vec<u8> {
+    let len = 32 + 16 + 40 + usize::from(rand::random::<u8>() % 24);
+    let mut frame = (len as u16).to_be_bytes().to_vec();
+    frame.extend((0..len).map(|_| rand::random::<u8>()));
+    frame
 }
 
 async fn read_handshake_len<S: AsyncRead + Unpin>(stream: &mut S) -> Result<usize, ProtocolError> {

@@ -16,7 +16,7 @@ use postern_protocol::schema::{
     MessageAccepted, Pong, Receipt, Registered, ServerFrame, ServerHello, SignedKey as WireKey,
 };
 use postern_protocol::{proxy_header, username, ProtocolError, PROTOCOL_VERSION};
-use tokio::io::{AsyncWrite, BufReader};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -76,7 +76,15 @@ async fn run(
     let limit = shared.limits.handshake_timeout;
     let (proxy, handshake) = tokio::time::timeout(limit, async {
         let proxy = proxy_header::read_optional(&mut stream).await?;
-        let hs = ServerHandshake::read_first(&mut stream, &shared.keys, limit).await?;
+        let hs = match ServerHandshake::read_first(&mut stream, &shared.keys, limit).await {
+            Err(ProtocolError::HandshakeUndecryptable) => {
+                // Made for another key, or altered on the way: answer so the client
+                // learns the far end is not the server it pinned (see `decoy_answer`).
+                let _ = stream.get_mut().write_all(&noise::decoy_answer()).await;
+                return Err(ProtocolError::HandshakeUndecryptable);
+            }
+            other => other?,
+        };
         Ok::<_, ProtocolError>((proxy, hs))
     })
     .await
