@@ -30,9 +30,12 @@ use vodozemac::Curve25519PublicKey;
 use crate::connection::{BoxStream, Connection, Push};
 use crate::crypto::{self, ONE_TIME_KEY_LOW, ONE_TIME_KEY_TARGET};
 use crate::events::{Event, IncomingMessage, MessageId};
+use crate::manager::{HealthMap, STAGE_TIMEOUT};
 use crate::profile::{ProfileDir, ProfileInfo, Secrets};
+use crate::proxy::ProxyEntry;
+use crate::route::{self, DialReport, Route};
 use crate::store::{ContactDevice, HistoryEntry, LocalStore, MessageStatus};
-use crate::{transport, ClientError};
+use crate::ClientError;
 
 /// Time allowed for connecting and the handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +67,8 @@ struct Inner {
     store: LocalStore,
     events: broadcast::Sender<Event>,
     conn: Mutex<Option<Arc<Connection>>>,
+    /// What this run learned about routes (hostile relays, recent failures).
+    health: std::sync::Mutex<HealthMap>,
 }
 
 /// What became of one pending message in [`Client::send_pending`].
@@ -89,6 +94,17 @@ impl Client {
         name: &str,
         network: NetworkFile,
     ) -> Result<Client, ClientError> {
+        Self::create_account_via(home, name, network, None).await
+    }
+
+    /// Like [`Client::create_account`], registering through `relay` (which is then saved
+    /// as the first proxy) instead of connecting directly.
+    pub async fn create_account_via(
+        home: &Path,
+        name: &str,
+        network: NetworkFile,
+        relay: Option<ProxyEntry>,
+    ) -> Result<Client, ClientError> {
         username::validate(name).map_err(ClientError::InvalidInput)?;
         let dir = ProfileDir::new(home);
         if dir.exists() {
@@ -102,7 +118,31 @@ impl Client {
         let one_time_keys = crypto::unpublished_one_time_keys(&mut account, ONE_TIME_KEY_TARGET);
         let fallback_key = crypto::new_fallback_key(&mut account);
 
-        let stream = transport::connect_direct(&network.server.address, CONNECT_TIMEOUT).await?;
+        let route = match &relay {
+            Some(p) => Route::Relay(p.clone()),
+            None => Route::Direct {
+                address: network.server.address.clone(),
+            },
+        };
+        let (stream, report) = route::dial(&route, STAGE_TIMEOUT).await;
+        let stream = match (stream, report.failed) {
+            (Ok(s), _) => s,
+            (Err(()), Some((stage, failure))) => {
+                return Err(ClientError::NoRoute {
+                    mode: if relay.is_some() {
+                        "on".into()
+                    } else {
+                        "off".into()
+                    },
+                    attempts: vec![DialReport {
+                        route: route.to_string(),
+                        stages: report.stages,
+                        failed: Some((stage, failure)),
+                    }],
+                })
+            }
+            (Err(()), None) => return Err(ClientError::NotConnected),
+        };
         let (conn, _pushes) =
             Connection::establish(stream, &secrets.noise, &server_key, true, CONNECT_TIMEOUT)
                 .await?;
@@ -144,6 +184,9 @@ impl Client {
             device_id: device.device_id,
             network,
         };
+        if let Some(p) = &relay {
+            store.add_proxy(p).await?;
+        }
         // Written last: its presence marks a complete profile.
         dir.save_info(&info)?;
         Ok(Self::from_parts(dir, info, secrets, server_key, store))
@@ -179,6 +222,7 @@ impl Client {
                 store,
                 events,
                 conn: Mutex::new(None),
+                health: Default::default(),
             }),
         }
     }
@@ -204,11 +248,63 @@ impl Client {
         self.inner.events.subscribe()
     }
 
-    /// Connects directly to the server named in the network file.
-    pub async fn connect(&self, mode: ConnectMode) -> Result<(), ClientError> {
-        let address = self.inner.info.network.server.address.clone();
-        let stream = transport::connect_direct(&address, CONNECT_TIMEOUT).await?;
-        self.connect_over(stream, &address, mode).await
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.inner.events.send(event);
+    }
+
+    pub(crate) fn store(&self) -> &LocalStore {
+        &self.inner.store
+    }
+
+    pub(crate) fn health(&self) -> std::sync::MutexGuard<'_, HealthMap> {
+        self.inner.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn noise_keys(&self) -> &postern_protocol::noise::StaticKeypair {
+        &self.inner.secrets.noise
+    }
+
+    pub(crate) fn server_key(&self) -> &[u8; 32] {
+        &self.inner.server_key
+    }
+
+    /// Saved proxies, in order.
+    pub async fn proxies(&self) -> Result<Vec<ProxyEntry>, ClientError> {
+        self.inner.store.proxies().await
+    }
+
+    /// Saves a proxy (at the end of the list); returns false if it was already saved.
+    pub async fn add_proxy(&self, proxy: &ProxyEntry) -> Result<bool, ClientError> {
+        self.inner.store.add_proxy(proxy).await
+    }
+
+    /// Removes a saved proxy named by its number in `proxies()` (from 1), its host, or
+    /// its `host:port`. Returns what was removed.
+    pub async fn remove_proxy(&self, which: &str) -> Result<Vec<ProxyEntry>, ClientError> {
+        let saved = self.proxies().await?;
+        let chosen: Vec<ProxyEntry> = match which.parse::<usize>() {
+            Ok(n) => saved.get(n.wrapping_sub(1)).cloned().into_iter().collect(),
+            Err(_) => {
+                let wanted = which.trim().to_ascii_lowercase();
+                saved
+                    .into_iter()
+                    .filter(|p| {
+                        p.host == wanted
+                            || p.address() == wanted
+                            || p.host == wanted.trim_matches(['[', ']'])
+                    })
+                    .collect()
+            }
+        };
+        if chosen.is_empty() {
+            return Err(ClientError::InvalidInput(format!(
+                "no saved proxy matches {which:?}: see `postern proxy list`"
+            )));
+        }
+        for p in &chosen {
+            self.inner.store.remove_proxy(p).await?;
+        }
+        Ok(chosen)
     }
 
     /// Runs the handshake over an already-open stream (direct or through a relay) and
@@ -730,6 +826,14 @@ impl Client {
     /// The conversation with `peer`, oldest first.
     pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
         self.inner.store.history(peer).await
+    }
+
+    /// Drops the current connection (for example when it stopped answering); the
+    /// connection manager, if running, builds a new one.
+    pub async fn drop_connection(&self) {
+        if let Some(c) = self.inner.conn.lock().await.take() {
+            c.shutdown().await;
+        }
     }
 
     /// Closes the connection (if any) and the local database.

@@ -46,6 +46,8 @@ pub(crate) struct Connection {
     next_id: AtomicU64,
     push_tx: mpsc::Sender<Push>,
     reader: JoinHandle<()>,
+    /// Tells the reader task to stop (it then reports `Closed` to the push handler).
+    stop: Arc<tokio::sync::Notify>,
     pub hello: ServerHello,
     pub handshake_time: Duration,
 }
@@ -80,9 +82,15 @@ impl Connection {
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let reader_waiters = waiters.clone();
         let reader_push = push_tx.clone();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stop_reader = stop.clone();
         let reader = tokio::spawn(async move {
             let reason = loop {
-                match reader.recv::<ServerFrame>().await {
+                let frame = tokio::select! {
+                    frame = reader.recv::<ServerFrame>() => frame,
+                    _ = stop_reader.notified() => break "closed by this client".to_string(),
+                };
+                match frame {
                     Ok(ServerFrame { body: None, .. }) => {}
                     Ok(ServerFrame {
                         request_id: 0,
@@ -115,6 +123,7 @@ impl Connection {
                 next_id: AtomicU64::new(1),
                 push_tx,
                 reader,
+                stop,
                 hello: server_hello,
                 handshake_time,
             },
@@ -185,9 +194,13 @@ impl Connection {
         self.reader.is_finished()
     }
 
+    /// Closes the connection; the push handler sees `Closed` and ends.
     pub async fn shutdown(&self) {
-        let _ = self.writer.lock().await.shutdown().await;
-        self.reader.abort();
+        self.stop.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.writer.lock().await.shutdown().await;
+        })
+        .await;
     }
 }
 

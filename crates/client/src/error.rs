@@ -31,6 +31,11 @@ pub enum ClientError {
     InvalidInput(String),
     #[error("not connected to the server")]
     NotConnected,
+    #[error("{}", no_route_message(mode, attempts))]
+    NoRoute {
+        mode: String,
+        attempts: Vec<crate::route::DialReport>,
+    },
     #[error("the server did not answer within {0:?}")]
     Timeout(std::time::Duration),
 }
@@ -39,4 +44,27 @@ impl ClientError {
     pub(crate) fn crypto(e: impl std::fmt::Display) -> Self {
         ClientError::Crypto(e.to_string())
     }
+}
+
+fn no_route_message(mode: &str, attempts: &[crate::route::DialReport]) -> String {
+    if attempts.is_empty() {
+        return match mode {
+            "on" => {
+                "proxy mode is on but no proxy is saved: add one with `postern proxy add ADDRESS`"
+                    .into()
+            }
+            _ => "no way to reach the server is configured".into(),
+        };
+    }
+    let mut text = String::from("could not reach the service:");
+    for a in attempts {
+        if let Some((stage, failure)) = &a.failed {
+            text.push_str(&format!("\n  ✗ {} — {stage}: {failure}", a.route));
+        }
+    }
+    text.push_str(
+        "\nIf your network blocks the service, add a proxy (`postern proxy add ADDRESS|LINK`) \
+         or try another one; `postern proxy check` tests each saved proxy.",
+    );
+    text
 }

@@ -73,6 +73,14 @@ pub enum Event {
     Connected { via: String, handshake_ms: u64 },
     /// The connection dropped.
     Disconnected { reason: String },
+    /// One route did not work; the manager moves on to the next.
+    AttemptFailed {
+        route: String,
+        stage: crate::route::Stage,
+        reason: String,
+        /// The far end failed the server's authentication: it will not be used again.
+        hostile: bool,
+    },
     /// A message arrived and is stored locally.
     Incoming(IncomingMessage),
     /// The server has our message in the recipient's queue (✓).

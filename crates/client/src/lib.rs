@@ -7,7 +7,11 @@
 //!   pinned contact identities, conversation history.
 //! * [`crypto`]: Olm (vodozemac) keys and sessions: what is published, what is verified.
 //! * `connection`: one Noise channel to the server, with requests and ordered pushes.
-//! * [`transport`]: how the byte stream is opened (direct TCP; relays come later).
+//! * [`proxy`]: proxy settings (mode off/on/auto, saved relays, links).
+//! * [`route`]: opening the byte stream of one route (direct, relay, relay with TLS),
+//!   stage by stage, with failures named in the user's words.
+//! * `manager`: choosing routes (mode, last that worked, hostile relays skipped),
+//!   fail-over, reconnection with back-off, background re-probing, proxy checks.
 //! * [`Client`]: the API: create an account, connect, send, receive, history, and an
 //!   [`Event`] stream (incoming message, sent ✓, delivered ✓✓, connection state).
 //!
@@ -20,12 +24,17 @@ mod connection;
 pub mod crypto;
 mod error;
 mod events;
+mod manager;
 pub mod profile;
+pub mod proxy;
+pub mod route;
 pub mod store;
-pub mod transport;
 
 pub use client::{Client, ConnectMode, PendingOutcome, CONNECT_TIMEOUT, MAX_TEXT_BYTES};
 pub use connection::{BoxStream, Stream};
 pub use error::ClientError;
 pub use events::{Event, IncomingMessage, MessageId};
+pub use manager::{ConnectReport, BACKOFF_MAX, HANDSHAKE_TIMEOUT, STAGE_TIMEOUT};
+pub use proxy::{ProxyEntry, ProxyMode};
+pub use route::{DialReport, Failure, Route, Stage};
 pub use store::{HistoryEntry, MessageStatus};

@@ -267,6 +267,79 @@ impl LocalStore {
         Ok(())
     }
 
+    // --- Settings and proxies ----------------------------------------------------------
+
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, ClientError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn set_setting(&self, key: &str, value: &str) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?, ?)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Saved proxies in the order they were added.
+    pub async fn proxies(&self) -> Result<Vec<crate::proxy::ProxyEntry>, ClientError> {
+        let rows = sqlx::query("SELECT host, port, tls, media_port FROM proxies ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::proxy::ProxyEntry {
+                host: r.get(0),
+                port: r.get::<i64, _>(1) as u16,
+                tls: r.get::<i64, _>(2) != 0,
+                media: r.get::<Option<i64>, _>(3).map(|m| m as u16),
+            })
+            .collect())
+    }
+
+    /// Saves a proxy at the end of the list; returns false if one with the same host and
+    /// port was already saved (it is updated in place, keeping its position).
+    pub async fn add_proxy(&self, p: &crate::proxy::ProxyEntry) -> Result<bool, ClientError> {
+        let mut tx = self.begin().await?;
+        let existed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM proxies WHERE host = ? AND port = ?")
+                .bind(&p.host)
+                .bind(i64::from(p.port))
+                .fetch_one(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO proxies (host, port, tls, media_port, added_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(host, port) DO UPDATE SET tls = excluded.tls, media_port = excluded.media_port",
+        )
+        .bind(&p.host)
+        .bind(i64::from(p.port))
+        .bind(i64::from(p.tls))
+        .bind(p.media.map(i64::from))
+        .bind(postern_protocol::now_ms() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(existed == 0)
+    }
+
+    pub async fn remove_proxy(&self, p: &crate::proxy::ProxyEntry) -> Result<(), ClientError> {
+        sqlx::query("DELETE FROM proxies WHERE host = ? AND port = ?")
+            .bind(&p.host)
+            .bind(i64::from(p.port))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     // --- History -----------------------------------------------------------------------
 
     pub async fn insert_outgoing(

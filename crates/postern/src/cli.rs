@@ -62,6 +62,17 @@ Example:
         json: bool,
     },
 
+    /// Proxies (relays) to reach the service through when the network blocks it.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
+
+    /// Connect now and say how: ✓ the route in use, or ✗ what failed at which stage.
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Run or set up a Postern server (operators).
     #[command(subcommand)]
     Server(ServerCommand),
@@ -94,9 +105,71 @@ Example:
         /// The network file (network.toml) of the server to register on.
         #[arg(long, value_name = "FILE")]
         network: PathBuf,
+        /// Register through this relay (address or postern://proxy link) instead of
+        /// connecting directly; it is saved as your first proxy.
+        #[arg(long, value_name = "ADDRESS|LINK")]
+        proxy: Option<String>,
     },
     /// Print this profile's username, device and server.
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Save a proxy: a host (port 443 with TLS), host:port (TLS only on 443), [IPv6]:port,
+    /// or a link from `postern relay link`.
+    #[command(after_help = "\
+Examples:
+  postern proxy add relay.example.org
+  postern proxy add relay.example.org:5222
+  postern proxy add 'postern://proxy?host=relay.example.org&port=443&tls=1'
+  postern proxy add 203.0.113.7:80 --no-tls")]
+    Add {
+        /// Address or link.
+        address: String,
+        /// Force TLS on for this proxy.
+        #[arg(long, conflicts_with = "no_tls")]
+        tls: bool,
+        /// Force TLS off for this proxy.
+        #[arg(long)]
+        no_tls: bool,
+        /// The relay's media port (checked by `postern proxy check`).
+        #[arg(long, value_name = "PORT")]
+        media: Option<u16>,
+    },
+    /// List saved proxies and the proxy mode.
+    List {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a saved proxy by its number in `proxy list`, its host, or host:port.
+    Remove {
+        /// N, HOST or HOST:PORT.
+        which: String,
+    },
+    /// Choose how to connect: `on` relays only (never direct), `off` direct only,
+    /// `auto` direct first, then relays (the default).
+    Use {
+        /// on, off or auto.
+        #[arg(value_parser = ["on", "off", "auto"])]
+        mode: String,
+    },
+    /// Test the real path through a proxy — TCP, TLS if set, the server's handshake —
+    /// stage by stage, then ✓ or ✗ with the reason. Without an argument, every saved
+    /// proxy. Relay operators: run this from another machine against your own relay.
+    #[command(after_help = "\
+Examples:
+  postern proxy check
+  postern proxy check relay.example.org
+  postern proxy check 'postern://proxy?host=relay.example.org&port=443&tls=1&media=587'")]
+    Check {
+        /// Address or link to test (need not be saved).
+        address: Option<String>,
+        /// One JSON object per proxy instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

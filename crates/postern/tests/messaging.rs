@@ -108,10 +108,14 @@ fn clear_errors_and_nothing_typed_is_lost() {
     let addr = server.addr;
     server.kill();
     let err = fails(&alice, &["send", "bob", "typed while the server was down"]);
-    assert!(err.contains("cannot reach the server"), "{err}");
+    assert!(err.contains("could not reach the service"), "{err}");
+    assert!(
+        err.contains("TCP connect: connection refused"),
+        "names the stage: {err}"
+    );
     assert!(err.contains("saved"), "{err}");
     assert_eq!(
-        err.matches("Connection refused").count(),
+        err.matches("connection refused").count(),
         1,
         "cause printed once: {err}"
     );

@@ -17,10 +17,12 @@
 //! Message contents are additionally encrypted end to end between devices (Olm, in the
 //! client crate), so the server only ever stores and forwards ciphertext.
 //!
-//! [`username`] holds the account-name rules both sides enforce.
+//! [`username`] holds the account-name rules both sides enforce; [`link`] the proxy
+//! links (`postern://proxy?host=…`) that relays print and clients import.
 
 pub mod error;
 pub mod frame;
+pub mod link;
 pub mod network;
 pub mod noise;
 pub mod proxy_header;

@@ -3,18 +3,34 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use postern_client::Client;
+use postern_client::{Client, ProxyEntry};
 use postern_protocol::network::NetworkFile;
 
 use crate::cli::AccountCommand;
 
 pub async fn run(home: PathBuf, cmd: AccountCommand) -> anyhow::Result<()> {
     match cmd {
-        AccountCommand::Create { name, network } => {
+        AccountCommand::Create {
+            name,
+            network,
+            proxy,
+        } => {
             let network = NetworkFile::load(&network)?;
-            let client = Client::create_account(&home, &name, network)
+            let relay = proxy
+                .as_deref()
+                .map(ProxyEntry::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let client = Client::create_account_via(&home, &name, network, relay.clone())
                 .await
                 .with_context(|| format!("could not create the account {name:?}"))?;
+            if let Some(r) = relay {
+                println!("Registered through the relay {r} (saved as your first proxy).");
+                println!(
+                    "To never connect directly: `postern --home {} proxy use on`",
+                    home.display()
+                );
+            }
             println!(
                 "Account {} created (device {}) on {}.\nProfile: {}",
                 client.username(),

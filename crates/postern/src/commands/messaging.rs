@@ -11,8 +11,6 @@ use crate::output;
 
 /// How often `inbox --follow` proves the connection is alive.
 const KEEPALIVE: Duration = Duration::from_secs(60);
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn send(home: PathBuf, contact: &str, text: &str) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
@@ -39,6 +37,7 @@ pub async fn send(home: PathBuf, contact: &str, text: &str) -> anyhow::Result<()
             e @ (ClientError::Unreachable { .. }
             | ClientError::NotConnected
             | ClientError::Timeout(_)
+            | ClientError::NoRoute { .. }
             | ClientError::Protocol(_)),
         ) => Err(anyhow::Error::new(e).context(
             "not sent yet: the message is saved and goes out with your next `postern send` or `postern inbox`",
@@ -97,59 +96,38 @@ async fn follow_inbox(
     events: &mut broadcast::Receiver<Event>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match client.connect(ConnectMode::Receive).await {
-            Ok(()) => {
-                backoff = Duration::from_secs(1);
-                match client.send_pending().await {
-                    Ok(outcomes) => report_pending(&outcomes, None),
-                    Err(e) => eprintln!("could not send waiting messages yet: {e}"),
+    // The manager connects through the best route, reconnects with back-off after a
+    // drop, and sends what is pending each time it is back.
+    let manager = client.keep_connected(ConnectMode::Receive);
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.tick().await;
+    let result = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(Event::Connected { via, handshake_ms }) => {
+                    eprintln!("✓ connected via {via} ({handshake_ms} ms)");
+                }
+                Ok(Event::Disconnected { reason }) => eprintln!("disconnected: {reason}; reconnecting"),
+                Ok(Event::AttemptFailed { route, stage, reason, hostile }) => {
+                    eprintln!("✗ {route} — {stage}: {reason}{}", if hostile { " (not used again)" } else { "" });
+                }
+                Ok(event) => { print_event(&event, json); }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("({n} events skipped; see `postern history`)");
+                }
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
+            },
+            _ = keepalive.tick() => {
+                // Proves the connection is alive; a dead one is dropped and rebuilt.
+                if client.is_connected().await && client.sync().await.is_err() {
+                    client.drop_connection().await;
                 }
             }
-            // A wrong server key will not fix itself: stop instead of retrying forever.
-            Err(
-                e @ ClientError::Protocol(
-                    postern_protocol::ProtocolError::ServerAuthentication
-                    | postern_protocol::ProtocolError::HandshakeClosed,
-                ),
-            ) => return Err(e.into()),
-            Err(e @ (ClientError::NoProfile(_) | ClientError::Profile(_))) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("{e}; retrying in {}s", backoff.as_secs());
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = super::shutdown_signal() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
+            _ = super::shutdown_signal() => break Ok(()),
         }
-        let mut keepalive = tokio::time::interval(KEEPALIVE);
-        keepalive.tick().await;
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Ok(Event::Disconnected { reason }) => {
-                        eprintln!("disconnected: {reason}; reconnecting");
-                        break;
-                    }
-                    Ok(event) => { print_event(&event, json); }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        eprintln!("({n} events skipped; see `postern history`)");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                },
-                _ = keepalive.tick() => {
-                    if client.sync().await.is_err() {
-                        eprintln!("the connection stopped answering; reconnecting");
-                        break;
-                    }
-                }
-                _ = super::shutdown_signal() => return Ok(()),
-            }
-        }
-    }
+    };
+    manager.abort();
+    result
 }
 
 /// Prints a user-facing event; returns whether it printed something.

@@ -3,6 +3,7 @@
 mod account;
 mod dev;
 mod messaging;
+mod proxy;
 mod server;
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::History { contact, json } => {
             messaging::history(profile_home(home)?, &contact, json).await
         }
+        Command::Proxy(cmd) => proxy::run(profile_home(home)?, cmd).await,
+        Command::Status { json } => proxy::status(profile_home(home)?, json).await,
         Command::Server(cmd) => server::run(cmd).await,
         Command::Dev(args) => dev::run(args).await,
     }

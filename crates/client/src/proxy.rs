@@ -1,0 +1,208 @@
+//! Proxy settings: whether to use relays, and which.
+//!
+//! A saved proxy is a relay address: host (name, IPv4 or IPv6), chat port, TLS on or off,
+//! and an optional media port. As in the reference client, a host alone means port 443
+//! with TLS. Addresses can also be imported from the links relays print
+//! (`postern://proxy?host=…&port=…&tls=1`).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use postern_protocol::link::{is_valid_dns_name, ProxyLink};
+use serde::{Deserialize, Serialize};
+
+/// Whether and how relays are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// Direct connections only.
+    Off,
+    /// Relays only: never a direct connection (for users who must not be seen contacting
+    /// the service).
+    On,
+    /// Direct first, then the saved relays.
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyMode::Off => "off",
+            ProxyMode::On => "on",
+            ProxyMode::Auto => "auto",
+        })
+    }
+}
+
+impl FromStr for ProxyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(ProxyMode::Off),
+            "on" => Ok(ProxyMode::On),
+            "auto" => Ok(ProxyMode::Auto),
+            other => Err(format!("unknown proxy mode {other:?}: use on, off or auto")),
+        }
+    }
+}
+
+/// One saved relay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProxyEntry {
+    /// DNS name or IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub media: Option<u16>,
+}
+
+impl ProxyEntry {
+    /// `host:port`, with brackets around IPv6 addresses.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn to_link(&self) -> ProxyLink {
+        ProxyLink {
+            host: self.host.clone(),
+            port: self.port,
+            tls: self.tls,
+            media: self.media,
+        }
+    }
+
+    /// Reads a proxy link, or an address: `host`, `host:port`, `[v6]`, `[v6]:port` or a
+    /// bare IPv6 address. A host alone means port 443 with TLS; with a port, TLS is on
+    /// for 443 and off otherwise (override it with the `tls` field afterwards).
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let input = input.trim();
+        if input.contains("://") {
+            let link: ProxyLink = input
+                .parse()
+                .map_err(|e| format!("invalid proxy link: {e}"))?;
+            return Ok(Self {
+                host: link.host,
+                port: link.port,
+                tls: link.tls,
+                media: link.media,
+            });
+        }
+        if input.is_empty() {
+            return Err(
+                "empty proxy address: give a host name, host:port or a postern://proxy link".into(),
+            );
+        }
+        let (host, port) = if let Some(rest) = input.strip_prefix('[') {
+            let (h, tail) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{input:?}: missing ']' after the IPv6 address"))?;
+            let port = match tail {
+                "" => None,
+                t => Some(
+                    t.strip_prefix(':')
+                        .ok_or_else(|| format!("{input:?}: expected ':PORT' after ']'"))?,
+                ),
+            };
+            (h.to_string(), port)
+        } else if input.parse::<std::net::Ipv6Addr>().is_ok() {
+            (input.to_string(), None)
+        } else {
+            match input.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (input.to_string(), None),
+            }
+        };
+        let host = host.to_ascii_lowercase();
+        if host.parse::<IpAddr>().is_err() && !is_valid_dns_name(&host) {
+            return Err(format!("{host:?} is not a valid host name or IP address"));
+        }
+        let port = match port {
+            None => 443,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("port {p:?} must be a number from 1 to 65535"))?,
+        };
+        Ok(Self {
+            host,
+            port,
+            tls: port == 443,
+            media: None,
+        })
+    }
+}
+
+impl fmt::Display for ProxyEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({})",
+            self.address(),
+            if self.tls { "TLS" } else { "plain" }
+        )?;
+        if let Some(m) = self.media {
+            write!(f, ", media port {m}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_alone_means_443_with_tls() {
+        let p = ProxyEntry::parse("Relay.Example.org").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.tls),
+            ("relay.example.org", 443, true)
+        );
+    }
+
+    #[test]
+    fn ports_ipv6_and_links() {
+        let p = ProxyEntry::parse("relay.example.org:5222").unwrap();
+        assert_eq!((p.port, p.tls), (5222, false));
+        let p = ProxyEntry::parse("[2001:db8::1]:80").unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("2001:db8::1", 80));
+        assert_eq!(p.address(), "[2001:db8::1]:80");
+        let p = ProxyEntry::parse("2001:db8::2").unwrap();
+        assert_eq!((p.port, p.tls), (443, true));
+        let p =
+            ProxyEntry::parse("postern://proxy?host=r.example&port=8443&tls=1&media=587").unwrap();
+        assert_eq!((p.port, p.tls, p.media), (8443, true, Some(587)));
+        assert_eq!(ProxyEntry::parse(&p.to_link().to_string()).unwrap(), p);
+    }
+
+    #[test]
+    fn bad_input_says_what_is_wrong() {
+        assert!(ProxyEntry::parse("relay:0")
+            .unwrap_err()
+            .contains("1 to 65535"));
+        assert!(ProxyEntry::parse("relay:http")
+            .unwrap_err()
+            .contains("1 to 65535"));
+        assert!(ProxyEntry::parse("bad host!")
+            .unwrap_err()
+            .contains("not a valid host"));
+        assert!(ProxyEntry::parse("[2001:db8::1")
+            .unwrap_err()
+            .contains("']'"));
+        assert!(ProxyEntry::parse("postern://proxy?port=1")
+            .unwrap_err()
+            .contains("missing host"));
+        assert!(ProxyEntry::parse("").is_err());
+        assert!("sometimes"
+            .parse::<ProxyMode>()
+            .unwrap_err()
+            .contains("on, off or auto"));
+    }
+}
