@@ -92,7 +92,7 @@ async fn run(
     // Advisory only: used for per-address limits, never to authorise anything.
     let client_addr = proxy.and_then(|p| p.source).unwrap_or(peer);
     if shared.log_client_addresses {
-        debug!(client = %client_addr, via_proxy = proxy.is_some(), "handshake received");
+        debug!(peer = %peer, client = %client_addr, via_proxy = proxy.is_some(), "handshake received");
     }
 
     let device = shared

@@ -74,6 +74,8 @@ pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
     pub data: PathBuf,
+    /// Everything the server wrote to stderr (its logs), line by line.
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestServer {
@@ -97,11 +99,20 @@ impl TestServer {
             .arg(data)
             .args(["--listen", &listen.to_string()])
             .args(extra)
+            .env("POSTERN_LOG", "info,postern_server=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn server");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -125,7 +136,19 @@ impl TestServer {
             child,
             addr,
             data: data.to_path_buf(),
+            log,
         }
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
     }
 
     pub fn network_file(&self) -> PathBuf {
@@ -355,4 +378,130 @@ fn pipe(
 /// True if `needle` occurs anywhere in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A `postern relay` process.
+pub struct TestRelay {
+    child: Child,
+    /// (name, kind, address) of each listener, as the relay printed them.
+    pub listeners: Vec<(String, String, SocketAddr)>,
+}
+
+impl TestRelay {
+    /// Starts `postern relay ARGS...` and waits until it has printed its listeners.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("relay")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn relay");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut listeners = Vec::new();
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("relay did not report its listeners");
+            if let Some(rest) = line.strip_prefix("listening: ") {
+                let parts: Vec<&str> = rest.split_whitespace().collect();
+                if let [name, kind, addr] = parts[..] {
+                    listeners.push((
+                        name.to_string(),
+                        kind.to_string(),
+                        addr.parse().expect("address"),
+                    ));
+                }
+            } else if line.starts_with("status page:") || line.starts_with("ready") {
+                break;
+            }
+        }
+        Self { child, listeners }
+    }
+
+    /// The first listener of this kind (`plain`, `tls`, `plain+proxy`, `tls+proxy`).
+    pub fn addr(&self, kind: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(_, k, _)| k == kind)
+            .map(|(_, _, a)| *a)
+            .unwrap_or_else(|| panic!("no {kind} listener in {:?}", self.listeners))
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port on loopback that nothing listens on (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Accepts connections and never answers: a relay the network black-holes.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl BlackHole {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().map_while(Result::ok) {
+                keep.lock().unwrap().push(s);
+            }
+        });
+        Self { addr, _held: held }
+    }
+}
+
+/// A load balancer in front of a PROXY-expecting listener: it prepends a PROXY v1
+/// header naming `client` to every connection.
+pub fn proxy_header_forwarder(target: SocketAddr, client: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let header = format!("PROXY TCP4 {client} 127.0.0.1 40000 {}\r\n", target.port());
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let Ok(mut server) = TcpStream::connect(target) else {
+                continue;
+            };
+            if server.write_all(header.as_bytes()).is_err() {
+                continue;
+            }
+            let captured = Arc::new(Mutex::new(Vec::new()));
+            pipe(
+                client.try_clone().unwrap(),
+                server.try_clone().unwrap(),
+                captured.clone(),
+                None,
+            );
+            pipe(server, client, captured, None);
+        }
+    });
+    addr
 }
