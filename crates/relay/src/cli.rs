@@ -1,0 +1,369 @@
+//! `postern relay` and `postern relay link`: command-line flags, turning them into a
+//! [`RelayConfig`], and running until SIGINT/SIGTERM.
+
+use crate::config::{ListenerConfig, RelayConfig, SendProxy, StatsSettings};
+use crate::link::ProxyLink;
+use crate::relay::Relay;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+const RELAY_ABOUT: &str = "Run a Postern relay: forward users' connections to the Postern service \
+from a network they can reach.
+
+The relay moves bytes and never holds a key: messages are end-to-end encrypted and the \
+chat protocol authenticates the server through the relay. With no options it uses the \
+\"postern\" preset: plain TCP on 80 and 5222, TLS on 443 (self-signed certificate, regenerated \
+at every start), a status page on 8199.";
+
+const RELAY_AFTER: &str = "Examples:
+  # Standard ports in front of a Postern server (needs root or CAP_NET_BIND_SERVICE for 80/443):
+  postern relay --upstream chat.example.org:5222
+
+  # Unprivileged, on high ports, with the status page on localhost only:
+  postern relay --upstream chat.example.org:5222 --plain 0.0.0.0:5222 \\
+      --tls 0.0.0.0:8443 --stats 127.0.0.1:8199
+
+  # Front the reference messenger's real servers (its proxy's port layout):
+  postern relay --preset whatsapp
+
+  # Everything from a file (see deploy/relay.example.toml):
+  postern relay --config /etc/postern/relay.toml
+
+  # Print the link (and QR code) users import:
+  postern relay link --host relay.example.org
+
+Open http://<relay>:8199/ in a browser to see whether the relay works.";
+
+/// Flags of `postern relay`.
+#[derive(Debug, Clone, Args)]
+#[command(about = "Run a relay (volunteer proxy) in front of the Postern service", long_about = RELAY_ABOUT, after_help = RELAY_AFTER)]
+pub struct RelayCli {
+    /// Print proxy links instead of running (see `postern relay link --help`).
+    #[command(subcommand)]
+    pub command: Option<RelayCommand>,
+
+    /// Read the whole configuration from this TOML file (see deploy/relay.example.toml).
+    /// Other flags override parts of it.
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+
+    /// Start from a built-in preset: postern (default), whatsapp, signal.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+
+    /// Upstream server HOST:PORT (repeat for several; they are load-balanced and
+    /// health-checked). Replaces the servers of every pool. Example: chat.example.org:5222
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Vec<String>,
+
+    /// Listen for plain TCP clients on ADDR (repeatable). Replaces the standard plain
+    /// addresses (0.0.0.0:80 and 0.0.0.0:5222). Example: --plain 0.0.0.0:15222
+    #[arg(long, value_name = "ADDR")]
+    pub plain: Vec<SocketAddr>,
+
+    /// Listen for TLS clients on ADDR (repeatable). Replaces the standard TLS address
+    /// (0.0.0.0:443). Example: --tls 0.0.0.0:8443
+    #[arg(long, value_name = "ADDR")]
+    pub tls: Vec<SocketAddr>,
+
+    /// Serve the status page, /metrics and /healthz on ADDR (default 0.0.0.0:8199).
+    #[arg(long, value_name = "ADDR")]
+    pub stats: Option<SocketAddr>,
+
+    /// Run without the stats listener.
+    #[arg(long, conflicts_with = "stats")]
+    pub no_stats: bool,
+
+    /// Enable the listeners that expect a PROXY v1/v2 header from a load balancer in front
+    /// (8080, 8443, 8222 in the standard set).
+    #[arg(long)]
+    pub accept_proxy: bool,
+
+    /// PROXY header sent to upstream servers: none, v1 or v2 (postern preset: v2).
+    #[arg(long, value_name = "VERSION", value_parser = ["none", "v1", "v2"])]
+    pub send_proxy: Option<String>,
+
+    /// PEM certificate chain for TLS listeners (with --tls-key). Default: a self-signed
+    /// certificate with a random subject, generated in memory at every start.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Extra DNS name or IP address for the generated certificate (repeatable).
+    /// Example: --tls-name relay.example.org
+    #[arg(long, value_name = "NAME")]
+    pub tls_name: Vec<String>,
+
+    /// Maximum concurrent connections (default 27500); past it clients are turned away at
+    /// once so they try another relay.
+    #[arg(long, value_name = "N")]
+    pub maxconn: Option<usize>,
+
+    /// Maximum concurrent connections from one IP address (IPv6: one /64); 0 = no limit.
+    #[arg(long, value_name = "N")]
+    pub max_per_source: Option<usize>,
+
+    /// Write client IP addresses into logs. Off by default to protect users.
+    #[arg(long)]
+    pub log_client_addresses: bool,
+}
+
+/// Subcommands of `postern relay`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum RelayCommand {
+    /// Print the proxy link users import, with a QR code.
+    #[command(after_help = "Examples:
+  postern relay link --host relay.example.org            # port 443, TLS
+  postern relay link --host 203.0.113.7 --port 5222 --no-tls
+  postern relay link --host relay.example.org --config relay.toml   # one link per port
+
+Link format: postern://proxy?host=H&port=P&tls=1[&media=M] (see docs/relay.md).")]
+    Link(LinkArgs),
+}
+
+/// Flags of `postern relay link`.
+#[derive(Debug, Clone, Args)]
+pub struct LinkArgs {
+    /// The relay's public DNS name or IP address (the name users' phones will connect to).
+    #[arg(long, value_name = "NAME")]
+    pub host: String,
+
+    /// Chat port users connect to (default 443).
+    #[arg(long, value_name = "PORT", conflicts_with = "config")]
+    pub port: Option<u16>,
+
+    /// The port is plain TCP (default: TLS).
+    #[arg(long, conflicts_with = "config")]
+    pub no_tls: bool,
+
+    /// Media port (an SNI listener), if the relay has one.
+    #[arg(long, value_name = "PORT", conflicts_with = "config")]
+    pub media: Option<u16>,
+
+    /// Print one link per client-facing listener of this relay config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Do not draw the QR code.
+    #[arg(long)]
+    pub no_qr: bool,
+}
+
+fn replace_listeners(cfg: &mut RelayConfig, tls: bool, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    let old: Vec<ListenerConfig> = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.tls == tls && !l.accept_proxy && l.pool.is_some())
+        .cloned()
+        .collect();
+    let Some(template) = old.first().cloned() else {
+        bail!(
+            "this configuration has no {} listener to move; use --config to define one",
+            if tls { "TLS" } else { "plain" }
+        );
+    };
+    cfg.listeners
+        .retain(|l| !(l.tls == tls && !l.accept_proxy && l.pool.is_some()));
+    let kind = if tls { "tls" } else { "plain" };
+    for (i, addr) in addrs.iter().enumerate() {
+        let base = old.get(i).unwrap_or(&template);
+        let mut l = base.clone();
+        l.listen = *addr;
+        l.enabled = true;
+        l.name = if i < old.len() {
+            base.name.clone()
+        } else {
+            format!("{kind}-{}", i + 1)
+        };
+        cfg.listeners.push(l);
+    }
+    Ok(())
+}
+
+/// Builds the effective configuration from the flags.
+pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
+    let preset_name = cli.preset.as_deref().unwrap_or("postern");
+    let mut cfg = match &cli.config {
+        Some(path) => RelayConfig::load(path)?,
+        None => crate::presets::preset(preset_name)?,
+    };
+    if !cli.upstream.is_empty() {
+        for u in &cli.upstream {
+            crate::config::split_host_port(u).map_err(|e| anyhow::anyhow!("--upstream {e}"))?;
+        }
+        cfg.set_upstreams(&cli.upstream);
+    } else if cli.config.is_none() && preset_name == "postern" {
+        bail!("the postern preset needs the Postern server's address: --upstream HOST:PORT (e.g. --upstream chat.example.org:5222)");
+    }
+    if !cli.plain.is_empty() {
+        replace_listeners(&mut cfg, false, &cli.plain)?;
+    }
+    if !cli.tls.is_empty() {
+        replace_listeners(&mut cfg, true, &cli.tls)?;
+    }
+    if cli.no_stats {
+        cfg.stats = None;
+    } else if let Some(addr) = cli.stats {
+        cfg.stats = Some(StatsSettings { listen: addr });
+    }
+    if cli.accept_proxy {
+        for l in cfg.listeners.iter_mut().filter(|l| l.accept_proxy) {
+            l.enabled = true;
+        }
+    }
+    if let Some(v) = &cli.send_proxy {
+        let sp = match v.as_str() {
+            "v1" => SendProxy::V1,
+            "v2" => SendProxy::V2,
+            _ => SendProxy::None,
+        };
+        for p in cfg.pools.values_mut() {
+            p.send_proxy = sp;
+        }
+    }
+    if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
+        cfg.tls.cert = Some(c.clone());
+        cfg.tls.key = Some(k.clone());
+    }
+    cfg.tls.names.extend(cli.tls_name.iter().cloned());
+    if let Some(n) = cli.maxconn {
+        cfg.limits.maxconn = n;
+    }
+    if let Some(n) = cli.max_per_source {
+        cfg.limits.max_per_source = n;
+    }
+    if cli.log_client_addresses {
+        cfg.log_client_addresses = true;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Links for every client-facing listener of `cfg` (pool routes without a PROXY header;
+/// the first SNI listener, if any, becomes the media port).
+pub fn links_for(cfg: &RelayConfig, host: &str) -> Vec<(String, ProxyLink)> {
+    let media = cfg
+        .listeners
+        .iter()
+        .find(|l| l.enabled && l.sni.is_some() && !l.tls && !l.accept_proxy)
+        .map(|l| l.listen.port());
+    cfg.listeners
+        .iter()
+        .filter(|l| l.enabled && l.pool.is_some() && !l.accept_proxy)
+        .map(|l| {
+            (
+                l.name.clone(),
+                ProxyLink {
+                    host: host.to_string(),
+                    port: l.listen.port(),
+                    tls: l.tls,
+                    media,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Terminal QR code (two rows per character) for `data`.
+pub fn qr(data: &str) -> anyhow::Result<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::new(data.as_bytes()).context("cannot encode QR code")?;
+    Ok(code
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
+fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
+    // Validate the host the same way clients will.
+    let check: ProxyLink = ProxyLink::new(args.host.clone())
+        .to_string()
+        .parse()
+        .with_context(|| format!("--host {:?}", args.host))?;
+    let host = check.host;
+    let links = match &args.config {
+        Some(path) => {
+            let cfg = RelayConfig::load(path)?;
+            let l = links_for(&cfg, &host);
+            if l.is_empty() {
+                bail!("{} has no client-facing listener", path.display());
+            }
+            l
+        }
+        None => {
+            let port = args.port.unwrap_or(443);
+            if port == 0 {
+                bail!("--port must be 1-65535");
+            }
+            vec![(
+                "relay".to_string(),
+                ProxyLink {
+                    host,
+                    port,
+                    tls: !args.no_tls,
+                    media: args.media,
+                },
+            )]
+        }
+    };
+    for (name, link) in links {
+        if args.config.is_some() {
+            println!("# listener {name}");
+        }
+        println!("{link}");
+        if !args.no_qr {
+            println!("{}", qr(&link.to_string())?);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `postern relay` (or `postern relay link`) until SIGINT/SIGTERM.
+pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
+    if let Some(RelayCommand::Link(args)) = &cli.command {
+        return print_links(args);
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let cfg = build_config(&cli)?;
+    let relay = Relay::start(cfg).await?;
+    for (name, kind, addr) in relay.listeners() {
+        println!("listening: {name} {kind} {addr}");
+    }
+    if let Some(a) = relay.stats_addr() {
+        println!("status page: http://{a}/");
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")
+}

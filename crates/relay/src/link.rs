@@ -1,0 +1,257 @@
+//! Proxy links: `postern://proxy?host=H&port=443&tls=1[&media=587]`.
+//!
+//! * `host` (required): a DNS name, an IPv4 address, or an IPv6 address in brackets.
+//! * `port` (optional, default 443): 1-65535.
+//! * `tls` (optional, default `1`): `1`/`0` (`true`/`false` accepted on input).
+//! * `media` (optional): port of an SNI media listener on the same host.
+//!
+//! Unknown parameters are ignored so newer links still import in older clients; repeated
+//! parameters are an error.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::str::FromStr;
+
+/// The scheme and path every link starts with.
+pub const PREFIX: &str = "postern://proxy";
+
+/// A relay address users can import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyLink {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// Chat port.
+    pub port: u16,
+    /// Whether the client wraps its connection in TLS.
+    pub tls: bool,
+    /// Optional media port (SNI passthrough listener).
+    pub media: Option<u16>,
+}
+
+/// Why a link could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// Not a `postern://proxy` link.
+    #[error("not a Postern proxy link: it must start with \"postern://proxy?\"")]
+    WrongScheme,
+    /// No `host=` parameter.
+    #[error("missing host")]
+    MissingHost,
+    /// `host=` is empty or not a valid name/address.
+    #[error("invalid host {0:?}: expected a DNS name, an IPv4 address or [IPv6]")]
+    InvalidHost(String),
+    /// IPv6 address without brackets.
+    #[error("IPv6 host {0:?} must be written in brackets, e.g. [2001:db8::1]")]
+    UnbracketedIpv6(String),
+    /// A port is not a number in range.
+    #[error("{0} must be 1-65535")]
+    BadPort(&'static str),
+    /// `tls` is not 0/1/true/false.
+    #[error("tls must be 1 or 0")]
+    BadTls,
+    /// A parameter appears twice.
+    #[error("parameter {0:?} appears more than once")]
+    Duplicate(String),
+}
+
+impl ProxyLink {
+    /// A link with the defaults: port 443, TLS on, no media port.
+    pub fn new(host: impl Into<String>) -> Self {
+        ProxyLink {
+            host: host.into(),
+            port: 443,
+            tls: true,
+            media: None,
+        }
+    }
+}
+
+fn host_for_display(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+impl fmt::Display for ProxyLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PREFIX}?host={}&port={}&tls={}",
+            host_for_display(&self.host),
+            self.port,
+            u8::from(self.tls)
+        )?;
+        if let Some(m) = self.media {
+            write!(f, "&media={m}")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_host(raw: &str) -> Result<String, LinkError> {
+    if raw.is_empty() {
+        return Err(LinkError::MissingHost);
+    }
+    if let Some(inner) = raw.strip_prefix('[') {
+        let inner = inner
+            .strip_suffix(']')
+            .ok_or_else(|| LinkError::InvalidHost(raw.into()))?;
+        return inner
+            .parse::<Ipv6Addr>()
+            .map(|a| a.to_string())
+            .map_err(|_| LinkError::InvalidHost(raw.into()));
+    }
+    if raw.parse::<Ipv6Addr>().is_ok() {
+        return Err(LinkError::UnbracketedIpv6(raw.into()));
+    }
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let lower = raw.to_ascii_lowercase();
+    let lower = lower.strip_suffix('.').unwrap_or(&lower).to_string();
+    if crate::sni::is_valid_dns_name(&lower) && !lower.contains('_') {
+        Ok(lower)
+    } else {
+        Err(LinkError::InvalidHost(raw.into()))
+    }
+}
+
+fn parse_port(v: &str, what: &'static str) -> Result<u16, LinkError> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(LinkError::BadPort(what))
+}
+
+impl FromStr for ProxyLink {
+    type Err = LinkError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (head, query) = s.split_once('?').unwrap_or((s, ""));
+        if !head.eq_ignore_ascii_case(PREFIX) && !head.eq_ignore_ascii_case("postern://proxy/") {
+            return Err(LinkError::WrongScheme);
+        }
+        let query = query.split('#').next().unwrap_or("");
+        let (mut host, mut port, mut tls, mut media) = (None, None, None, None);
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let slot_dup = |set: bool| {
+                if set {
+                    Err(LinkError::Duplicate(k.to_string()))
+                } else {
+                    Ok(())
+                }
+            };
+            match k.as_ref() {
+                "host" => {
+                    slot_dup(host.is_some())?;
+                    host = Some(parse_host(&v)?);
+                }
+                "port" => {
+                    slot_dup(port.is_some())?;
+                    port = Some(parse_port(&v, "port")?);
+                }
+                "tls" => {
+                    slot_dup(tls.is_some())?;
+                    tls = Some(match v.as_ref() {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => return Err(LinkError::BadTls),
+                    });
+                }
+                "media" => {
+                    slot_dup(media.is_some())?;
+                    media = Some(parse_port(&v, "media port")?);
+                }
+                _ => {}
+            }
+        }
+        Ok(ProxyLink {
+            host: host.ok_or(LinkError::MissingHost)?,
+            port: port.unwrap_or(443),
+            tls: tls.unwrap_or(true),
+            media,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn examples() {
+        let l: ProxyLink = "postern://proxy?host=relay.example.org".parse().unwrap();
+        assert_eq!(l, ProxyLink::new("relay.example.org"));
+        assert_eq!(
+            l.to_string(),
+            "postern://proxy?host=relay.example.org&port=443&tls=1"
+        );
+        let l: ProxyLink = "postern://proxy?host=[2001:db8::1]&port=5222&tls=0&media=587"
+            .parse()
+            .unwrap();
+        assert_eq!(l.host, "2001:db8::1");
+        assert_eq!((l.port, l.tls, l.media), (5222, false, Some(587)));
+        assert_eq!(
+            l.to_string(),
+            "postern://proxy?host=[2001:db8::1]&port=5222&tls=0&media=587"
+        );
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        let e = |s: &str| s.parse::<ProxyLink>().unwrap_err().to_string();
+        assert_eq!(e("postern://proxy?port=443"), "missing host");
+        assert_eq!(e("postern://proxy?host="), "missing host");
+        assert_eq!(
+            e("postern://proxy?host=a.org&port=0"),
+            "port must be 1-65535"
+        );
+        assert_eq!(
+            e("postern://proxy?host=a.org&port=70000"),
+            "port must be 1-65535"
+        );
+        assert_eq!(
+            e("postern://proxy?host=a.org&port=x"),
+            "port must be 1-65535"
+        );
+        assert_eq!(
+            e("postern://proxy?host=a.org&media=0"),
+            "media port must be 1-65535"
+        );
+        assert_eq!(
+            e("postern://proxy?host=a.org&tls=yes"),
+            "tls must be 1 or 0"
+        );
+        assert!(e("https://proxy?host=a.org").contains("postern://proxy"));
+        assert!(e("postern://proxy?host=2001:db8::1").contains("brackets"));
+        assert!(e("postern://proxy?host=bad_host!").contains("invalid host"));
+        assert!(e("postern://proxy?host=a.org&host=b.org").contains("more than once"));
+    }
+
+    fn host_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\\.[a-z]{2,6}){1,3}",
+            any::<std::net::Ipv4Addr>().prop_map(|a| a.to_string()),
+            any::<std::net::Ipv6Addr>().prop_map(|a| a.to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(host in host_strategy(), port in 1u16.., tls: bool,
+                      media in proptest::option::of(1u16..)) {
+            let link = ProxyLink { host, port, tls, media };
+            let parsed: ProxyLink = link.to_string().parse().unwrap();
+            prop_assert_eq!(parsed, link);
+        }
+
+        #[test]
+        fn never_panics(s in "postern://proxy\\?.{0,80}") {
+            let _ = s.parse::<ProxyLink>();
+        }
+    }
+}
