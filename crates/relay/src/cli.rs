@@ -9,15 +9,13 @@ use clap::{Args, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-const RELAY_ABOUT: &str = "Run a Postern relay: forward users' connections to the Postern service \
-from a network they can reach.
+const RELAY_AFTER: &str = "What it does:
+  The relay moves bytes and never holds a key: messages are end-to-end encrypted and the chat
+  protocol authenticates the server through the relay. With no --config/--preset it uses the
+  \"postern\" preset: plain TCP on 80 and 5222, TLS on 443 (self-signed certificate, random
+  subject, regenerated at every start), status page on 8199, PROXY v2 header sent upstream.
 
-The relay moves bytes and never holds a key: messages are end-to-end encrypted and the \
-chat protocol authenticates the server through the relay. With no options it uses the \
-\"postern\" preset: plain TCP on 80 and 5222, TLS on 443 (self-signed certificate, regenerated \
-at every start), a status page on 8199.";
-
-const RELAY_AFTER: &str = "Examples:
+Examples:
   # Standard ports in front of a Postern server (needs root or CAP_NET_BIND_SERVICE for 80/443):
   postern relay --upstream chat.example.org:5222
 
@@ -38,7 +36,7 @@ Open http://<relay>:8199/ in a browser to see whether the relay works.";
 
 /// Flags of `postern relay`.
 #[derive(Debug, Clone, Args)]
-#[command(about = "Run a relay (volunteer proxy) in front of the Postern service", long_about = RELAY_ABOUT, after_help = RELAY_AFTER)]
+#[command(about = "Run a relay (volunteer proxy) in front of the Postern service", after_help = RELAY_AFTER)]
 pub struct RelayCli {
     /// Print proxy links instead of running (see `postern relay link --help`).
     #[command(subcommand)]
@@ -313,14 +311,23 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
             )]
         }
     };
+    let mut text = String::new();
     for (name, link) in links {
         if args.config.is_some() {
-            println!("# listener {name}");
+            text.push_str(&format!("# listener {name}\n"));
         }
-        println!("{link}");
+        text.push_str(&format!("{link}\n"));
         if !args.no_qr {
-            println!("{}", qr(&link.to_string())?);
+            text.push_str(&qr(&link.to_string())?);
+            text.push('\n');
         }
+    }
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        // `postern relay link | head` is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.context("cannot write to stdout")?,
     }
     Ok(())
 }
