@@ -41,7 +41,8 @@ pub enum RelayError {
 /// Entry point: `Relay::start(config)`.
 pub struct Relay;
 
-/// A relay that is listening. Dropping it does not stop it; call [`RunningRelay::shutdown`].
+/// A relay that is listening. [`RunningRelay::shutdown`] stops it gracefully; dropping it
+/// stops it abruptly (listeners close, open connections are cut).
 pub struct RunningRelay {
     listeners: Vec<(String, ListenerKind, SocketAddr)>,
     stats_addr: Option<SocketAddr>,
@@ -239,5 +240,12 @@ impl RunningRelay {
             self.cut.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
         }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut.cancel();
     }
 }

@@ -40,8 +40,8 @@ pub enum SniError {
 /// Outcome of looking at the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Progress {
-    /// More bytes are needed.
-    NeedMore,
+    /// More bytes are needed: at least this many in total before the answer can change.
+    NeedMore(usize),
     /// A complete ClientHello with this (lower-cased) server name.
     Done(String),
 }
@@ -70,7 +70,7 @@ pub fn examine(buf: &[u8], max: usize) -> Result<Progress, SniError> {
             return if buf.len() >= max {
                 Err(SniError::TooLarge)
             } else {
-                Ok(Progress::NeedMore)
+                Ok(Progress::NeedMore(buf.len() + 1))
             };
         }
         let rest = &buf[pos..];
@@ -88,7 +88,7 @@ pub fn examine(buf: &[u8], max: usize) -> Result<Progress, SniError> {
             return if buf.len() >= max {
                 Err(SniError::TooLarge)
             } else {
-                Ok(Progress::NeedMore)
+                Ok(Progress::NeedMore(buf.len() + 1))
             };
         }
         let rlen = u16::from_be_bytes([rest[3], rest[4]]) as usize;
@@ -113,7 +113,8 @@ pub fn examine(buf: &[u8], max: usize) -> Result<Progress, SniError> {
                     return Err(SniError::TooLarge);
                 }
             }
-            return Ok(Progress::NeedMore);
+            // Nothing changes until this record is complete.
+            return Ok(Progress::NeedMore(pos - avail + rlen));
         }
     }
 }
@@ -150,10 +151,15 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
 ) -> Result<(String, Vec<u8>), SniError> {
     let mut buf = Vec::with_capacity(1024.min(max));
     let mut chunk = [0u8; 2048];
+    // Re-examine only once enough bytes arrived to change the answer, so a client sending
+    // one byte per segment costs O(n), not O(n^2).
+    let mut need = 0;
     loop {
-        match examine(&buf, max)? {
-            Progress::Done(name) => return Ok((name, buf)),
-            Progress::NeedMore => {}
+        if buf.len() >= need {
+            match examine(&buf, max)? {
+                Progress::Done(name) => return Ok((name, buf)),
+                Progress::NeedMore(n) => need = n,
+            }
         }
         let want = (max - buf.len()).min(chunk.len());
         let n = io
@@ -283,6 +289,26 @@ mod tests {
         msg
     }
 
+    /// A reader that returns one segment per read.
+    struct Segments(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Segments {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if let Some(mut seg) = self.0.pop_front() {
+                let n = seg.len().min(buf.remaining());
+                buf.put_slice(&seg[..n]);
+                if n < seg.len() {
+                    self.0.push_front(seg.split_off(n));
+                }
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
     pub(crate) fn records(msg: &[u8], per_record: usize) -> Vec<u8> {
         let mut out = Vec::new();
         for c in msg.chunks(per_record) {
@@ -301,11 +327,10 @@ mod tests {
             Ok(Progress::Done("media.whatsapp.net".into()))
         );
         for cut in 0..raw.len() {
-            assert_eq!(
-                examine(&raw[..cut], 16384),
-                Ok(Progress::NeedMore),
-                "cut {cut}"
-            );
+            match examine(&raw[..cut], 16384) {
+                Ok(Progress::NeedMore(n)) => assert!(n > cut && n <= raw.len(), "cut {cut}: {n}"),
+                other => panic!("cut {cut}: {other:?}"),
+            }
         }
     }
 
@@ -358,6 +383,26 @@ mod tests {
             let mut raw = vec![0x16, 0x03, 0x01, (tail.len() >> 8) as u8, tail.len() as u8];
             raw.extend_from_slice(&tail);
             let _ = examine(&raw, 16384);
+        }
+
+        #[test]
+        fn reader_handles_any_segmentation(cuts in proptest::collection::vec(1usize..40, 1..200),
+                                           name in "[a-z]{1,12}\\.example\\.net") {
+            let raw = records(&client_hello(Some(&name), 200), 100);
+            let mut segments = std::collections::VecDeque::new();
+            let mut pos = 0;
+            for c in cuts.iter().cycle() {
+                if pos >= raw.len() { break; }
+                let end = (pos + c).min(raw.len());
+                segments.push_back(raw[pos..end].to_vec());
+                pos = end;
+            }
+            segments.push_back(b"trailing".to_vec());
+            let mut mock = Segments(segments);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (got, bytes) = rt.block_on(read_client_hello(&mut mock, 16384)).unwrap();
+            prop_assert_eq!(got, name);
+            prop_assert_eq!(&bytes[..raw.len()], &raw[..]);
         }
 
         #[test]

@@ -431,6 +431,9 @@ fn respond(m: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     resp
 }
 
+/// Concurrent connections served by the stats listener.
+pub const MAX_STATS_CONNECTIONS: usize = 64;
+
 /// Serves the stats listener until `stop`; samples history every `every`.
 pub async fn serve(
     listener: TcpListener,
@@ -451,6 +454,8 @@ pub async fn serve(
             }
         })
     };
+    // The stats port may be public: bound the number of concurrent HTTP connections.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STATS_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -463,9 +468,14 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let r = respond(&metrics, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }

@@ -230,3 +230,52 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(balance: Balance) -> Arc<Pool> {
+        Pool::new(
+            "p",
+            &PoolConfig {
+                servers: vec!["a:1".into(), "b:1".into(), "c:1".into()],
+                send_proxy: SendProxy::None,
+                balance,
+                health_check_interval: Duration::from_secs(60),
+                fall: 2,
+            },
+        )
+    }
+
+    fn names(v: &[Arc<Server>]) -> Vec<&str> {
+        v.iter().map(|s| s.target.as_str()).collect()
+    }
+
+    #[test]
+    fn round_robin_skips_unhealthy_and_keeps_them_last() {
+        let p = pool(Balance::RoundRobin);
+        assert_eq!(names(&p.candidates()), ["a:1", "b:1", "c:1"]);
+        assert_eq!(names(&p.candidates()), ["b:1", "c:1", "a:1"]);
+        let e = std::io::Error::other("x");
+        p.record_failure(&p.servers[1], &e, false);
+        assert!(
+            p.servers[1].is_healthy(),
+            "one client failure is not enough (fall = 2)"
+        );
+        p.record_failure(&p.servers[1], &e, false);
+        assert!(!p.servers[1].is_healthy());
+        assert_eq!(names(&p.candidates()), ["c:1", "a:1", "b:1"]);
+        p.record_success(&p.servers[1], Duration::from_millis(1));
+        assert!(p.servers[1].is_healthy());
+    }
+
+    #[test]
+    fn least_conn_prefers_idle_servers() {
+        let p = pool(Balance::LeastConn);
+        p.servers[0].active.store(5, Ordering::SeqCst);
+        p.servers[1].active.store(1, Ordering::SeqCst);
+        p.servers[2].active.store(3, Ordering::SeqCst);
+        assert_eq!(names(&p.candidates()), ["b:1", "c:1", "a:1"]);
+    }
+}
