@@ -194,6 +194,9 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
         for u in &cli.upstream {
             crate::config::split_host_port(u).map_err(|e| anyhow::anyhow!("--upstream {e}"))?;
         }
+        if cfg.pools.is_empty() {
+            bail!("--upstream: this configuration has no upstream pool (it only routes by SNI)");
+        }
         cfg.set_upstreams(&cli.upstream);
     } else if cli.config.is_none() && preset_name == "postern" {
         bail!("the postern preset needs the Postern server's address: --upstream HOST:PORT (e.g. --upstream chat.example.org:5222)");

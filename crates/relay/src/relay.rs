@@ -228,6 +228,16 @@ impl RunningRelay {
         self.stop.cancelled().await
     }
 
+    /// Runs until `signal` completes (e.g. `tokio::signal::ctrl_c()`) or the stop token is
+    /// cancelled, then shuts down gracefully.
+    pub async fn run_until<F: std::future::Future>(self, signal: F) {
+        tokio::select! {
+            _ = signal => {}
+            _ = self.stop.cancelled() => {}
+        }
+        self.shutdown().await
+    }
+
     /// Stops accepting, lets open connections finish for the grace period, then cuts them.
     pub async fn shutdown(self) {
         self.stop.cancel();

@@ -1155,3 +1155,42 @@ fn example_config_and_preset_files_load_and_validate() {
     assert_eq!(enabled, [80, 443, 5222]);
     assert_eq!(postern.stats.unwrap().listen.port(), 8199);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postern_on_helper_and_run_until() {
+    let up = Upstream::start(Mode::Echo, true).await;
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let cfg =
+        postern_relay::presets::postern_on(&[up.addr.to_string()], &[lo, lo], &[lo], Some(lo))
+            .unwrap();
+    let relay = Relay::start(cfg).await.unwrap();
+    let kinds: Vec<(String, bool)> = relay
+        .listeners()
+        .into_iter()
+        .map(|(n, k, _)| (n, k.tls))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("plain".into(), false),
+            ("plain-2".into(), false),
+            ("tls".into(), true)
+        ]
+    );
+    echo_roundtrip(
+        TcpStream::connect(addr(&relay, "plain-2")).await.unwrap(),
+        b"dev".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        up.seen.headers.lock().unwrap().len(),
+        1,
+        "postern preset sends PROXY v2"
+    );
+    let stop = relay.stop_token();
+    let plain = addr(&relay, "plain");
+    let running = tokio::spawn(relay.run_until(std::future::pending::<()>()));
+    stop.cancel();
+    tokio::time::timeout(T, running).await.unwrap().unwrap();
+    assert!(TcpStream::connect(plain).await.is_err());
+}
