@@ -8,6 +8,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Size of the copy buffer a direction starts with; it grows to the configured
+/// `buffer_size` on the first read that fills it.
+pub const INITIAL_BUFFER: usize = 2048;
+
 /// How a relayed connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
@@ -60,7 +64,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; buffer];
+    // Start small: most chat connections are idle most of the time. A read that fills the
+    // buffer means bulk traffic, and the buffer grows to its configured size.
+    let mut buf = vec![0u8; buffer.min(INITIAL_BUFFER)];
     let mut held: Vec<u8> = Vec::new();
     loop {
         let n = match r.read(&mut buf).await {
@@ -74,6 +80,7 @@ where
             Ok(n) => n,
             Err(_) => return DirEnd::Err,
         };
+        let grow = n == buf.len() && buf.len() < buffer;
         activity.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
         let data: &[u8] = if guard_proxy {
             held.extend_from_slice(&buf[..n]);
@@ -95,6 +102,9 @@ where
         activity.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
         if !held.is_empty() && !guard_proxy {
             held = Vec::new();
+        }
+        if grow {
+            buf.resize(buffer, 0);
         }
     }
 }
