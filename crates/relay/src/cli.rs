@@ -66,6 +66,16 @@ pub struct RelayCli {
     #[arg(long, value_name = "ADDR")]
     pub tls: Vec<SocketAddr>,
 
+    /// Listen on ADDR for plain TCP from a load balancer that sends a PROXY v1/v2 header
+    /// (repeatable). Replaces and enables the standard 0.0.0.0:8080 and 0.0.0.0:8222.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_plain: Vec<SocketAddr>,
+
+    /// Listen on ADDR for TLS from a load balancer that sends a PROXY v1/v2 header first
+    /// (repeatable). Replaces and enables the standard 0.0.0.0:8443.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_tls: Vec<SocketAddr>,
+
     /// Serve the status page, /metrics and /healthz on ADDR (default 0.0.0.0:8199).
     #[arg(long, value_name = "ADDR")]
     pub stats: Option<SocketAddr>,
@@ -152,22 +162,33 @@ pub struct LinkArgs {
     pub no_qr: bool,
 }
 
-fn replace_listeners(cfg: &mut RelayConfig, tls: bool, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+fn replace_listeners(
+    cfg: &mut RelayConfig,
+    tls: bool,
+    proxy: bool,
+    addrs: &[SocketAddr],
+) -> anyhow::Result<()> {
+    let matches = |l: &ListenerConfig| l.tls == tls && l.accept_proxy == proxy && l.pool.is_some();
     let old: Vec<ListenerConfig> = cfg
         .listeners
         .iter()
-        .filter(|l| l.tls == tls && !l.accept_proxy && l.pool.is_some())
+        .filter(|l| matches(l))
         .cloned()
         .collect();
     let Some(template) = old.first().cloned() else {
         bail!(
-            "this configuration has no {} listener to move; use --config to define one",
-            if tls { "TLS" } else { "plain" }
+            "this configuration has no {}{} listener to move; use --config to define one",
+            if tls { "TLS" } else { "plain" },
+            if proxy { " PROXY-header" } else { "" }
         );
     };
-    cfg.listeners
-        .retain(|l| !(l.tls == tls && !l.accept_proxy && l.pool.is_some()));
-    let kind = if tls { "tls" } else { "plain" };
+    cfg.listeners.retain(|l| !matches(l));
+    let kind = match (tls, proxy) {
+        (false, false) => "plain",
+        (true, false) => "tls",
+        (false, true) => "plain-lb",
+        (true, true) => "tls-lb",
+    };
     for (i, addr) in addrs.iter().enumerate() {
         let base = old.get(i).unwrap_or(&template);
         let mut l = base.clone();
@@ -201,11 +222,15 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     } else if cli.config.is_none() && preset_name == "postern" {
         bail!("the postern preset needs the Postern server's address: --upstream HOST:PORT (e.g. --upstream chat.example.org:5222)");
     }
-    if !cli.plain.is_empty() {
-        replace_listeners(&mut cfg, false, &cli.plain)?;
-    }
-    if !cli.tls.is_empty() {
-        replace_listeners(&mut cfg, true, &cli.tls)?;
+    for (tls, proxy, addrs) in [
+        (false, false, &cli.plain),
+        (true, false, &cli.tls),
+        (false, true, &cli.proxy_plain),
+        (true, true, &cli.proxy_tls),
+    ] {
+        if !addrs.is_empty() {
+            replace_listeners(&mut cfg, tls, proxy, addrs)?;
+        }
     }
     if cli.no_stats {
         cfg.stats = None;
@@ -376,4 +401,105 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Top {
+        #[command(flatten)]
+        relay: RelayCli,
+    }
+
+    fn cfg(args: &[&str]) -> anyhow::Result<RelayConfig> {
+        let mut v = vec!["postern-relay"];
+        v.extend_from_slice(args);
+        build_config(&Top::try_parse_from(v)?.relay)
+    }
+
+    fn enabled(c: &RelayConfig) -> Vec<(String, u16, bool, bool)> {
+        c.listeners
+            .iter()
+            .filter(|l| l.enabled)
+            .map(|l| (l.name.clone(), l.listen.port(), l.tls, l.accept_proxy))
+            .collect()
+    }
+
+    #[test]
+    fn standard_set_and_replacements() {
+        let c = cfg(&["--upstream", "chat.example.org:5222"]).unwrap();
+        assert_eq!(
+            enabled(&c),
+            [
+                ("http".into(), 80, false, false),
+                ("https".into(), 443, true, false),
+                ("chat".into(), 5222, false, false)
+            ]
+        );
+        assert_eq!(c.pools["chat"].servers, ["chat.example.org:5222"]);
+        assert_eq!(c.pools["chat"].send_proxy, SendProxy::V2);
+        let c = cfg(&[
+            "--upstream",
+            "a.example:1",
+            "--upstream",
+            "b.example:2",
+            "--plain",
+            "127.0.0.1:15222",
+            "--tls",
+            "127.0.0.1:18443",
+            "--tls",
+            "127.0.0.1:18444",
+            "--proxy-plain",
+            "127.0.0.1:18222",
+            "--stats",
+            "127.0.0.1:18199",
+            "--send-proxy",
+            "v1",
+            "--tls-name",
+            "relay.example.org",
+            "--maxconn",
+            "10",
+            "--log-client-addresses",
+        ])
+        .unwrap();
+        let mut e = enabled(&c);
+        e.sort_by_key(|x| x.1);
+        assert_eq!(
+            e,
+            [
+                ("http".into(), 15222, false, false),
+                ("http-lb".into(), 18222, false, true),
+                ("https".into(), 18443, true, false),
+                ("tls-2".into(), 18444, true, false)
+            ]
+        );
+        assert_eq!(c.pools["chat"].servers.len(), 2);
+        assert_eq!(c.pools["chat"].send_proxy, SendProxy::V1);
+        assert_eq!(c.stats.as_ref().unwrap().listen.port(), 18199);
+        assert_eq!(c.tls.names, ["relay.example.org"]);
+        assert_eq!(c.limits.maxconn, 10);
+        assert!(c.log_client_addresses);
+        let c = cfg(&["--upstream", "a.example:1", "--accept-proxy", "--no-stats"]).unwrap();
+        assert_eq!(enabled(&c).len(), 6);
+        assert!(c.stats.is_none());
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert!(cfg(&[]).unwrap_err().to_string().contains("--upstream"));
+        assert!(cfg(&["--upstream", "nope"]).is_err());
+        assert!(cfg(&["--preset", "signal", "--upstream", "a.example:1"])
+            .unwrap_err()
+            .to_string()
+            .contains("no upstream pool"));
+        assert!(cfg(&["--preset", "signal", "--plain", "127.0.0.1:1"]).is_err());
+        assert!(cfg(&["--preset", "whatsapp"]).is_ok());
+        assert!(
+            cfg(&["--tls-cert", "x.pem"]).is_err(),
+            "--tls-cert requires --tls-key"
+        );
+    }
 }
