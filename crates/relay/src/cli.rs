@@ -366,6 +366,7 @@ pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
         return print_links(args);
     }
     let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

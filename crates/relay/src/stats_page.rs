@@ -123,12 +123,16 @@ pub fn render(m: &Metrics, uptime: Duration) -> String {
             } else {
                 ("bad", "NOT reachable")
             };
+            let latency = if s.is_healthy() {
+                format!("{:.1} ms", s.latency().as_secs_f64() * 1000.0)
+            } else {
+                "—".to_string()
+            };
             let _ = write!(
                 upstreams,
-                "<tr><td>{}</td><td>{}</td><td class=\"{cls}\">{word}</td><td>{:.1} ms</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td class=\"{cls}\">{word}</td><td>{latency}</td><td>{}</td></tr>",
                 html_esc(&p.name),
                 html_esc(&s.target),
-                s.latency().as_secs_f64() * 1000.0,
                 s.active()
             );
         }
@@ -153,7 +157,7 @@ th,td{{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}} figure{
 <h1>Postern relay</h1>
 <p class="banner {banner_class}">{banner}</p>
 <div class="nums">
-<div><b>{active}</b>people connected now</div>
+<div><b>{active}</b>connections open now</div>
 <div><b>{total}</b>connections since start</div>
 <div><b>{traffic_total}</b>data relayed</div>
 <div><b>{uptime}</b>running for</div>
@@ -180,7 +184,7 @@ th,td{{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}} figure{
         } else {
             String::new()
         },
-        chart_conns = chart("People connected", &conns, |v| v.to_string()),
+        chart_conns = chart("Open connections", &conns, |v| v.to_string()),
         chart_traffic = chart("Data relayed per minute", &traffic, human_bytes),
     )
 }
