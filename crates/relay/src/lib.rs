@@ -24,7 +24,8 @@
 //! servers and allow-listed names.
 //!
 //! Modules, one concept each:
-//! * [`config`] — the TOML model ([`config::RelayConfig`]); [`presets`] — built-in configs.
+//! * [`config`] — the TOML model ([`config::RelayConfig`]); [`presets`] — built-in configs
+//!   (and [`presets::postern_on`] to embed a relay, e.g. in `postern dev`).
 //! * [`relay`] — [`Relay::start`] binds everything and returns a [`RunningRelay`].
 //! * [`listener`], [`copy`], [`stream`] — per-connection handling.
 //! * [`tls`], [`proxy_header`], [`sni`] — the three handshakes a relay can do.
