@@ -73,6 +73,9 @@ Example:
         json: bool,
     },
 
+    /// Run a relay (volunteer proxy) in front of the Postern service, or print its link.
+    Relay(Box<postern_relay::cli::RelayCli>),
+
     /// Run or set up a Postern server (operators).
     #[command(subcommand)]
     Server(ServerCommand),

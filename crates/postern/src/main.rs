@@ -30,8 +30,11 @@ fn init_logging(cli: &postern::Cli) {
         "warn"
     };
     let filter = EnvFilter::try_from_env("POSTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Colours only on a terminal: logs redirected to files or journald stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }

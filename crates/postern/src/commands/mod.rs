@@ -27,6 +27,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Proxy(cmd) => proxy::run(profile_home(home)?, cmd).await,
         Command::Status { json } => proxy::status(profile_home(home)?, json).await,
+        Command::Relay(cmd) => postern_relay::cli::run(*cmd).await,
         Command::Server(cmd) => server::run(cmd).await,
         Command::Dev(args) => dev::run(args).await,
     }

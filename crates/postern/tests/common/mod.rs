@@ -423,7 +423,7 @@ impl TestRelay {
                         addr.parse().expect("address"),
                     ));
                 }
-            } else if line.starts_with("status page:") || line.starts_with("ready") {
+            } else if line == "relay ready" {
                 break;
             }
         }

@@ -1,0 +1,349 @@
+//! Client proxy support: messages through real relays, fail-over, hostile relays,
+//! mode `on`, links, and nothing lost while every path is down.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+fn relay_for(server: &TestServer) -> TestRelay {
+    let upstream = server.addr.to_string();
+    TestRelay::start(&[
+        "--upstream",
+        &upstream,
+        "--plain",
+        "127.0.0.1:0",
+        "--tls",
+        "127.0.0.1:0",
+        "--proxy-plain",
+        "127.0.0.1:0",
+        "--stats",
+        "127.0.0.1:0",
+    ])
+}
+
+fn server_logging_addresses(dir: &Path) -> TestServer {
+    TestServer::start_with(
+        dir,
+        "127.0.0.1:0".parse().unwrap(),
+        &["--log-client-addresses"],
+    )
+}
+
+fn account(home: &Path, name: &str, server: &TestServer) {
+    ok(
+        home,
+        &[
+            "account",
+            "create",
+            name,
+            "--network",
+            server.network_file().to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn messages_flow_through_plain_tls_and_proxy_header_relay_listeners() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_logging_addresses(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    let (alice, bob, carol) = (
+        tmp.path().join("alice"),
+        tmp.path().join("bob"),
+        tmp.path().join("carol"),
+    );
+    for (home, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        account(home, name, &server);
+        ok(home, &["proxy", "use", "on"]);
+    }
+    // Alice: the plain listener (5222-style). Bob: the TLS listener (443-style).
+    ok(
+        &alice,
+        &["proxy", "add", &relay.addr("plain").to_string(), "--no-tls"],
+    );
+    ok(
+        &bob,
+        &["proxy", "add", &relay.addr("tls").to_string(), "--tls"],
+    );
+    // Carol: behind a load balancer that speaks PROXY to the relay's PROXY listener.
+    let lb = proxy_header_forwarder(relay.addr("plain+proxy"), "203.0.113.9");
+    ok(&carol, &["proxy", "add", &lb.to_string(), "--no-tls"]);
+
+    let status = ok(&bob, &["status"]);
+    assert!(
+        status.contains(&format!("✓ Connected via {} (TLS)", relay.addr("tls"))),
+        "{status}"
+    );
+    ok(&alice, &["send", "bob", "through the plain relay"]);
+    assert!(ok(&bob, &["inbox"]).contains("alice: through the plain relay"));
+    ok(&bob, &["send", "carol", "through the TLS relay"]);
+    assert!(ok(&carol, &["inbox"]).contains("bob: through the TLS relay"));
+    ok(&carol, &["send", "alice", "through the PROXY listener"]);
+    assert!(ok(&alice, &["inbox"]).contains("carol: through the PROXY listener"));
+
+    // The server saw Carol's original address, carried by the relay's PROXY header.
+    let seen = server.log_lines("handshake received");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("client=203.0.113.9:40000") && l.contains("via_proxy=true")),
+        "{seen:#?}"
+    );
+}
+
+#[test]
+fn fails_over_to_the_working_relay_and_starts_there_next_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    let refusing = closed_port();
+    let black_hole = BlackHole::start();
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    ok(&alice, &["proxy", "use", "on"]);
+    ok(&alice, &["proxy", "add", &refusing.to_string(), "--no-tls"]);
+    ok(
+        &alice,
+        &["proxy", "add", &black_hole.addr.to_string(), "--no-tls"],
+    );
+    ok(
+        &alice,
+        &["proxy", "add", &relay.addr("tls").to_string(), "--tls"],
+    );
+
+    let status = ok(&alice, &["status"]);
+    assert!(
+        status.contains(&format!(
+            "✗ {refusing} (plain) — TCP connect: connection refused"
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!(
+            "✗ {} (plain) — server handshake: timed out (possibly blocked)",
+            black_hole.addr
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("✓ Connected via {} (TLS)", relay.addr("tls"))),
+        "{status}"
+    );
+
+    ok(&alice, &["send", "bob", "made it through the third relay"]);
+    assert!(ok(&bob, &["inbox"]).contains("made it through the third relay"));
+
+    // The next start goes straight to the relay that worked.
+    let json = ok(&alice, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let attempts = v["report"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{json}");
+    assert!(attempts[0]["route"]
+        .as_str()
+        .unwrap()
+        .contains(&relay.addr("tls").to_string()));
+    let list = ok(&alice, &["proxy", "list"]);
+    assert!(list.contains("(worked last)"), "{list}");
+}
+
+#[test]
+fn a_tampering_relay_is_reported_as_interception_and_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let impostor = TestServer::start(&tmp.path().join("impostor"));
+    let relay = relay_for(&server);
+    // One "relay" leads to a server with another key, one flips a byte of the answer.
+    let to_impostor = Forwarder::start(impostor.addr, Tamper::None);
+    let flipping = Forwarder::start(server.addr, Tamper::FlipServerByte(20));
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    ok(&alice, &["proxy", "use", "on"]);
+    ok(
+        &alice,
+        &["proxy", "add", &to_impostor.addr.to_string(), "--no-tls"],
+    );
+    ok(
+        &alice,
+        &["proxy", "add", &flipping.addr.to_string(), "--no-tls"],
+    );
+    ok(
+        &alice,
+        &["proxy", "add", &relay.addr("plain").to_string(), "--no-tls"],
+    );
+
+    let status = ok(&alice, &["status"]);
+    for hostile in [to_impostor.addr, flipping.addr] {
+        assert!(
+            status.contains(&format!(
+                "⚠ {hostile} (plain) failed the server's authentication: possible interception"
+            )),
+            "{status}"
+        );
+    }
+    let check = postern(&alice, &["proxy", "check", &flipping.addr.to_string()]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success());
+    assert!(
+        out.contains("the service could not prove its identity (possible interception)"),
+        "{out}"
+    );
+
+    let secret = "nobody on the path may read this";
+    ok(&alice, &["send", "bob", secret]);
+    assert!(ok(&bob, &["inbox"]).contains(secret));
+    for f in [&to_impostor, &flipping] {
+        assert!(!contains(&f.captured(), secret.as_bytes()));
+    }
+}
+
+#[test]
+fn mode_on_never_opens_a_direct_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_logging_addresses(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&bob, "bob", &server);
+    // Alice registers through the relay itself, then forbids direct connections.
+    let link = format!(
+        "postern://proxy?host=127.0.0.1&port={}&tls=1",
+        relay.addr("tls").port()
+    );
+    let net = server.network_file();
+    ok(
+        &alice,
+        &[
+            "account",
+            "create",
+            "alice",
+            "--network",
+            net.to_str().unwrap(),
+            "--proxy",
+            &link,
+        ],
+    );
+    ok(&alice, &["proxy", "use", "on"]);
+    let before = server.log_lines("handshake received").len();
+    ok(&alice, &["send", "bob", "no direct connection"]);
+    ok(&alice, &["inbox"]);
+    ok(&alice, &["status"]);
+    ok(&alice, &["proxy", "check"]);
+    let alice_lines: Vec<String> = server.log_lines("handshake received").split_off(before);
+    assert!(alice_lines.len() >= 4, "{alice_lines:#?}");
+    for l in &alice_lines {
+        assert!(
+            l.contains("via_proxy=true"),
+            "a direct connection in mode on: {l}"
+        );
+    }
+
+    // With the relay gone, mode `on` fails rather than falling back to direct.
+    relay.stop();
+    let count = server.log_lines("handshake received").len();
+    let err = fails(&alice, &["send", "bob", "must wait for a relay"]);
+    assert!(err.contains("saved"), "{err}");
+    assert_eq!(
+        server.log_lines("handshake received").len(),
+        count,
+        "no direct attempt"
+    );
+}
+
+#[test]
+fn relay_links_import_and_work_and_malformed_links_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    let alice = tmp.path().join("alice");
+    account(&alice, "alice", &server);
+
+    let port = relay.addr("tls").port().to_string();
+    let mut link_cmd = std::process::Command::new(BIN);
+    link_cmd.args([
+        "relay",
+        "link",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--no-qr",
+    ]);
+    let out = run(link_cmd);
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let link = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("postern://proxy?"))
+        .unwrap_or_else(|| panic!("no link in {printed}"))
+        .to_string();
+    ok(&alice, &["proxy", "add", &link]);
+    ok(&alice, &["proxy", "use", "on"]);
+    let check = ok(&alice, &["proxy", "check"]);
+    assert!(
+        check.contains("works: the server proved its identity"),
+        "{check}"
+    );
+    assert!(check.contains("✓ TLS"), "{check}");
+
+    for (bad, says) in [
+        ("postern://proxy?port=443", "missing host"),
+        (
+            "postern://proxy?host=relay.example&port=99999",
+            "port must be 1-65535",
+        ),
+        (
+            "postern://proxy?host=relay.example&tls=maybe",
+            "tls must be 1 or 0",
+        ),
+        ("postern://proxy?host=2001:db8::1", "brackets"),
+        (
+            "https://example.org/proxy?host=x",
+            "not a Postern proxy link",
+        ),
+    ] {
+        let err = fails(&alice, &["proxy", "add", bad]);
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    assert_eq!(
+        ok(&alice, &["proxy", "list", "--json"])
+            .matches("\"host\"")
+            .count(),
+        1
+    );
+
+    // A media port that does not answer is reported on its own.
+    let closed = closed_port().port();
+    let with_media = format!("postern://proxy?host=127.0.0.1&port={port}&tls=1&media={closed}");
+    let check = ok(&alice, &["proxy", "check", &with_media]);
+    assert!(check.contains("works"), "{check}");
+    assert!(check.contains("Media: unavailable"), "{check}");
+}
+
+#[test]
+fn a_message_sent_while_every_path_is_down_is_delivered_when_a_relay_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    let later = closed_port();
+    ok(&alice, &["proxy", "use", "on"]);
+    ok(&alice, &["proxy", "add", &later.to_string(), "--no-tls"]);
+
+    let err = fails(&alice, &["send", "bob", "written in the dark"]);
+    assert!(err.contains("saved"), "{err}");
+    assert!(ok(&alice, &["history", "bob"]).contains("… written in the dark"));
+
+    // The relay comes up where the saved proxy points; the next connection sends it.
+    let upstream = server.addr.to_string();
+    let _relay = TestRelay::start(&[
+        "--upstream",
+        &upstream,
+        "--plain",
+        &later.to_string(),
+        "--no-stats",
+    ]);
+    ok(&alice, &["inbox"]);
+    assert!(ok(&bob, &["inbox"]).contains("alice: written in the dark"));
+}

@@ -1,0 +1,508 @@
+//! `postern relay` and `postern relay link`: command-line flags, turning them into a
+//! [`RelayConfig`], and running until SIGINT/SIGTERM.
+
+use crate::config::{ListenerConfig, RelayConfig, SendProxy, StatsSettings};
+use crate::link::ProxyLink;
+use crate::relay::Relay;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+const RELAY_AFTER: &str = "What it does:
+  The relay moves bytes and never holds a key: messages are end-to-end encrypted and the chat
+  protocol authenticates the server through the relay. With no --config/--preset it uses the
+  \"postern\" preset: plain TCP on 80 and 5222, TLS on 443 (self-signed certificate, random
+  subject, regenerated at every start), status page on 8199, PROXY v2 header sent upstream.
+
+Examples:
+  # Standard ports in front of a Postern server (needs root or CAP_NET_BIND_SERVICE for 80/443):
+  postern relay --upstream chat.example.org:5222
+
+  # Unprivileged, on high ports, with the status page on localhost only:
+  postern relay --upstream chat.example.org:5222 --plain 0.0.0.0:5222 \\
+      --tls 0.0.0.0:8443 --stats 127.0.0.1:8199
+
+  # Front the reference messenger's real servers (its proxy's port layout):
+  postern relay --preset whatsapp
+
+  # Everything from a file (see deploy/relay.example.toml):
+  postern relay --config /etc/postern/relay.toml
+
+  # Print the link (and QR code) users import:
+  postern relay link --host relay.example.org
+
+Open http://<relay>:8199/ in a browser to see whether the relay works.";
+
+/// Flags of `postern relay`.
+#[derive(Debug, Clone, Args)]
+#[command(about = "Run a relay (volunteer proxy) in front of the Postern service", after_help = RELAY_AFTER)]
+pub struct RelayCli {
+    /// Print proxy links instead of running (see `postern relay link --help`).
+    #[command(subcommand)]
+    pub command: Option<RelayCommand>,
+
+    /// Read the whole configuration from this TOML file (see deploy/relay.example.toml).
+    /// Other flags override parts of it.
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+
+    /// Start from a built-in preset: postern (default), whatsapp, signal.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+
+    /// Upstream server HOST:PORT (repeat for several; they are load-balanced and
+    /// health-checked). Replaces the servers of every pool. Example: chat.example.org:5222
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Vec<String>,
+
+    /// Listen for plain TCP clients on ADDR (repeatable). Replaces the standard plain
+    /// addresses (0.0.0.0:80 and 0.0.0.0:5222). Example: --plain 0.0.0.0:15222
+    #[arg(long, value_name = "ADDR")]
+    pub plain: Vec<SocketAddr>,
+
+    /// Listen for TLS clients on ADDR (repeatable). Replaces the standard TLS address
+    /// (0.0.0.0:443). Example: --tls 0.0.0.0:8443
+    #[arg(long, value_name = "ADDR")]
+    pub tls: Vec<SocketAddr>,
+
+    /// Listen on ADDR for plain TCP from a load balancer that sends a PROXY v1/v2 header
+    /// (repeatable). Replaces and enables the standard 0.0.0.0:8080 and 0.0.0.0:8222.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_plain: Vec<SocketAddr>,
+
+    /// Listen on ADDR for TLS from a load balancer that sends a PROXY v1/v2 header first
+    /// (repeatable). Replaces and enables the standard 0.0.0.0:8443.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_tls: Vec<SocketAddr>,
+
+    /// Serve the status page, /metrics and /healthz on ADDR (default 0.0.0.0:8199).
+    #[arg(long, value_name = "ADDR")]
+    pub stats: Option<SocketAddr>,
+
+    /// Run without the stats listener.
+    #[arg(long, conflicts_with = "stats")]
+    pub no_stats: bool,
+
+    /// Enable the listeners that expect a PROXY v1/v2 header from a load balancer in front
+    /// (8080, 8443, 8222 in the standard set).
+    #[arg(long)]
+    pub accept_proxy: bool,
+
+    /// PROXY header sent to upstream servers: none, v1 or v2 (postern preset: v2).
+    #[arg(long, value_name = "VERSION", value_parser = ["none", "v1", "v2"])]
+    pub send_proxy: Option<String>,
+
+    /// PEM certificate chain for TLS listeners (with --tls-key). Default: a self-signed
+    /// certificate with a random subject, generated in memory at every start.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Extra DNS name or IP address for the generated certificate (repeatable).
+    /// Example: --tls-name relay.example.org
+    #[arg(long, value_name = "NAME")]
+    pub tls_name: Vec<String>,
+
+    /// Maximum concurrent connections (default 27500); past it clients are turned away at
+    /// once so they try another relay.
+    #[arg(long, value_name = "N")]
+    pub maxconn: Option<usize>,
+
+    /// Maximum concurrent connections from one IP address (IPv6: one /64); 0 = no limit.
+    #[arg(long, value_name = "N")]
+    pub max_per_source: Option<usize>,
+
+    /// Write client IP addresses into logs. Off by default to protect users.
+    #[arg(long)]
+    pub log_client_addresses: bool,
+}
+
+/// Subcommands of `postern relay`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum RelayCommand {
+    /// Print the proxy link users import, with a QR code.
+    #[command(after_help = "Examples:
+  postern relay link --host relay.example.org            # port 443, TLS
+  postern relay link --host 203.0.113.7 --port 5222 --no-tls
+  postern relay link --host relay.example.org --config relay.toml   # one link per port
+
+Link format: postern://proxy?host=H&port=P&tls=1[&media=M] (see docs/relay.md).")]
+    Link(LinkArgs),
+}
+
+/// Flags of `postern relay link`.
+#[derive(Debug, Clone, Args)]
+pub struct LinkArgs {
+    /// The relay's public DNS name or IP address (the name users' phones will connect to).
+    #[arg(long, value_name = "NAME")]
+    pub host: String,
+
+    /// Chat port users connect to (default 443).
+    #[arg(long, value_name = "PORT", conflicts_with = "config")]
+    pub port: Option<u16>,
+
+    /// The port is plain TCP (default: TLS).
+    #[arg(long, conflicts_with = "config")]
+    pub no_tls: bool,
+
+    /// Media port (an SNI listener), if the relay has one.
+    #[arg(long, value_name = "PORT", conflicts_with = "config")]
+    pub media: Option<u16>,
+
+    /// Print one link per client-facing listener of this relay config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Do not draw the QR code.
+    #[arg(long)]
+    pub no_qr: bool,
+}
+
+fn replace_listeners(
+    cfg: &mut RelayConfig,
+    tls: bool,
+    proxy: bool,
+    addrs: &[SocketAddr],
+) -> anyhow::Result<()> {
+    let matches = |l: &ListenerConfig| l.tls == tls && l.accept_proxy == proxy && l.pool.is_some();
+    let old: Vec<ListenerConfig> = cfg
+        .listeners
+        .iter()
+        .filter(|l| matches(l))
+        .cloned()
+        .collect();
+    let Some(template) = old.first().cloned() else {
+        bail!(
+            "this configuration has no {}{} listener to move; use --config to define one",
+            if tls { "TLS" } else { "plain" },
+            if proxy { " PROXY-header" } else { "" }
+        );
+    };
+    cfg.listeners.retain(|l| !matches(l));
+    let kind = match (tls, proxy) {
+        (false, false) => "plain",
+        (true, false) => "tls",
+        (false, true) => "plain-lb",
+        (true, true) => "tls-lb",
+    };
+    for (i, addr) in addrs.iter().enumerate() {
+        let base = old.get(i).unwrap_or(&template);
+        let mut l = base.clone();
+        l.listen = *addr;
+        l.enabled = true;
+        l.name = if i < old.len() {
+            base.name.clone()
+        } else {
+            format!("{kind}-{}", i + 1)
+        };
+        cfg.listeners.push(l);
+    }
+    Ok(())
+}
+
+/// Builds the effective configuration from the flags.
+pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
+    let preset_name = cli.preset.as_deref().unwrap_or("postern");
+    let mut cfg = match &cli.config {
+        Some(path) => RelayConfig::load(path)?,
+        None => crate::presets::preset(preset_name)?,
+    };
+    if !cli.upstream.is_empty() {
+        for u in &cli.upstream {
+            crate::config::split_host_port(u).map_err(|e| anyhow::anyhow!("--upstream {e}"))?;
+        }
+        if cfg.pools.is_empty() {
+            bail!("--upstream: this configuration has no upstream pool (it only routes by SNI)");
+        }
+        cfg.set_upstreams(&cli.upstream);
+    } else if cli.config.is_none() && preset_name == "postern" {
+        bail!("the postern preset needs the Postern server's address: --upstream HOST:PORT (e.g. --upstream chat.example.org:5222)");
+    }
+    for (tls, proxy, addrs) in [
+        (false, false, &cli.plain),
+        (true, false, &cli.tls),
+        (false, true, &cli.proxy_plain),
+        (true, true, &cli.proxy_tls),
+    ] {
+        if !addrs.is_empty() {
+            replace_listeners(&mut cfg, tls, proxy, addrs)?;
+        }
+    }
+    if cli.no_stats {
+        cfg.stats = None;
+    } else if let Some(addr) = cli.stats {
+        cfg.stats = Some(StatsSettings { listen: addr });
+    }
+    if cli.accept_proxy {
+        for l in cfg.listeners.iter_mut().filter(|l| l.accept_proxy) {
+            l.enabled = true;
+        }
+    }
+    if let Some(v) = &cli.send_proxy {
+        let sp = match v.as_str() {
+            "v1" => SendProxy::V1,
+            "v2" => SendProxy::V2,
+            _ => SendProxy::None,
+        };
+        for p in cfg.pools.values_mut() {
+            p.send_proxy = sp;
+        }
+    }
+    if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
+        cfg.tls.cert = Some(c.clone());
+        cfg.tls.key = Some(k.clone());
+    }
+    cfg.tls.names.extend(cli.tls_name.iter().cloned());
+    if let Some(n) = cli.maxconn {
+        cfg.limits.maxconn = n;
+    }
+    if let Some(n) = cli.max_per_source {
+        cfg.limits.max_per_source = n;
+    }
+    if cli.log_client_addresses {
+        cfg.log_client_addresses = true;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Links for every client-facing listener of `cfg` (pool routes without a PROXY header;
+/// the first SNI listener, if any, becomes the media port).
+pub fn links_for(cfg: &RelayConfig, host: &str) -> Vec<(String, ProxyLink)> {
+    let media = cfg
+        .listeners
+        .iter()
+        .find(|l| l.enabled && l.sni.is_some() && !l.tls && !l.accept_proxy)
+        .map(|l| l.listen.port());
+    cfg.listeners
+        .iter()
+        .filter(|l| l.enabled && l.pool.is_some() && !l.accept_proxy)
+        .map(|l| {
+            (
+                l.name.clone(),
+                ProxyLink {
+                    host: host.to_string(),
+                    port: l.listen.port(),
+                    tls: l.tls,
+                    media,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Terminal QR code (two rows per character) for `data`.
+pub fn qr(data: &str) -> anyhow::Result<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::new(data.as_bytes()).context("cannot encode QR code")?;
+    Ok(code
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
+fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
+    // Validate the host the same way clients will.
+    let check: ProxyLink = ProxyLink::new(args.host.clone())
+        .to_string()
+        .parse()
+        .with_context(|| format!("--host {:?}", args.host))?;
+    let host = check.host;
+    let links = match &args.config {
+        Some(path) => {
+            let cfg = RelayConfig::load(path)?;
+            let l = links_for(&cfg, &host);
+            if l.is_empty() {
+                bail!("{} has no client-facing listener", path.display());
+            }
+            l
+        }
+        None => {
+            let port = args.port.unwrap_or(443);
+            if port == 0 {
+                bail!("--port must be 1-65535");
+            }
+            vec![(
+                "relay".to_string(),
+                ProxyLink {
+                    host,
+                    port,
+                    tls: !args.no_tls,
+                    media: args.media,
+                },
+            )]
+        }
+    };
+    let mut text = String::new();
+    for (name, link) in links {
+        if args.config.is_some() {
+            text.push_str(&format!("# listener {name}\n"));
+        }
+        text.push_str(&format!("{link}\n"));
+        if !args.no_qr {
+            text.push_str(&qr(&link.to_string())?);
+            text.push('\n');
+        }
+    }
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        // `postern relay link | head` is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.context("cannot write to stdout")?,
+    }
+    Ok(())
+}
+
+/// Runs `postern relay` (or `postern relay link`) until SIGINT/SIGTERM.
+pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
+    if let Some(RelayCommand::Link(args)) = &cli.command {
+        return print_links(args);
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let cfg = build_config(&cli)?;
+    let relay = Relay::start(cfg).await?;
+    for (name, kind, addr) in relay.listeners() {
+        println!("listening: {name} {kind} {addr}");
+    }
+    if let Some(a) = relay.stats_addr() {
+        println!("status page: http://{a}/");
+    }
+    // Scripts (and tests) wait for this line: every listener above is accepting.
+    println!("relay ready");
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Top {
+        #[command(flatten)]
+        relay: RelayCli,
+    }
+
+    fn cfg(args: &[&str]) -> anyhow::Result<RelayConfig> {
+        let mut v = vec!["postern-relay"];
+        v.extend_from_slice(args);
+        build_config(&Top::try_parse_from(v)?.relay)
+    }
+
+    fn enabled(c: &RelayConfig) -> Vec<(String, u16, bool, bool)> {
+        c.listeners
+            .iter()
+            .filter(|l| l.enabled)
+            .map(|l| (l.name.clone(), l.listen.port(), l.tls, l.accept_proxy))
+            .collect()
+    }
+
+    #[test]
+    fn standard_set_and_replacements() {
+        let c = cfg(&["--upstream", "chat.example.org:5222"]).unwrap();
+        assert_eq!(
+            enabled(&c),
+            [
+                ("http".into(), 80, false, false),
+                ("https".into(), 443, true, false),
+                ("chat".into(), 5222, false, false)
+            ]
+        );
+        assert_eq!(c.pools["chat"].servers, ["chat.example.org:5222"]);
+        assert_eq!(c.pools["chat"].send_proxy, SendProxy::V2);
+        let c = cfg(&[
+            "--upstream",
+            "a.example:1",
+            "--upstream",
+            "b.example:2",
+            "--plain",
+            "127.0.0.1:15222",
+            "--tls",
+            "127.0.0.1:18443",
+            "--tls",
+            "127.0.0.1:18444",
+            "--proxy-plain",
+            "127.0.0.1:18222",
+            "--stats",
+            "127.0.0.1:18199",
+            "--send-proxy",
+            "v1",
+            "--tls-name",
+            "relay.example.org",
+            "--maxconn",
+            "10",
+            "--log-client-addresses",
+        ])
+        .unwrap();
+        let mut e = enabled(&c);
+        e.sort_by_key(|x| x.1);
+        assert_eq!(
+            e,
+            [
+                ("http".into(), 15222, false, false),
+                ("http-lb".into(), 18222, false, true),
+                ("https".into(), 18443, true, false),
+                ("tls-2".into(), 18444, true, false)
+            ]
+        );
+        assert_eq!(c.pools["chat"].servers.len(), 2);
+        assert_eq!(c.pools["chat"].send_proxy, SendProxy::V1);
+        assert_eq!(c.stats.as_ref().unwrap().listen.port(), 18199);
+        assert_eq!(c.tls.names, ["relay.example.org"]);
+        assert_eq!(c.limits.maxconn, 10);
+        assert!(c.log_client_addresses);
+        let c = cfg(&["--upstream", "a.example:1", "--accept-proxy", "--no-stats"]).unwrap();
+        assert_eq!(enabled(&c).len(), 6);
+        assert!(c.stats.is_none());
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert!(cfg(&[]).unwrap_err().to_string().contains("--upstream"));
+        assert!(cfg(&["--upstream", "nope"]).is_err());
+        assert!(cfg(&["--preset", "signal", "--upstream", "a.example:1"])
+            .unwrap_err()
+            .to_string()
+            .contains("no upstream pool"));
+        assert!(cfg(&["--preset", "signal", "--plain", "127.0.0.1:1"]).is_err());
+        assert!(cfg(&["--preset", "whatsapp"]).is_ok());
+        assert!(
+            cfg(&["--tls-cert", "x.pem"]).is_err(),
+            "--tls-cert requires --tls-key"
+        );
+    }
+}

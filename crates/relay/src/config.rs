@@ -1,0 +1,520 @@
+//! The relay's configuration: *listeners* → *routes* → *upstream pools*, read from TOML.
+//!
+//! See `deploy/relay.example.toml` for a commented example and `docs/relay.md` for the
+//! full reference. Every value that has a sensible default may be omitted.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Problems found while reading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was read.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML could not be parsed into a configuration.
+    #[error("invalid relay config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// The configuration parsed but is inconsistent.
+    #[error("invalid relay config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// A whole relay: listeners, upstream pools, TLS settings, limits and the stats listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Write client IP addresses into logs (off by default, for the users' privacy).
+    #[serde(default)]
+    pub log_client_addresses: bool,
+    /// Timeouts and connection limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Certificate used by every TLS-terminating listener.
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// The stats/metrics/health HTTP listener; absent = no stats listener.
+    #[serde(default)]
+    pub stats: Option<StatsSettings>,
+    /// Client-facing listeners (`[[listener]]` tables).
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Named upstream pools (`[pool.NAME]` tables).
+    #[serde(default, rename = "pool")]
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Fixed name resolution: `"host:port" = "ip:port"`. Consulted before DNS for pool servers
+    /// and SNI-routed targets. Useful to pin addresses or to point a preset at test stand-ins.
+    #[serde(default)]
+    pub resolve: BTreeMap<String, SocketAddr>,
+}
+
+/// Timeouts and limits. Defaults follow the reference HAProxy relay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Time allowed to open a TCP connection to an upstream (default 5s).
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// A connection with no traffic in either direction for this long is closed (default 200s).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// After one side has closed its sending direction, the other direction is closed after
+    /// this much inactivity (default 1s).
+    #[serde(deserialize_with = "de_duration")]
+    pub half_close_timeout: Duration,
+    /// Deadline for everything that happens before relaying starts: PROXY header, TLS
+    /// handshake, reading the ClientHello (default 10s). Cuts slowloris clients.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// Maximum concurrent client connections over all listeners (default 27500). Past it new
+    /// connections are closed at once so clients move on to another relay.
+    pub maxconn: usize,
+    /// Maximum concurrent connections from one source address (IPv4 address or IPv6 /64);
+    /// 0 disables the limit (default 512: many users can share one carrier-grade NAT address).
+    pub max_per_source: usize,
+    /// Copy buffer per direction and connection, in bytes (default 8192).
+    pub buffer_size: usize,
+    /// Largest TLS ClientHello accepted for SNI routing, in bytes (default 16384).
+    pub max_client_hello: usize,
+    /// On shutdown, connections get this long to finish before they are cut (default 5s).
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(200),
+            half_close_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(10),
+            maxconn: 27_500,
+            max_per_source: 512,
+            buffer_size: 8192,
+            max_client_hello: 16 * 1024,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Certificate for TLS-terminating listeners.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain. Without `cert`/`key` a self-signed certificate with a random
+    /// subject is generated at every start (kept in memory only).
+    pub cert: Option<PathBuf>,
+    /// PEM private key matching `cert`.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names / IP addresses put into the generated certificate.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// The stats HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsSettings {
+    /// Address to listen on, e.g. `"0.0.0.0:8199"`.
+    pub listen: SocketAddr,
+}
+
+/// One client-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs, metrics and links.
+    pub name: String,
+    /// Address to listen on, e.g. `"0.0.0.0:443"`.
+    pub listen: SocketAddr,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: bool,
+    /// Expect a PROXY protocol v1/v2 header (from a load balancer in front) first.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// Disabled listeners are ignored (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Route: forward to this upstream pool ...
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// ... or route by the TLS ClientHello's SNI against an allow-list.
+    #[serde(default)]
+    pub sni: Option<SniRoute>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// SNI routing: the first bytes must be a TLS ClientHello whose server name is allowed;
+/// the untouched stream is then forwarded to `<server name>:<port>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    /// Allowed names: `"host.example"` (exactly that name), `"*.example"` (any name below
+    /// example, not example itself) or `".example"` (example and any name below it).
+    pub allow: Vec<String>,
+    /// Port to connect to on the named host.
+    pub port: u16,
+}
+
+/// How a PROXY header is sent to upstream servers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// Send nothing (default).
+    #[default]
+    None,
+    /// PROXY protocol v1 (text).
+    V1,
+    /// PROXY protocol v2 (binary).
+    V2,
+}
+
+/// Load-balancing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Rotate over healthy servers (default).
+    #[default]
+    RoundRobin,
+    /// Pick the healthy server with the fewest active connections.
+    LeastConn,
+}
+
+/// A pool of interchangeable upstream servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `"host:port"` entries (names or IP addresses; IPv6 in brackets).
+    pub servers: Vec<String>,
+    /// PROXY header sent to the servers, carrying the client's address.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+    /// Load-balancing algorithm.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Interval of the active TCP health check (default 60s).
+    #[serde(default = "default_check", deserialize_with = "de_duration")]
+    pub health_check_interval: Duration,
+    /// Consecutive failed connection attempts (by clients or checks) that take a server out of
+    /// rotation (default 3). A successful health check puts it back.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_check() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Parses durations such as `"5s"`, `"200ms"`, `"2m"`, `"1h"`; a bare number means seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (examples: \"5s\", \"200ms\", \"2m\")"))?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
+    };
+    Ok(d)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(n) => Ok(Duration::from_secs(n)),
+        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Splits `"host:port"` / `"[v6]:port"` into host and port.
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} must be HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: port must be 1-65535"))?;
+    let host = if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner
+            .strip_suffix(']')
+            .ok_or_else(|| format!("{s:?}: unbalanced '['"))?;
+        inner
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{s:?}: invalid IPv6 address"))?;
+        inner.to_string()
+    } else {
+        if host.contains(':') {
+            return Err(format!("{s:?}: IPv6 addresses must be in brackets"));
+        }
+        host.to_string()
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    if host.parse::<IpAddr>().is_err() && !crate::sni::is_valid_dns_name(&host) {
+        return Err(format!("{s:?}: invalid host name"));
+    }
+    Ok((host, port))
+}
+
+impl RelayConfig {
+    /// Parses a TOML configuration (does not validate; see [`RelayConfig::validate`]).
+    pub fn from_toml_str(s: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(s)?)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Self::from_toml_str(&text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks references, addresses and limits for consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.maxconn == 0 {
+            return Err(invalid("limits.maxconn must be at least 1"));
+        }
+        if !(512..=1 << 20).contains(&l.buffer_size) {
+            return Err(invalid(
+                "limits.buffer_size must be between 512 and 1048576",
+            ));
+        }
+        if !(512..=64 * 1024).contains(&l.max_client_hello) {
+            return Err(invalid(
+                "limits.max_client_hello must be between 512 and 65536",
+            ));
+        }
+        for (name, d) in [
+            ("connect_timeout", l.connect_timeout),
+            ("idle_timeout", l.idle_timeout),
+            ("half_close_timeout", l.half_close_timeout),
+            ("handshake_timeout", l.handshake_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(format!("limits.{name} must be greater than zero")));
+            }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid("tls.cert and tls.key must be given together"));
+        }
+        let enabled: Vec<_> = self.listeners.iter().filter(|x| x.enabled).collect();
+        if enabled.is_empty() {
+            return Err(invalid("no enabled [[listener]]"));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut addrs = std::collections::HashSet::new();
+        for li in &self.listeners {
+            if li.name.is_empty() {
+                return Err(invalid("a listener has an empty name"));
+            }
+            if !names.insert(li.name.as_str()) {
+                return Err(invalid(format!("duplicate listener name {:?}", li.name)));
+            }
+            if !li.enabled {
+                continue;
+            }
+            if li.listen.port() != 0 && !addrs.insert(li.listen) {
+                return Err(invalid(format!(
+                    "listener {:?}: address {} used twice",
+                    li.name, li.listen
+                )));
+            }
+            match (&li.pool, &li.sni) {
+                (Some(p), None) => {
+                    if !self.pools.contains_key(p) {
+                        return Err(invalid(format!(
+                            "listener {:?} uses unknown pool {p:?}",
+                            li.name
+                        )));
+                    }
+                }
+                (None, Some(sni)) => {
+                    if sni.allow.is_empty() {
+                        return Err(invalid(format!(
+                            "listener {:?}: sni.allow is empty",
+                            li.name
+                        )));
+                    }
+                    if sni.port == 0 {
+                        return Err(invalid(format!("listener {:?}: sni.port is 0", li.name)));
+                    }
+                    for a in &sni.allow {
+                        crate::sni::AllowList::check_entry(a).map_err(|e| {
+                            invalid(format!("listener {:?}: sni.allow {a:?}: {e}", li.name))
+                        })?;
+                    }
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "listener {:?} needs exactly one of `pool` or `sni`",
+                        li.name
+                    )))
+                }
+            }
+        }
+        if let Some(stats) = &self.stats {
+            if stats.listen.port() != 0 && addrs.contains(&stats.listen) {
+                return Err(invalid(format!(
+                    "stats address {} is also used by a listener",
+                    stats.listen
+                )));
+            }
+        }
+        for (name, pool) in &self.pools {
+            if pool.servers.is_empty() {
+                return Err(invalid(format!("pool {name:?} has no servers")));
+            }
+            for s in &pool.servers {
+                split_host_port(s).map_err(|e| invalid(format!("pool {name:?}: {e}")))?;
+            }
+            if pool.health_check_interval < Duration::from_millis(10) {
+                return Err(invalid(format!(
+                    "pool {name:?}: health_check_interval must be at least 10ms"
+                )));
+            }
+            if pool.fall == 0 {
+                return Err(invalid(format!("pool {name:?}: fall must be at least 1")));
+            }
+        }
+        for key in self.resolve.keys() {
+            split_host_port(key).map_err(|e| invalid(format!("resolve: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Pins `name_port` (`"host:port"`, as written in a pool or produced by SNI routing) to a
+    /// fixed address. Tests use it to point a preset's real host names at loopback stand-ins.
+    pub fn resolve_override(&mut self, name_port: impl Into<String>, addr: SocketAddr) {
+        self.resolve.insert(name_port.into(), addr);
+    }
+
+    /// Replaces the servers of every pool.
+    pub fn set_upstreams(&mut self, servers: &[String]) {
+        for pool in self.pools.values_mut() {
+            pool.servers = servers.to_vec();
+        }
+    }
+
+    /// Moves every enabled listener and the stats listener to `ip` on an ephemeral port
+    /// (port 0), so tests can run a preset without privileges or collisions.
+    pub fn use_ephemeral_ports(&mut self, ip: IpAddr) {
+        for li in &mut self.listeners {
+            li.listen = SocketAddr::new(ip, 0);
+        }
+        if let Some(s) = &mut self.stats {
+            s.listen = SocketAddr::new(ip, 0);
+        }
+    }
+
+    /// The listener with this name.
+    pub fn listener_mut(&mut self, name: &str) -> Option<&mut ListenerConfig> {
+        self.listeners.iter_mut().find(|l| l.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a.b:80").unwrap(), ("a.b".into(), 80));
+        assert_eq!(split_host_port("[::1]:443").unwrap(), ("::1".into(), 443));
+        assert!(split_host_port("::1:443").is_err());
+        assert!(split_host_port("a.b:0").is_err());
+        assert!(split_host_port("a.b").is_err());
+        assert!(split_host_port(":80").is_err());
+    }
+
+    #[test]
+    fn minimal_config_validates() {
+        let cfg = RelayConfig::from_toml_str(
+            r#"
+            [[listener]]
+            name = "chat"
+            listen = "127.0.0.1:0"
+            pool = "chat"
+            [pool.chat]
+            servers = ["127.0.0.1:5222"]
+            health_check_interval = "100ms"
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.pools["chat"].health_check_interval,
+            Duration::from_millis(100)
+        );
+        assert_eq!(cfg.limits.maxconn, 27_500);
+    }
+
+    #[test]
+    fn bad_references_rejected() {
+        let cfg = RelayConfig::from_toml_str(
+            r#"
+            [[listener]]
+            name = "chat"
+            listen = "127.0.0.1:0"
+            pool = "nope"
+            "#,
+        )
+        .unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown pool"));
+        assert!(RelayConfig::from_toml_str(
+            "[[listener]]\nname=\"x\"\nlisten=\"1.2.3.4:1\"\nbogus=1"
+        )
+        .is_err());
+    }
+}

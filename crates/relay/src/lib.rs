@@ -1,0 +1,60 @@
+//! # postern-relay — the volunteer relay
+//!
+//! A relay lets people whose network blocks the Postern service reach it through a machine
+//! run by a volunteer. It moves bytes and never needs a key: the chat protocol (Noise) is
+//! end-to-end encrypted and authenticates the server through the relay.
+//!
+//! ## Design
+//!
+//! The model is HAProxy's, so the same binary can also front the reference messenger:
+//!
+//! ```text
+//!  listeners ──────────────► routes ─────────────────────► upstreams
+//!  port, TLS or not,         a fixed pool, or SNI           servers per pool, health-checked,
+//!  PROXY header expected     routing to an allow-list       load-balanced, PROXY header sent
+//! ```
+//!
+//! A connection's life ([`listener`]): the accept loop enforces `maxconn` ([`limits`]);
+//! then, under one handshake deadline, an optional PROXY header is read ([`proxy_header`]),
+//! the per-source limit applied, TLS terminated ([`tls`]), and either a pool server chosen
+//! ([`upstream`]: round-robin / least-connections over healthy servers, failover on connect
+//! errors, active and passive health checks) or the ClientHello read and its SNI matched
+//! against the allow-list ([`sni`]). Finally bytes are copied both ways with small buffers,
+//! idle and half-close timeouts ([`copy`]). The relay never connects anywhere except pool
+//! servers and allow-listed names.
+//!
+//! Modules, one concept each:
+//! * [`config`] — the TOML model ([`config::RelayConfig`]); [`presets`] — built-in configs
+//!   (and [`presets::postern_on`] to embed a relay, e.g. in `postern dev`).
+//! * [`relay`] — [`Relay::start`] binds everything and returns a [`RunningRelay`].
+//! * [`listener`], [`copy`], [`stream`] — per-connection handling.
+//! * [`tls`], [`proxy_header`], [`sni`] — the three handshakes a relay can do.
+//! * [`upstream`] — pools, resolver, health checks; [`limits`] — maxconn, per-source limit.
+//! * [`stats`], [`stats_page`] — counters, `/metrics`, `/healthz`, and the HTML status page.
+//! * [`link`] — `postern://proxy?...` links; [`cli`] — `postern relay [link]`.
+//!
+//! Nothing is written to disk: a generated certificate lives in memory. Client addresses are
+//! logged only when the operator opts in.
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod copy;
+pub mod limits;
+pub mod link;
+pub mod listener;
+pub mod presets;
+pub mod proxy_header;
+pub mod relay;
+pub mod sni;
+pub mod stats;
+pub mod stats_page;
+pub mod stream;
+pub mod tls;
+pub mod upstream;
+
+pub use config::RelayConfig;
+pub use link::ProxyLink;
+pub use listener::ListenerKind;
+pub use relay::{Relay, RelayError, RunningRelay};

@@ -1,0 +1,261 @@
+//! Starting and stopping a whole relay from a [`RelayConfig`].
+
+use crate::config::{ConfigError, RelayConfig};
+use crate::limits::ConnLimiter;
+use crate::listener::{Listener, ListenerKind, Route, Shared};
+use crate::sni::AllowList;
+use crate::stats::{ListenerStats, Metrics};
+use crate::tls::TlsError;
+use crate::upstream::{Pool, Resolver};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Errors starting a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listening socket could not be opened.
+    #[error("listener {name:?} cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        /// Listener name ("stats" for the stats listener).
+        name: String,
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+        /// Advice for common cases.
+        hint: &'static str,
+    },
+}
+
+/// Entry point: `Relay::start(config)`.
+pub struct Relay;
+
+/// A relay that is listening. [`RunningRelay::shutdown`] stops it gracefully; dropping it
+/// stops it abruptly (listeners close, open connections are cut).
+pub struct RunningRelay {
+    listeners: Vec<(String, ListenerKind, SocketAddr)>,
+    stats_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    cut: CancellationToken,
+    tracker: TaskTracker,
+    grace: Duration,
+}
+
+fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or use high ports with --plain/--tls/--stats)"
+        }
+        std::io::ErrorKind::AddrInUse => " (another program already uses this port; pick another address with --plain/--tls/--stats)",
+        _ => "",
+    }
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, RelayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::Bind {
+            name: name.to_string(),
+            addr,
+            hint: bind_hint(&source, addr),
+            source,
+        })
+}
+
+impl Relay {
+    /// Validates `config`, binds every enabled listener and the stats listener, starts health
+    /// checks, and returns once everything is listening.
+    pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
+        config.validate()?;
+        let limits = config.limits.clone();
+        let stop = CancellationToken::new();
+        let cut = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let resolver = Arc::new(Resolver::new(config.resolve.clone()));
+
+        let needs_tls = config.listeners.iter().any(|l| l.enabled && l.tls);
+        let acceptor = if needs_tls {
+            Some(crate::tls::acceptor(&config.tls)?)
+        } else {
+            None
+        };
+
+        let pools: BTreeMap<String, Arc<Pool>> = config
+            .pools
+            .iter()
+            .map(|(name, cfg)| (name.clone(), Pool::new(name, cfg)))
+            .collect();
+
+        let shared = Arc::new(Shared {
+            limits: limits.clone(),
+            limiter: ConnLimiter::new(limits.maxconn, limits.max_per_source),
+            resolver: resolver.clone(),
+            log_addresses: config.log_client_addresses,
+            cut: cut.clone(),
+            tracker: tracker.clone(),
+        });
+
+        // Bind everything first so a failure leaves nothing running.
+        let mut bound = Vec::new();
+        for lc in config.listeners.iter().filter(|l| l.enabled) {
+            let socket = bind(&lc.name, lc.listen).await?;
+            let addr = socket.local_addr().map_err(|source| RelayError::Bind {
+                name: lc.name.clone(),
+                addr: lc.listen,
+                hint: "",
+                source,
+            })?;
+            bound.push((lc, socket, addr));
+        }
+        let stats_socket = match &config.stats {
+            Some(s) => Some(bind("stats", s.listen).await?),
+            None => None,
+        };
+
+        let mut listeners = Vec::new();
+        let mut all_stats = Vec::new();
+        let mut runners = Vec::new();
+        for (lc, socket, addr) in bound {
+            let route = match (&lc.pool, &lc.sni) {
+                (Some(p), _) => Route::Pool(pools[p].clone()),
+                (None, Some(sni)) => Route::Sni {
+                    allow: Arc::new(AllowList::new(&sni.allow)),
+                    port: sni.port,
+                },
+                (None, None) => unreachable!("validated"),
+            };
+            let kind = ListenerKind {
+                tls: lc.tls,
+                proxy_expected: lc.accept_proxy,
+                sni: lc.sni.is_some(),
+            };
+            let stats = ListenerStats::new(&lc.name, &kind.to_string(), addr);
+            all_stats.push(stats.clone());
+            listeners.push((lc.name.clone(), kind, addr));
+            tracing::info!(listener = %lc.name, %addr, %kind, "listening");
+            runners.push((
+                Arc::new(Listener {
+                    name: lc.name.clone(),
+                    kind,
+                    tls: if lc.tls { acceptor.clone() } else { None },
+                    route,
+                    stats,
+                    shared: shared.clone(),
+                }),
+                socket,
+            ));
+        }
+        for (listener, socket) in runners {
+            tracker.spawn(listener.run(socket, stop.clone()));
+        }
+        for pool in pools.values() {
+            tracker.spawn(pool.clone().health_loop(
+                resolver.clone(),
+                limits.connect_timeout,
+                stop.clone(),
+            ));
+        }
+        let metrics = Metrics::new(all_stats, pools.values().cloned().collect());
+        let mut stats_addr = None;
+        if let Some(socket) = stats_socket {
+            stats_addr = socket.local_addr().ok();
+            if let Some(a) = stats_addr {
+                tracing::info!(addr = %a, "stats page listening");
+            }
+            tracker.spawn(crate::stats::serve(
+                socket,
+                metrics.clone(),
+                stop.clone(),
+                Duration::from_secs(60),
+            ));
+        }
+        Ok(RunningRelay {
+            listeners,
+            stats_addr,
+            metrics,
+            stop,
+            cut,
+            tracker,
+            grace: limits.shutdown_grace,
+        })
+    }
+}
+
+impl RunningRelay {
+    /// `(listener name, kind, bound address)` for every enabled listener, in config order.
+    pub fn listeners(&self) -> Vec<(String, ListenerKind, SocketAddr)> {
+        self.listeners.clone()
+    }
+
+    /// Bound address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, a)| *a)
+    }
+
+    /// Bound address of the stats listener.
+    pub fn stats_addr(&self) -> Option<SocketAddr> {
+        self.stats_addr
+    }
+
+    /// Live counters (also served on the stats listener).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// A token that, when cancelled, begins the same shutdown as [`RunningRelay::shutdown`]
+    /// (stops accepting; connections are cut after the grace period only by `shutdown`).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Completes when shutdown has begun (via [`RunningRelay::stop_token`] or `shutdown`).
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await
+    }
+
+    /// Runs until `signal` completes (e.g. `tokio::signal::ctrl_c()`) or the stop token is
+    /// cancelled, then shuts down gracefully.
+    pub async fn run_until<F: std::future::Future>(self, signal: F) {
+        tokio::select! {
+            _ = signal => {}
+            _ = self.stop.cancelled() => {}
+        }
+        self.shutdown().await
+    }
+
+    /// Stops accepting, lets open connections finish for the grace period, then cuts them.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!("grace period over, closing remaining connections");
+            self.cut.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+        }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut.cancel();
+    }
+}

@@ -1,0 +1,112 @@
+//! TLS termination: a rustls server configuration from PEM files, or from a self-signed
+//! certificate generated at start with a random subject (kept in memory only).
+
+use crate::config::TlsSettings;
+use rand::Rng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+/// Problems setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Certificate or key file unreadable or not PEM.
+    #[error("cannot load {what} from {path}: {detail}")]
+    Load {
+        /// "certificate" or "private key".
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Certificate generation failed.
+    #[error("cannot generate a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the certificate/key pair.
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A generated self-signed certificate and its key, DER encoded.
+pub struct Generated {
+    /// Certificate.
+    pub cert: CertificateDer<'static>,
+    /// PKCS#8 private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The random subject common name.
+    pub subject: String,
+}
+
+fn random_label(rng: &mut impl Rng, len: usize) -> String {
+    (0..len)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect()
+}
+
+/// Generates a self-signed certificate with a random host-name-like subject plus `names`
+/// (DNS names or IP addresses) as subject alternative names.
+pub fn generate_self_signed(names: &[String]) -> Result<Generated, TlsError> {
+    let mut rng = rand::rng();
+    let len = rng.random_range(6..14);
+    let tld = ["com", "net", "org", "io"][rng.random_range(0..4usize)];
+    let subject = format!("{}.{tld}", random_label(&mut rng, len));
+    let mut sans = vec![subject.clone()];
+    sans.extend(names.iter().cloned());
+    let mut params = rcgen::CertificateParams::new(sans)?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, subject.clone());
+    params.distinguished_name = dn;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(Generated {
+        cert: cert.der().clone(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        subject,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the acceptor used by all TLS listeners.
+pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
+    let (chain, key) = match (&settings.cert, &settings.key) {
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| TlsError::Load {
+                    what: "certificate",
+                    path: cert.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+            if chain.is_empty() {
+                return Err(TlsError::Load {
+                    what: "certificate",
+                    path: cert.display().to_string(),
+                    detail: "no CERTIFICATE block".into(),
+                });
+            }
+            let k = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Load {
+                what: "private key",
+                path: key.display().to_string(),
+                detail: e.to_string(),
+            })?;
+            (chain, k)
+        }
+        _ => {
+            let g = generate_self_signed(&settings.names)?;
+            tracing::info!(subject = %g.subject, "generated a self-signed TLS certificate");
+            (vec![g.cert], g.key)
+        }
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    // Look like an ordinary HTTPS server to anyone negotiating ALPN.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
