@@ -228,4 +228,16 @@ pub struct DevArgs {
     /// Address the server listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5222")]
     pub listen: SocketAddr,
+    /// The relay's plain listener (the 5222/80 kind).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5080")]
+    pub relay_plain: SocketAddr,
+    /// The relay's TLS listener (the 443 kind).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5443")]
+    pub relay_tls: SocketAddr,
+    /// The relay's status page and Prometheus metrics.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8199")]
+    pub relay_stats: SocketAddr,
+    /// Start only the server, without a relay.
+    #[arg(long)]
+    pub no_relay: bool,
 }
