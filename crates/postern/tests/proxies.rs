@@ -347,3 +347,40 @@ fn a_message_sent_while_every_path_is_down_is_delivered_when_a_relay_returns() {
     ok(&alice, &["inbox"]);
     assert!(ok(&bob, &["inbox"]).contains("alice: written in the dark"));
 }
+
+#[test]
+fn a_following_inbox_reconnects_when_its_relay_comes_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    let relay_addr = closed_port().to_string();
+    let upstream = server.addr.to_string();
+    let relay = TestRelay::start(&[
+        "--upstream",
+        &upstream,
+        "--plain",
+        &relay_addr,
+        "--no-stats",
+    ]);
+    ok(&bob, &["proxy", "use", "on"]);
+    ok(&bob, &["proxy", "add", &relay_addr, "--no-tls"]);
+
+    let follower = Follower::start(&bob);
+    ok(&alice, &["send", "bob", "before the relay restarts"]);
+    follower.expect(&["\"incoming\"", "before the relay restarts"]);
+
+    // The relay goes away and comes back on the same address; the follower's connection
+    // manager reconnects by itself (back-off with jitter) and the next message arrives.
+    relay.stop();
+    let _relay = TestRelay::start(&[
+        "--upstream",
+        &upstream,
+        "--plain",
+        &relay_addr,
+        "--no-stats",
+    ]);
+    ok(&alice, &["send", "bob", "after the relay restarted"]);
+    follower.expect(&["\"incoming\"", "after the relay restarted"]);
+}
