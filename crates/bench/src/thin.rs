@@ -17,7 +17,7 @@ use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::server::{Endpoint, ServerProcess};
+use crate::server::{cpu_seconds, Endpoint, ServerProcess};
 use crate::stats::{latency_cell, mib, Recorder, Table};
 use crate::ThinArgs;
 
@@ -376,6 +376,7 @@ pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Pat
     // 3. Messaging: `senders` clients each send their share, one at a time.
     let per_sender = args.messages.div_ceil(args.senders);
     let cpu_before = server.cpu_seconds()?;
+    let cpu_self_before = cpu_seconds("self")?;
     let t = Instant::now();
     let mut handles = Vec::new();
     for c in clients.iter().take(args.senders) {
@@ -403,6 +404,7 @@ pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Pat
     }
     let total_secs = t.elapsed().as_secs_f64();
     let cpu = server.cpu_seconds()? - cpu_before;
+    let cpu_self = cpu_seconds("self")? - cpu_self_before;
     server.check_alive()?;
     let rss_after = server.rss_kib()?;
     stopping.store(true, Ordering::Relaxed);
@@ -448,6 +450,10 @@ pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Pat
             total_secs,
             100.0 * cpu / total_secs
         ),
+    );
+    table.row(
+        "load generator CPU (this process) during messaging",
+        format!("{cpu_self:.1} s"),
     );
     table.row(
         format!("server RSS after messaging, {} connected", clients.len()),
