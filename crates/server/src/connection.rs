@@ -207,10 +207,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         }
     }
 
-    /// Starts receiving pushes, if this connection is a registered, receiving device.
+    /// Starts receiving pushes, if this connection is a registered, receiving device. The
+    /// first push reads everything that queued up while it was away.
     fn go_online(&mut self) {
         if let (Some(d), None, false) = (&self.device, &self.presence, self.send_only) {
-            self.presence = Some(self.shared.hub.join(d.device_id));
+            let presence = self.shared.hub.join(d.device_id);
+            presence.signal.envelopes.store(true, Ordering::Release);
+            presence.signal.receipts.store(true, Ordering::Release);
+            self.presence = Some(presence);
         }
     }
 
@@ -230,8 +234,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return Ok(());
         };
         let device_id = device.device_id;
-        let keys_low = presence.signal.keys_low.swap(false, Ordering::Relaxed);
-        loop {
+        let signal = &presence.signal;
+        let keys_low = signal.keys_low.swap(false, Ordering::AcqRel);
+        let mut envelopes = signal.envelopes.swap(false, Ordering::AcqRel);
+        let mut receipts = signal.receipts.swap(false, Ordering::AcqRel);
+        while envelopes {
             let batch = self
                 .shared
                 .store
@@ -250,11 +257,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 });
                 self.reply(0, body).await?;
             }
-            if !full {
-                break;
-            }
+            // A full batch means there may be more.
+            envelopes = full;
         }
-        loop {
+        while receipts {
             let batch = self
                 .shared
                 .store
@@ -270,9 +276,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 });
                 self.reply(0, body).await?;
             }
-            if !full {
-                break;
-            }
+            receipts = full;
         }
         if keys_low {
             let remaining = self.shared.store.one_time_key_count(device_id).await?;
@@ -311,7 +315,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                             .ack_message(&device, &a.message_id)
                             .await?
                         {
-                            self.shared.hub.wake(sender_device);
+                            self.shared.hub.wake_receipts(sender_device);
                         }
                         server_frame::Body::Acked(Acked {})
                     }

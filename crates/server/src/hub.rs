@@ -12,10 +12,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-/// What a connection is woken for.
+/// What a connection is woken for. The flags let it read only what changed.
 #[derive(Default)]
 pub struct DeviceSignal {
     pub notify: Notify,
+    /// New envelopes are queued for the device.
+    pub envelopes: AtomicBool,
+    /// New delivery receipts are queued for the device.
+    pub receipts: AtomicBool,
     /// Set when the device's one-time keys ran low and it should upload more.
     pub keys_low: AtomicBool,
 }
@@ -53,19 +57,25 @@ impl Hub {
         }
     }
 
-    /// Wakes every connection of `device_id` (no-op if it is offline).
+    /// Tells every connection of `device_id` that envelopes are waiting (no-op if the
+    /// device is offline: it reads its queue when it connects).
     pub fn wake(&self, device_id: i64) {
-        if let Some(conns) = self.lock().get(&device_id) {
-            for (_, s) in conns {
-                s.notify.notify_one();
-            }
-        }
+        self.signal(device_id, |s| &s.envelopes);
+    }
+
+    /// Tells every connection of `device_id` that delivery receipts are waiting.
+    pub fn wake_receipts(&self, device_id: i64) {
+        self.signal(device_id, |s| &s.receipts);
     }
 
     pub fn keys_low(&self, device_id: i64) {
+        self.signal(device_id, |s| &s.keys_low);
+    }
+
+    fn signal(&self, device_id: i64, flag: impl Fn(&DeviceSignal) -> &AtomicBool) {
         if let Some(conns) = self.lock().get(&device_id) {
             for (_, s) in conns {
-                s.keys_low.store(true, Ordering::Relaxed);
+                flag(s).store(true, Ordering::Release);
                 s.notify.notify_one();
             }
         }
@@ -106,6 +116,8 @@ mod tests {
         hub.wake(7);
         a.signal.notify.notified().await;
         b.signal.notify.notified().await;
+        assert!(a.signal.envelopes.load(Ordering::Acquire));
+        assert!(!a.signal.receipts.load(Ordering::Acquire));
         assert_eq!(hub.online_devices(), 1);
         drop(a);
         drop(b);
