@@ -327,23 +327,30 @@ fn a_message_sent_while_every_path_is_down_is_delivered_when_a_relay_returns() {
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
-    let later = closed_port();
+    // The saved proxy's address is held by a forwarder that is "down" for now (it
+    // accepts and closes), so no other process can take the port meanwhile.
+    let front = Forwarder::start(server.addr, Tamper::Drop);
     ok(&alice, &["proxy", "use", "on"]);
-    ok(&alice, &["proxy", "add", &later.to_string(), "--no-tls"]);
+    ok(
+        &alice,
+        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
+    );
 
     let err = fails(&alice, &["send", "bob", "written in the dark"]);
     assert!(err.contains("saved"), "{err}");
     assert!(ok(&alice, &["history", "bob"]).contains("… written in the dark"));
 
-    // The relay comes up where the saved proxy points; the next connection sends it.
+    // A relay comes up behind the saved address; the next connection sends the message.
     let upstream = server.addr.to_string();
-    let _relay = TestRelay::start(&[
+    let relay = TestRelay::start(&[
         "--upstream",
         &upstream,
         "--plain",
-        &later.to_string(),
+        "127.0.0.1:0",
         "--no-stats",
     ]);
+    front.set_target(relay.addr("plain"));
+    front.set_tamper(Tamper::None);
     ok(&alice, &["inbox"]);
     assert!(ok(&bob, &["inbox"]).contains("alice: written in the dark"));
 }
@@ -355,32 +362,37 @@ fn a_following_inbox_reconnects_when_its_relay_comes_back() {
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
-    let relay_addr = closed_port().to_string();
     let upstream = server.addr.to_string();
     let relay = TestRelay::start(&[
         "--upstream",
         &upstream,
         "--plain",
-        &relay_addr,
+        "127.0.0.1:0",
         "--no-stats",
     ]);
+    // Bob's saved proxy address stays the same while relays come and go behind it.
+    let front = Forwarder::start(relay.addr("plain"), Tamper::None);
     ok(&bob, &["proxy", "use", "on"]);
-    ok(&bob, &["proxy", "add", &relay_addr, "--no-tls"]);
+    ok(&bob, &["proxy", "add", &front.addr.to_string(), "--no-tls"]);
 
     let follower = Follower::start(&bob);
     ok(&alice, &["send", "bob", "before the relay restarts"]);
     follower.expect(&["\"incoming\"", "before the relay restarts"]);
 
-    // The relay goes away and comes back on the same address; the follower's connection
-    // manager reconnects by itself (back-off with jitter) and the next message arrives.
+    // The relay dies (its connections with it) and another comes up behind the same
+    // address; the follower's connection manager reconnects by itself (back-off with
+    // jitter) and the next message arrives.
+    front.set_tamper(Tamper::Drop);
     relay.stop();
-    let _relay = TestRelay::start(&[
+    let relay = TestRelay::start(&[
         "--upstream",
         &upstream,
         "--plain",
-        &relay_addr,
+        "127.0.0.1:0",
         "--no-stats",
     ]);
+    front.set_target(relay.addr("plain"));
+    front.set_tamper(Tamper::None);
     ok(&alice, &["send", "bob", "after the relay restarted"]);
     follower.expect(&["\"incoming\"", "after the relay restarted"]);
 }

@@ -56,13 +56,13 @@ pub struct RelayCli {
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: Vec<String>,
 
-    /// Listen for plain TCP clients on ADDR (repeatable). Replaces the standard plain
-    /// addresses (0.0.0.0:80 and 0.0.0.0:5222). Example: --plain 0.0.0.0:15222
+    /// Listen for plain TCP clients on ADDR (repeatable). With --plain and/or --tls, the
+    /// addresses given are the whole client-facing set: the standard 80/443/5222 are not
+    /// opened (so a relay can run unprivileged). Example: --plain 0.0.0.0:15222
     #[arg(long, value_name = "ADDR")]
     pub plain: Vec<SocketAddr>,
 
-    /// Listen for TLS clients on ADDR (repeatable). Replaces the standard TLS address
-    /// (0.0.0.0:443). Example: --tls 0.0.0.0:8443
+    /// Listen for TLS clients on ADDR (repeatable); see --plain. Example: --tls 0.0.0.0:8443
     #[arg(long, value_name = "ADDR")]
     pub tls: Vec<SocketAddr>,
 
@@ -230,6 +230,16 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     ] {
         if !addrs.is_empty() {
             replace_listeners(&mut cfg, tls, proxy, addrs)?;
+        }
+    }
+    // --plain/--tls name the whole direct client-facing set: a kind not given is not
+    // opened (otherwise `--plain 0.0.0.0:15222` alone would still try port 443).
+    if !cli.plain.is_empty() || !cli.tls.is_empty() {
+        for (tls, given) in [(false, &cli.plain), (true, &cli.tls)] {
+            if given.is_empty() {
+                cfg.listeners
+                    .retain(|l| !(l.tls == tls && !l.accept_proxy && l.pool.is_some()));
+            }
         }
     }
     if cli.no_stats {
@@ -429,6 +439,14 @@ mod tests {
             .filter(|l| l.enabled)
             .map(|l| (l.name.clone(), l.listen.port(), l.tls, l.accept_proxy))
             .collect()
+    }
+
+    #[test]
+    fn only_the_listed_client_facing_listeners_open() {
+        let c = cfg(&["--upstream", "a.example:1", "--plain", "127.0.0.1:15222"]).unwrap();
+        assert_eq!(enabled(&c), [("http".into(), 15222, false, false)]);
+        let c = cfg(&["--upstream", "a.example:1", "--tls", "127.0.0.1:18443"]).unwrap();
+        assert_eq!(enabled(&c), [("https".into(), 18443, true, false)]);
     }
 
     #[test]

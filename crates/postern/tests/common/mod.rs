@@ -266,6 +266,8 @@ impl Drop for Follower {
 #[derive(Clone, Copy, Debug)]
 pub enum Tamper {
     None,
+    /// Accept and close at once: the path is down (the forwarder keeps its port).
+    Drop,
     /// Flip one bit of the byte at this offset of the server→client stream.
     FlipServerByte(usize),
     /// Flip one bit of the byte at this offset of the client→server stream.
@@ -276,6 +278,7 @@ pub enum Tamper {
 pub struct Forwarder {
     pub addr: SocketAddr,
     tamper: Arc<Mutex<Tamper>>,
+    target: Arc<Mutex<SocketAddr>>,
     pub captured: Arc<Mutex<Vec<u8>>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -289,11 +292,13 @@ impl Forwarder {
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let tamper = Arc::new(Mutex::new(tamper));
-        let (cap, conns, stopping, mode) = (
+        let target = Arc::new(Mutex::new(target));
+        let (cap, conns, stopping, mode, to) = (
             captured.clone(),
             connections.clone(),
             stop.clone(),
             tamper.clone(),
+            target.clone(),
         );
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -301,13 +306,18 @@ impl Forwarder {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                let current = *mode.lock().unwrap();
+                if matches!(current, Tamper::Drop) {
+                    drop(client);
+                    continue;
+                }
+                let target = *to.lock().unwrap();
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
                 conns.fetch_add(1, Ordering::Relaxed);
-                let current = *mode.lock().unwrap();
                 let (flip_up, flip_down) = match current {
-                    Tamper::None => (None, None),
+                    Tamper::None | Tamper::Drop => (None, None),
                     Tamper::FlipClientByte(n) => (Some(n), None),
                     Tamper::FlipServerByte(n) => (None, Some(n)),
                 };
@@ -323,10 +333,16 @@ impl Forwarder {
         Self {
             addr,
             tamper,
+            target,
             captured,
             connections,
             stop,
         }
+    }
+
+    /// Forwards connections opened from now on to `target`.
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
     }
 
     /// Changes what happens to connections opened from now on.
@@ -395,9 +411,19 @@ impl TestRelay {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn relay");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -411,9 +437,13 @@ impl TestRelay {
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("relay did not report its listeners");
+            let line = rx.recv_timeout(left).unwrap_or_else(|e| {
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "relay did not report its listeners ({e}); its stderr:\n{}",
+                    log.lock().unwrap()
+                )
+            });
             if let Some(rest) = line.strip_prefix("listening: ") {
                 let parts: Vec<&str> = rest.split_whitespace().collect();
                 if let [name, kind, addr] = parts[..] {
