@@ -114,10 +114,10 @@ fn fails_over_to_the_working_relay_and_starts_there_next_time() {
 
     let started = std::time::Instant::now();
     let status = ok(&alice, &["status"]);
-    // The black hole costs the handshake timeout (8 s), as in `proxy check`, not more.
+    // The black hole costs the handshake timeout (8 s), as in `proxy check`, not more (the bug: 10 s).
     let took = started.elapsed();
     assert!(
-        took < postern_client::HANDSHAKE_TIMEOUT + std::time::Duration::from_millis(1500),
+        took < postern_client::HANDSHAKE_TIMEOUT + std::time::Duration::from_millis(1800),
         "fail-over took {took:?}"
     );
     assert!(

@@ -139,12 +139,12 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<22} {:<10} {:>5}  {:<34} {:<18} {:>6}",
+        "{:<24} {:<10} {:>5}  {:<30} {:<18} {:>6}",
         "port", "probe", "sent", "answer", "close", "after"
     );
     for r in &rows {
         println!(
-            "{:<22} {:<10} {:>5}  {:<34} {:<18} {:>6}",
+            "{:<24} {:<10} {:>5}  {:<30} {:<18} {:>6}",
             r.target, r.probe, r.sent, r.answer, r.close, r.after
         );
     }
