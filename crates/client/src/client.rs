@@ -320,7 +320,9 @@ impl Client {
             &self.inner.secrets.noise,
             &self.inner.server_key,
             mode == ConnectMode::SendOnly,
-            CONNECT_TIMEOUT,
+            // The same bound as `proxy check`: a black-holed route must not cost more
+            // than the documented handshake timeout during fail-over.
+            crate::manager::HANDSHAKE_TIMEOUT,
         )
         .await?;
         if conn.hello.device.as_ref().map(|d| d.device_id) != Some(self.inner.info.device_id) {

@@ -112,7 +112,14 @@ fn fails_over_to_the_working_relay_and_starts_there_next_time() {
         &["proxy", "add", &relay.addr("tls").to_string(), "--tls"],
     );
 
+    let started = std::time::Instant::now();
     let status = ok(&alice, &["status"]);
+    // The black hole costs the handshake timeout (8 s), as in `proxy check`, not more (the bug: 10 s).
+    let took = started.elapsed();
+    assert!(
+        took < postern_client::HANDSHAKE_TIMEOUT + std::time::Duration::from_millis(1800),
+        "fail-over took {took:?}"
+    );
     assert!(
         status.contains(&format!(
             "✗ {refusing} (plain) — TCP connect: connection refused"

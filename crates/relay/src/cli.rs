@@ -384,6 +384,9 @@ pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
         .try_init();
     let cfg = build_config(&cli)?;
     let relay = Relay::start(cfg).await?;
+    // Handlers first: a SIGTERM sent as soon as "relay ready" appears must stop the relay
+    // gracefully, not kill it with the default action.
+    let stop = shutdown_signal()?;
     for (name, kind, addr) in relay.listeners() {
         println!("listening: {name} {kind} {addr}");
     }
@@ -392,28 +395,34 @@ pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
     }
     // Scripts (and tests) wait for this line: every listener above is accepting.
     println!("relay ready");
-    wait_for_signal().await?;
+    stop.await?;
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
 }
 
+/// Installs the SIGINT/SIGTERM handlers now; the future completes on either signal.
 #[cfg(unix)]
-async fn wait_for_signal() -> anyhow::Result<()> {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> anyhow::Result<()> {
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    Ok(async {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot wait for Ctrl-C")
+    })
 }
 
 #[cfg(test)]

@@ -34,14 +34,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(Relay::start(config).await?)
     };
 
-    print_instructions(&args, addr, relay.as_ref(), &dir);
-
     // One Ctrl-C (or SIGTERM) stops both, each shutting down cleanly.
+    let signal = super::shutdown_signal();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        super::shutdown_signal().await;
+        signal.await;
         let _ = stop_tx.send(true);
     });
+
+    print_instructions(&args, addr, relay.as_ref(), &dir);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };

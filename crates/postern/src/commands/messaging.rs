@@ -98,6 +98,8 @@ async fn follow_inbox(
 ) -> anyhow::Result<()> {
     // The manager connects through the best route, reconnects with back-off after a
     // drop, and sends what is pending each time it is back.
+    let stop = super::shutdown_signal();
+    tokio::pin!(stop);
     let manager = client.keep_connected(ConnectMode::Receive);
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.tick().await;
@@ -123,7 +125,7 @@ async fn follow_inbox(
                     client.drop_connection().await;
                 }
             }
-            _ = super::shutdown_signal() => break Ok(()),
+            _ = &mut stop => break Ok(()),
         }
     };
     manager.abort();

@@ -43,25 +43,34 @@ fn profile_home(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(base).join(".postern"))
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-pub(crate) async fn shutdown_signal() {
+/// A future that resolves when the process is asked to stop (Ctrl-C or SIGTERM). The
+/// handlers are installed now, when this is called — not when the future is first polled —
+/// so a signal that arrives right after a "ready" line is printed stops the process
+/// cleanly instead of killing it.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -47,8 +47,9 @@ pub(crate) fn config(args: &ServerRunArgs) -> ServerConfig {
 
 async fn serve(args: ServerRunArgs) -> anyhow::Result<()> {
     let server = Server::bind(config(&args)).await?;
+    let stop = super::shutdown_signal();
     // Scripts and tests wait for this line (the real port when --listen used port 0).
     println!("postern server listening on {}", server.local_addr());
-    server.run_until(super::shutdown_signal()).await?;
+    server.run_until(stop).await?;
     Ok(())
 }

@@ -1,0 +1,11 @@
+//! The censorship testbed's own programs (see `docs/testbed.md`):
+//!
+//! * `postern-censor`: a modelled censor — nftables drop rules for addresses and ports, and
+//!   inspection of each new TCP flow's first client data by a transparent interceptor
+//!   ([`classify`], [`profile`]);
+//! * `postern-prober`: an active prober in the style of Frolov et al. (NDSS 2020) that
+//!   records how each relay port answers and closes ([`probe`]).
+
+pub mod classify;
+pub mod probe;
+pub mod profile;

@@ -1,0 +1,216 @@
+//! Named censor profiles and the nftables rule set each one installs.
+//!
+//! A profile is data: addresses and ports dropped for flows coming from the client's
+//! interface, and an optional first-packet inspection (DPI) with the ports it covers.
+//! To add a profile, add an entry to [`PROFILES`] (and its expectations to `testbed/run`).
+
+use std::net::Ipv4Addr;
+
+/// The nftables table the censor owns (deleted on exit).
+pub const TABLE: &str = "postern_censor";
+
+/// A host of the testbed, resolved to an address from the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    Server,
+    RelayA,
+}
+
+/// First-packet inspection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dpi {
+    /// Bock et al. 2020: on these ports, only DNS/HTTP/TLS-looking first data passes.
+    Allowlist(&'static [u16]),
+    /// Wu et al. 2023: on every TCP port, random-looking first data is black-holed.
+    FullyEncrypted,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// The published measurement the profile models.
+    pub source: &'static str,
+    pub block_hosts: &'static [Host],
+    pub block_ports: &'static [u16],
+    pub dpi: Option<Dpi>,
+}
+
+pub const PROFILES: &[Profile] = &[
+    Profile {
+        name: "none",
+        summary: "no censorship (the baseline)",
+        source: "-",
+        block_hosts: &[],
+        block_ports: &[],
+        dpi: None,
+    },
+    Profile {
+        name: "ip-block",
+        summary: "the server's address is unreachable",
+        source: "IP blocking of published endpoints",
+        block_hosts: &[Host::Server],
+        block_ports: &[],
+        dpi: None,
+    },
+    Profile {
+        name: "port-block",
+        summary: "TCP port 5222 blocked to everyone, plus ip-block",
+        source: "port blocking of the messenger's default port",
+        block_hosts: &[Host::Server],
+        block_ports: &[5222],
+        dpi: None,
+    },
+    Profile {
+        name: "protocol-allowlist",
+        summary: "on 53/80/443 first data that is not DNS/HTTP/TLS is black-holed, plus port-block",
+        source: "Bock et al., FOCI 2020 (Iran's protocol filter)",
+        block_hosts: &[Host::Server],
+        block_ports: &[5222],
+        dpi: Some(Dpi::Allowlist(&[53, 80, 443])),
+    },
+    Profile {
+        name: "fully-encrypted",
+        summary: "random-looking first data on any TCP port is black-holed, plus ip-block",
+        source: "Wu et al., USENIX Security 2023 (China's fully-encrypted-traffic detector)",
+        block_hosts: &[Host::Server],
+        block_ports: &[],
+        dpi: Some(Dpi::FullyEncrypted),
+    },
+    Profile {
+        name: "relay-a-blocked",
+        summary: "protocol-allowlist, and relay A's address is blocked too",
+        source: "IP blocking of published relays",
+        block_hosts: &[Host::Server, Host::RelayA],
+        block_ports: &[5222],
+        dpi: Some(Dpi::Allowlist(&[53, 80, 443])),
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Profile> {
+    PROFILES.iter().find(|p| p.name == name)
+}
+
+/// Where the testbed's hosts are, and where the interceptor listens.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// The interface the client's traffic arrives on.
+    pub client_if: String,
+    pub server: Ipv4Addr,
+    pub relay_a: Ipv4Addr,
+    pub intercept_port: u16,
+}
+
+impl Network {
+    fn addr(&self, h: Host) -> Ipv4Addr {
+        match h {
+            Host::Server => self.server,
+            Host::RelayA => self.relay_a,
+        }
+    }
+}
+
+fn set<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    let v: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    format!("{{ {} }}", v.join(", "))
+}
+
+impl Profile {
+    /// The nftables script (for `nft -f -`) that installs this profile. Drops come first
+    /// (in a prerouting chain ahead of NAT), so a blocked address is never intercepted;
+    /// flows to inspect are redirected to the local interceptor.
+    pub fn ruleset(&self, net: &Network) -> String {
+        let iif = &net.client_if;
+        let mut s = format!("table inet {TABLE} {{\n");
+        s.push_str(
+            "  chain drops {\n    type filter hook prerouting priority -200; policy accept;\n",
+        );
+        if !self.block_hosts.is_empty() {
+            let hosts = set(self.block_hosts.iter().map(|h| net.addr(*h)));
+            s.push_str(&format!(
+                "    iifname \"{iif}\" ip daddr {hosts} counter drop comment \"blocked addresses\"\n"
+            ));
+        }
+        if !self.block_ports.is_empty() {
+            let ports = set(self.block_ports);
+            s.push_str(&format!(
+                "    iifname \"{iif}\" tcp dport {ports} counter drop comment \"blocked ports\"\n"
+            ));
+        }
+        s.push_str("  }\n");
+        if let Some(dpi) = self.dpi {
+            let port = net.intercept_port;
+            s.push_str(
+                "  chain inspect {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+            );
+            match dpi {
+                Dpi::Allowlist(ports) => s.push_str(&format!(
+                    "    iifname \"{iif}\" tcp dport {} counter redirect to :{port} comment \"first-packet allow-list\"\n",
+                    set(ports)
+                )),
+                Dpi::FullyEncrypted => s.push_str(&format!(
+                    "    iifname \"{iif}\" meta l4proto tcp counter redirect to :{port} comment \"fully-encrypted detector\"\n"
+                )),
+            }
+            s.push_str("  }\n");
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net() -> Network {
+        Network {
+            client_if: "cli0".into(),
+            server: Ipv4Addr::new(10, 66, 4, 2),
+            relay_a: Ipv4Addr::new(10, 66, 2, 2),
+            intercept_port: 15001,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_the_issue_names_exist() {
+        for n in [
+            "ip-block",
+            "port-block",
+            "protocol-allowlist",
+            "fully-encrypted",
+            "relay-a-blocked",
+        ] {
+            assert!(find(n).is_some(), "{n}");
+        }
+        let mut names: Vec<_> = PROFILES.iter().map(|p| p.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), PROFILES.len());
+    }
+
+    #[test]
+    fn rulesets_drop_and_redirect_what_the_profile_says() {
+        let r = find("relay-a-blocked").unwrap().ruleset(&net());
+        assert!(
+            r.contains("ip daddr { 10.66.4.2, 10.66.2.2 } counter drop"),
+            "{r}"
+        );
+        assert!(r.contains("tcp dport { 5222 } counter drop"), "{r}");
+        assert!(
+            r.contains("tcp dport { 53, 80, 443 } counter redirect to :15001"),
+            "{r}"
+        );
+        let r = find("fully-encrypted").unwrap().ruleset(&net());
+        assert!(
+            r.contains("meta l4proto tcp counter redirect to :15001"),
+            "{r}"
+        );
+        assert!(!r.contains("5222"), "{r}");
+        let r = find("none").unwrap().ruleset(&net());
+        assert!(
+            !r.contains("counter drop") && !r.contains("redirect"),
+            "{r}"
+        );
+    }
+}
