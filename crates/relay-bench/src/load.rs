@@ -54,7 +54,9 @@ pub fn verify(offset: u64, data: &[u8]) -> bool {
 
 /// A 64-byte echo message that encodes the connection and sequence number.
 pub fn message(conn: u32, seq: u64, out: &mut [u8]) {
-    let start = (conn as u64).wrapping_mul(7919).wrapping_add(seq.wrapping_mul(64));
+    let start = (conn as u64)
+        .wrapping_mul(7919)
+        .wrapping_add(seq.wrapping_mul(64));
     for (i, b) in out.iter_mut().enumerate() {
         *b = expected(start + i as u64, 1)[0];
     }
@@ -275,7 +277,10 @@ pub async fn upload(t: &Target, len: u64) -> Result<Bulk> {
     let secs = start.elapsed().as_secs_f64();
     let got = u64::from_le_bytes(reply[..8].try_into().expect("8 bytes"));
     if reply[8] != 1 || got != len {
-        bail!("upload corrupted: upstream verified {got} of {len} bytes, ok={}", reply[8]);
+        bail!(
+            "upload corrupted: upstream verified {got} of {len} bytes, ok={}",
+            reply[8]
+        );
     }
     Ok(Bulk { bytes: len, secs })
 }
@@ -496,7 +501,10 @@ mod tests {
     #[tokio::test]
     async fn direct_path_verifies() {
         let up = start_upstream().await.unwrap();
-        let t = Target { addr: up, tls: None };
+        let t = Target {
+            addr: up,
+            tls: None,
+        };
         assert_eq!(upload(&t, 1_000_003).await.unwrap().bytes, 1_000_003);
         assert_eq!(download(&t, 777_777).await.unwrap().bytes, 777_777);
         let rr = request_response(&t, 3, Duration::from_millis(100))

@@ -20,7 +20,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Benchmark postern relay against HAProxy and nginx on loopback")]
+#[command(
+    version,
+    about = "Benchmark postern relay against HAProxy and nginx on loopback"
+)]
 struct Args {
     /// Seconds per bulk transfer (each way, plain and TLS).
     #[arg(long, default_value_t = 3.0)]
@@ -160,7 +163,11 @@ fn render(rows: &[Row]) -> String {
             "| {} | {}{} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.unit,
-            if r.higher_better { "" } else { " (lower is better)" },
+            if r.higher_better {
+                ""
+            } else {
+                " (lower is better)"
+            },
             fmt(r.vals[0], r.decimals),
             fmt(r.vals[1], r.decimals),
             fmt(r.vals[2], r.decimals),
@@ -221,7 +228,11 @@ async fn bench_peer(kind: Kind, setup: &Setup, a: &Args, rows: &mut [Row]) -> Re
     let c = col(kind);
     let on = |t: &str| a.tests.iter().any(|x| x == t);
     if on("idle") {
-        eprintln!("== {}: idle memory, {} connections", kind.name(), a.idle_conns);
+        eprintln!(
+            "== {}: idle memory, {} connections",
+            kind.name(),
+            a.idle_conns
+        );
         rows[r::IDLE].vals[c] = Some(idle_memory(kind, setup, false, a.idle_conns).await?);
         rows[r::TLS_IDLE].vals[c] = Some(idle_memory(kind, setup, true, a.idle_conns).await?);
     }
@@ -264,7 +275,13 @@ async fn bench_bulk(
     Ok(())
 }
 
-async fn bench_rr(plain: &Target, tls: &Target, c: usize, a: &Args, rows: &mut [Row]) -> Result<()> {
+async fn bench_rr(
+    plain: &Target,
+    tls: &Target,
+    c: usize,
+    a: &Args,
+    rows: &mut [Row],
+) -> Result<()> {
     eprintln!("   request/response");
     let rr = load::request_response(plain, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
     rows[r::RR].vals[c] = Some(rr.rate);
@@ -277,7 +294,13 @@ async fn bench_rr(plain: &Target, tls: &Target, c: usize, a: &Args, rows: &mut [
     Ok(())
 }
 
-async fn bench_hs(relay: &Running, tls: &Target, c: usize, a: &Args, rows: &mut [Row]) -> Result<()> {
+async fn bench_hs(
+    relay: &Running,
+    tls: &Target,
+    c: usize,
+    a: &Args,
+    rows: &mut [Row],
+) -> Result<()> {
     let kind = relay.kind;
     eprintln!("   TLS handshakes");
     let hs = Duration::from_secs_f64(a.hs_secs);

@@ -67,7 +67,11 @@ pub fn write_cert(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let key = rcgen::KeyPair::generate()?;
     let params = rcgen::CertificateParams::new(vec!["relay.example".to_string()])?;
     let cert = params.self_signed(&key)?;
-    let (c, k, both) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("both.pem"));
+    let (c, k, both) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("both.pem"),
+    );
     std::fs::write(&c, cert.pem())?;
     std::fs::write(&k, key.serialize_pem())?;
     std::fs::write(&both, format!("{}{}", cert.pem(), key.serialize_pem()))?;
@@ -80,7 +84,13 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"] {
+    for dir in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/sbin",
+    ] {
         let p = Path::new(dir).join(cmd);
         if p.is_file() {
             return Some(p);
@@ -202,9 +212,7 @@ stream {{
     }}
 }}
 ",
-        module = nginx_stream_module()
-            .unwrap_or_default()
-            .display(),
+        module = nginx_stream_module().unwrap_or_default().display(),
         workers = s.workers,
         dir = s.dir.display(),
         cert = s.cert.display(),
@@ -271,7 +279,13 @@ impl Running {
                     .args(["--upstream", &s.upstream.to_string()])
                     .args(["--plain", &plain.to_string()])
                     .args(["--tls", &tls.to_string()])
-                    .args(["--no-stats", "--send-proxy", "none", "--max-per-source", "0"])
+                    .args([
+                        "--no-stats",
+                        "--send-proxy",
+                        "none",
+                        "--max-per-source",
+                        "0",
+                    ])
                     .arg("--tls-cert")
                     .arg(&s.cert)
                     .arg("--tls-key")

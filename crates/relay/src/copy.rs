@@ -309,7 +309,7 @@ mod tests {
     #[tokio::test]
     async fn copies_both_ways_through_small_pipes() {
         // Pipes smaller than the data force the pending-buffer path.
-        let (client, mut c_far) = tokio::io::duplex(1000);
+        let (client, c_far) = tokio::io::duplex(1000);
         let (upstream, mut u_far) = tokio::io::duplex(700);
         let (up, down, cancel) = (
             AtomicU64::new(0),
