@@ -84,7 +84,9 @@ pub struct Limits {
     /// Maximum concurrent connections from one source address (IPv4 address or IPv6 /64);
     /// 0 disables the limit (default 512: many users can share one carrier-grade NAT address).
     pub max_per_source: usize,
-    /// Copy buffer per direction and connection, in bytes (default 8192).
+    /// Largest read per direction, and the most a connection holds per direction while its
+    /// writer is slower than its reader, in bytes (default 65536). Idle connections hold no
+    /// copy buffer whatever this is (reads go to a per-thread scratch buffer; see [`crate::copy`]).
     pub buffer_size: usize,
     /// Largest TLS ClientHello accepted for SNI routing, in bytes (default 16384).
     pub max_client_hello: usize,
@@ -102,7 +104,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             maxconn: 27_500,
             max_per_source: 512,
-            buffer_size: 8192,
+            buffer_size: 64 * 1024,
             max_client_hello: 16 * 1024,
             shutdown_grace: Duration::from_secs(5),
         }

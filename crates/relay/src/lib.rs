@@ -19,8 +19,8 @@
 //! the per-source limit applied, TLS terminated ([`tls`]), and either a pool server chosen
 //! ([`upstream`]: round-robin / least-connections over healthy servers, failover on connect
 //! errors, active and passive health checks) or the ClientHello read and its SNI matched
-//! against the allow-list ([`sni`]). Finally bytes are copied both ways with small buffers,
-//! idle and half-close timeouts ([`copy`]). The relay never connects anywhere except pool
+//! against the allow-list ([`sni`]). Finally bytes are copied both ways, with no buffer held
+//! while a connection is idle, under idle and half-close timeouts ([`copy`]). The relay never connects anywhere except pool
 //! servers and allow-listed names.
 //!
 //! Modules, one concept each:

@@ -155,7 +155,42 @@ impl Listener {
         }
     }
 
-    async fn serve(&self, mut tcp: TcpStream, peer: SocketAddr) -> Result<End, FailReason> {
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) -> Result<End, FailReason> {
+        // The handshakes (PROXY header, TLS, ClientHello, connect) run in a boxed future that
+        // is freed once they are done: only the small relaying state stays with the task of a
+        // long-lived idle connection (see docs/benchmarks.md, idle memory).
+        let Prepared {
+            io,
+            upstream,
+            _source_slot,
+            _guard,
+        } = Box::pin(self.prepare(tcp, peer)).await?;
+        let limits = &self.shared.limits;
+
+        // 5. Relay (boxed too: measured, the task's future is smaller this way).
+        let end = Box::pin(relay(
+            io,
+            upstream,
+            CopyParams {
+                buffer: limits.buffer_size,
+                idle: limits.idle_timeout,
+                half_close: limits.half_close_timeout,
+                // A PROXY header inside the client's own stream could spoof its address towards
+                // an upstream that auto-detects headers: refuse it on every pool route.
+                refuse_proxy_header: matches!(self.route, Route::Pool(_)),
+                up: &self.stats.bytes_in,
+                down: &self.stats.bytes_out,
+                cancel: &self.shared.cut,
+            },
+        ))
+        .await;
+        if end == End::ProxyUnexpected {
+            return Err(FailReason::ProxyUnexpected);
+        }
+        Ok(end)
+    }
+
+    async fn prepare(&self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Prepared, FailReason> {
         let limits = &self.shared.limits;
         let deadline = Instant::now() + limits.handshake_timeout;
         let local = tcp.local_addr().unwrap_or(peer);
@@ -261,26 +296,19 @@ impl Listener {
                 .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
         }
 
-        // 5. Relay.
-        let end = relay(
+        Ok(Prepared {
             io,
             upstream,
-            CopyParams {
-                buffer: limits.buffer_size,
-                idle: limits.idle_timeout,
-                half_close: limits.half_close_timeout,
-                // A PROXY header inside the client's own stream could spoof its address towards
-                // an upstream that auto-detects headers: refuse it on every pool route.
-                refuse_proxy_header: matches!(self.route, Route::Pool(_)),
-                up: &self.stats.bytes_in,
-                down: &self.stats.bytes_out,
-                cancel: &self.shared.cut,
-            },
-        )
-        .await;
-        if end == End::ProxyUnexpected {
-            return Err(FailReason::ProxyUnexpected);
-        }
-        Ok(end)
+            _source_slot,
+            _guard,
+        })
     }
+}
+
+/// A connection ready to relay, with the slots it holds.
+struct Prepared {
+    io: BoxIo,
+    upstream: TcpStream,
+    _source_slot: crate::limits::SourceSlot,
+    _guard: Option<crate::upstream::ActiveGuard>,
 }

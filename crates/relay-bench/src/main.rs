@@ -1,0 +1,443 @@
+//! `relay-bench` — the Postern relay side by side with HAProxy (the reference messenger's
+//! settings) and nginx `stream`, on loopback, with one load generator that verifies every byte.
+//!
+//! ```sh
+//! cargo run --release -p relay-bench            # ~3-4 minutes; prints one Markdown table
+//! cargo run --release -p relay-bench -- --help  # durations, counts, peers, worker threads
+//! ```
+//!
+//! Each relay is started fresh for each memory figure (so the baseline is a clean process) and
+//! once more for the throughput, latency and handshake figures. See `docs/benchmarks.md`.
+
+mod load;
+mod peers;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use load::{Target, CHUNK};
+use peers::{Kind, Running, Setup};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Benchmark postern relay against HAProxy and nginx on loopback"
+)]
+struct Args {
+    /// Seconds per bulk transfer (each way, plain and TLS).
+    #[arg(long, default_value_t = 3.0)]
+    bulk_secs: f64,
+    /// Seconds per request/response run.
+    #[arg(long, default_value_t = 4.0)]
+    rr_secs: f64,
+    /// Connections for request/response.
+    #[arg(long, default_value_t = 50)]
+    rr_conns: usize,
+    /// Idle connections held open for the memory figure (keep 2 per connection + the bench's
+    /// own 2 well under the open-file limit).
+    #[arg(long, default_value_t = 3000)]
+    idle_conns: usize,
+    /// Seconds per TLS handshake run.
+    #[arg(long, default_value_t = 4.0)]
+    hs_secs: f64,
+    /// Concurrent handshaking clients.
+    #[arg(long, default_value_t = 32)]
+    hs_parallel: usize,
+    /// Worker threads (HAProxy nbthread, postern's tokio workers) / processes (nginx).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Load generator (and echo upstream) threads.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Relays to run, comma-separated: haproxy, nginx, postern.
+    #[arg(long, value_delimiter = ',', default_value = "haproxy,nginx,postern")]
+    peers: Vec<String>,
+    /// The `postern` binary (default: build and use the workspace's release binary).
+    #[arg(long)]
+    postern: Option<PathBuf>,
+    /// Extra argument for `postern relay` (repeatable), e.g. `--postern-arg=--config=FILE`.
+    #[arg(long, allow_hyphen_values = true)]
+    postern_arg: Vec<String>,
+    /// Measurements to run, comma-separated: idle, bulk, rr, hs.
+    #[arg(long, value_delimiter = ',', default_value = "idle,bulk,rr,hs")]
+    tests: Vec<String>,
+    /// Keep the scratch directory (configs, logs) and print its path.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn col(k: Kind) -> usize {
+    match k {
+        Kind::Haproxy => 1,
+        Kind::Nginx => 2,
+        Kind::Postern => 3,
+    }
+}
+
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    higher_better: bool,
+    decimals: usize,
+    vals: [Option<f64>; 4],
+}
+
+/// Row indices.
+mod r {
+    pub const UP: usize = 0;
+    pub const DOWN: usize = 1;
+    pub const TLS_UP: usize = 2;
+    pub const TLS_DOWN: usize = 3;
+    pub const RR: usize = 4;
+    pub const RR_P50: usize = 5;
+    pub const RR_P99: usize = 6;
+    pub const TLS_RR: usize = 7;
+    pub const TLS_RR_P50: usize = 8;
+    pub const TLS_RR_P99: usize = 9;
+    pub const IDLE: usize = 10;
+    pub const TLS_IDLE: usize = 11;
+    pub const HS: usize = 12;
+    pub const HS_RESUMED: usize = 13;
+    pub const CPU: usize = 14;
+    pub const TLS_CPU: usize = 15;
+}
+
+fn rows() -> Vec<Row> {
+    let row = |name, unit, higher_better, decimals| Row {
+        name,
+        unit,
+        higher_better,
+        decimals,
+        vals: [None; 4],
+    };
+    vec![
+        row("bulk plain, client→upstream", "MiB/s", true, 0),
+        row("bulk plain, upstream→client", "MiB/s", true, 0),
+        row("bulk TLS, client→upstream", "MiB/s", true, 0),
+        row("bulk TLS, upstream→client", "MiB/s", true, 0),
+        row("req/resp plain, 50 conns × 64 B", "req/s", true, 0),
+        row("req/resp plain p50", "µs", false, 0),
+        row("req/resp plain p99", "µs", false, 0),
+        row("req/resp TLS, 50 conns × 64 B", "req/s", true, 0),
+        row("req/resp TLS p50", "µs", false, 0),
+        row("req/resp TLS p99", "µs", false, 0),
+        row("idle memory plain", "KiB/conn", false, 2),
+        row("idle memory TLS", "KiB/conn", false, 2),
+        row("TLS handshakes (full)", "conn/s", true, 0),
+        row("TLS handshakes (resumed)", "conn/s", true, 0),
+        row("CPU per GiB relayed, plain", "s/GiB", false, 2),
+        row("CPU per GiB relayed, TLS", "s/GiB", false, 2),
+    ]
+}
+
+fn fmt(v: Option<f64>, d: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.d$}"),
+        _ => "—".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => format!("{:.2}×", a / b),
+        _ => "—".into(),
+    }
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| metric | unit | no relay | HAProxy | nginx | postern | postern ÷ best peer | postern ÷ HAProxy | postern ÷ no relay |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let peers = [r.vals[1], r.vals[2]];
+        let best = peers.iter().flatten().copied().reduce(|a, b| {
+            if r.higher_better {
+                a.max(b)
+            } else {
+                a.min(b)
+            }
+        });
+        s.push_str(&format!(
+            "| {} | {}{} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            r.unit,
+            if r.higher_better {
+                ""
+            } else {
+                " (lower is better)"
+            },
+            fmt(r.vals[0], r.decimals),
+            fmt(r.vals[1], r.decimals),
+            fmt(r.vals[2], r.decimals),
+            fmt(r.vals[3], r.decimals),
+            ratio(r.vals[3], best),
+            ratio(r.vals[3], r.vals[1]),
+            ratio(r.vals[3], r.vals[0]),
+        ));
+    }
+    s
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * MIB;
+
+/// Bulk both ways on `t`; returns (up MiB/s, down MiB/s, bytes moved).
+async fn bulk_pair(t: &Target, secs: f64) -> Result<(f64, f64, u64)> {
+    let dur = Duration::from_secs_f64(secs);
+    let probe = 16 * CHUNK as u64 * 16; // 16 MiB
+    let (up, b1) = load::timed_bulk(probe, dur, |n| load::upload(t, n)).await?;
+    let (down, b2) = load::timed_bulk(probe, dur, |n| load::download(t, n)).await?;
+    Ok((up.rate() / MIB, down.rate() / MIB, b1 + b2))
+}
+
+/// Idle memory per connection, KiB, on a freshly started relay.
+async fn idle_memory(kind: Kind, setup: &Setup, tls: bool, n: usize) -> Result<f64> {
+    let relay = Running::start(kind, setup)?;
+    let t = target(&relay, tls);
+    // Warm up: first-connection allocations (TLS config, thread pools) are not per connection.
+    for s in load::open_idle(&t, 8, 8).await? {
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = relay.rss();
+    let conns = load::open_idle(&t, n, 64).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = relay.rss();
+    drop(conns);
+    relay.stop();
+    Ok((after.saturating_sub(before)) as f64 / n as f64 / 1024.0)
+}
+
+fn target(relay: &Running, tls: bool) -> Target {
+    if tls {
+        Target {
+            addr: relay.tls,
+            tls: Some(load::client_config(false)),
+        }
+    } else {
+        Target {
+            addr: relay.plain,
+            tls: None,
+        }
+    }
+}
+
+async fn bench_peer(kind: Kind, setup: &Setup, a: &Args, rows: &mut [Row]) -> Result<()> {
+    let c = col(kind);
+    let on = |t: &str| a.tests.iter().any(|x| x == t);
+    if on("idle") {
+        eprintln!(
+            "== {}: idle memory, {} connections",
+            kind.name(),
+            a.idle_conns
+        );
+        rows[r::IDLE].vals[c] = Some(idle_memory(kind, setup, false, a.idle_conns).await?);
+        rows[r::TLS_IDLE].vals[c] = Some(idle_memory(kind, setup, true, a.idle_conns).await?);
+    }
+    let relay = Running::start(kind, setup)?;
+    let (plain, tls) = (target(&relay, false), target(&relay, true));
+    if on("bulk") {
+        bench_bulk(&relay, &plain, &tls, c, a, rows).await?;
+    }
+    if on("rr") {
+        bench_rr(&plain, &tls, c, a, rows).await?;
+    }
+    if on("hs") {
+        bench_hs(&relay, &tls, c, a, rows).await?;
+    }
+    relay.stop();
+    Ok(())
+}
+
+async fn bench_bulk(
+    relay: &Running,
+    plain: &Target,
+    tls: &Target,
+    c: usize,
+    a: &Args,
+    rows: &mut [Row],
+) -> Result<()> {
+    let kind = relay.kind;
+    eprintln!("== {}: bulk", kind.name());
+    let cpu0 = relay.cpu();
+    let (up, down, bytes) = bulk_pair(plain, a.bulk_secs).await?;
+    let cpu1 = relay.cpu();
+    rows[r::UP].vals[c] = Some(up);
+    rows[r::DOWN].vals[c] = Some(down);
+    rows[r::CPU].vals[c] = Some((cpu1 - cpu0) / (bytes as f64 / GIB));
+    let (up, down, bytes) = bulk_pair(tls, a.bulk_secs).await?;
+    let cpu2 = relay.cpu();
+    rows[r::TLS_UP].vals[c] = Some(up);
+    rows[r::TLS_DOWN].vals[c] = Some(down);
+    rows[r::TLS_CPU].vals[c] = Some((cpu2 - cpu1) / (bytes as f64 / GIB));
+    Ok(())
+}
+
+async fn bench_rr(
+    plain: &Target,
+    tls: &Target,
+    c: usize,
+    a: &Args,
+    rows: &mut [Row],
+) -> Result<()> {
+    eprintln!("   request/response");
+    let rr = load::request_response(plain, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
+    rows[r::RR].vals[c] = Some(rr.rate);
+    rows[r::RR_P50].vals[c] = Some(rr.p50_us);
+    rows[r::RR_P99].vals[c] = Some(rr.p99_us);
+    let rr = load::request_response(tls, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
+    rows[r::TLS_RR].vals[c] = Some(rr.rate);
+    rows[r::TLS_RR_P50].vals[c] = Some(rr.p50_us);
+    rows[r::TLS_RR_P99].vals[c] = Some(rr.p99_us);
+    Ok(())
+}
+
+async fn bench_hs(
+    relay: &Running,
+    tls: &Target,
+    c: usize,
+    a: &Args,
+    rows: &mut [Row],
+) -> Result<()> {
+    let kind = relay.kind;
+    eprintln!("   TLS handshakes");
+    let hs = Duration::from_secs_f64(a.hs_secs);
+    let full = load::handshakes(tls, a.hs_parallel, hs).await?;
+    rows[r::HS].vals[c] = Some(full.rate);
+    let resumed_t = Target {
+        addr: relay.tls,
+        tls: Some(load::client_config(true)),
+    };
+    let res = load::handshakes(&resumed_t, a.hs_parallel, hs).await?;
+    rows[r::HS_RESUMED].vals[c] = Some(res.rate);
+    eprintln!(
+        "   {}: {:.0} full/s, {:.0} with a session cache/s ({:.0}% resumed)",
+        kind.name(),
+        full.rate,
+        res.rate,
+        res.resumed * 100.0
+    );
+    Ok(())
+}
+
+fn postern_binary(a: &Args) -> Result<PathBuf> {
+    if let Some(p) = &a.postern {
+        return Ok(p.clone());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the release postern binary (cargo build --release -p postern) ...");
+    let st = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "postern"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo")?;
+    anyhow::ensure!(st.success(), "cargo build --release -p postern failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/postern"))
+}
+
+async fn run(a: Args) -> Result<()> {
+    let want: Vec<Kind> = a
+        .peers
+        .iter()
+        .map(|p| match p.as_str() {
+            "haproxy" => Ok(Kind::Haproxy),
+            "nginx" => Ok(Kind::Nginx),
+            "postern" => Ok(Kind::Postern),
+            other => anyhow::bail!("unknown peer {other}"),
+        })
+        .collect::<Result<_>>()?;
+    let (have, notes) = peers::find_or_install(&want);
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let postern = if have.contains(&Kind::Postern) {
+        postern_binary(&a)?
+    } else {
+        PathBuf::new()
+    };
+    let dir = tempfile::Builder::new().prefix("relay-bench.").tempdir()?;
+    let (cert, key, combined) = peers::write_cert(dir.path())?;
+    let upstream = load::start_upstream().await?;
+    let setup = Setup {
+        dir: dir.path().to_path_buf(),
+        upstream,
+        cert,
+        key,
+        combined,
+        workers: a.workers,
+        postern,
+        postern_args: a.postern_arg.clone(),
+    };
+    let mut rows = rows();
+
+    eprintln!("== no relay (straight to the echo upstream)");
+    let direct = Target {
+        addr: upstream,
+        tls: None,
+    };
+    if a.tests.iter().any(|t| t == "bulk") {
+        let (up, down, _) = bulk_pair(&direct, a.bulk_secs).await?;
+        rows[r::UP].vals[0] = Some(up);
+        rows[r::DOWN].vals[0] = Some(down);
+    }
+    if a.tests.iter().any(|t| t == "rr") {
+        let rr =
+            load::request_response(&direct, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
+        rows[r::RR].vals[0] = Some(rr.rate);
+        rows[r::RR_P50].vals[0] = Some(rr.p50_us);
+        rows[r::RR_P99].vals[0] = Some(rr.p99_us);
+    }
+
+    for k in &have {
+        bench_peer(*k, &setup, &a, &mut rows)
+            .await
+            .with_context(|| format!("benchmarking {}", k.name()))?;
+    }
+
+    println!(
+        "\nrelay-bench: {} worker(s) per relay, {} load-generator thread(s), {} idle connections, \
+         {} request/response connections; all on loopback, every byte verified.\n",
+        a.workers, a.client_threads, a.idle_conns, a.rr_conns
+    );
+    print!("{}", render(&rows));
+    for n in &notes {
+        println!("\nnote: {n}");
+    }
+    if a.keep {
+        let p = dir.keep();
+        println!("\nscratch directory kept: {}", p.display());
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.client_threads.max(1))
+        .enable_all()
+        .build()?
+        .block_on(run(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_use_the_best_peer() {
+        let mut rs = rows();
+        rs[r::UP].vals = [Some(1000.0), Some(400.0), Some(500.0), Some(800.0)];
+        rs[r::IDLE].vals = [None, Some(4.0), Some(8.0), Some(1.0)];
+        let t = render(&rs);
+        let up = t.lines().find(|l| l.contains("plain, client→")).unwrap();
+        assert!(up.contains("| 1.60× | 2.00× | 0.80× |"), "{up}");
+        let idle = t.lines().find(|l| l.contains("idle memory plain")).unwrap();
+        assert!(idle.contains("| 0.25× | 0.25× | — |"), "{idle}");
+    }
+}
