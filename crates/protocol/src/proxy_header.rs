@@ -69,7 +69,17 @@ async fn read_v1<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<ProxyHeader,
 pub fn parse_v1(line: &[u8]) -> Result<ProxyHeader, ProtocolError> {
     let header = ppp::v1::Header::try_from(line)
         .map_err(|e| ProtocolError::ProxyHeader(format!("v1: {e}")))?;
-    let (source, destination) = match header.addresses {
+    let (source, destination) = addresses_v1(&header);
+    Ok(ProxyHeader {
+        version: 1,
+        source,
+        destination,
+    })
+}
+
+/// The (source, destination) a v1 header carries; `None` for `UNKNOWN`.
+pub fn addresses_v1(header: &ppp::v1::Header<'_>) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    match header.addresses {
         ppp::v1::Addresses::Tcp4(a) => (
             Some(SocketAddr::from((a.source_address, a.source_port))),
             Some(SocketAddr::from((
@@ -85,12 +95,7 @@ pub fn parse_v1(line: &[u8]) -> Result<ProxyHeader, ProtocolError> {
             ))),
         ),
         ppp::v1::Addresses::Unknown => (None, None),
-    };
-    Ok(ProxyHeader {
-        version: 1,
-        source,
-        destination,
-    })
+    }
 }
 
 async fn read_v2<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProtocolError> {
@@ -115,7 +120,17 @@ async fn read_v2<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<ProxyHeader,
 pub fn parse_v2(bytes: &[u8]) -> Result<ProxyHeader, ProtocolError> {
     let header = ppp::v2::Header::try_from(bytes)
         .map_err(|e| ProtocolError::ProxyHeader(format!("v2: {e}")))?;
-    let (source, destination) = match (header.command, header.addresses) {
+    let (source, destination) = addresses_v2(&header);
+    Ok(ProxyHeader {
+        version: 2,
+        source,
+        destination,
+    })
+}
+
+/// The (source, destination) a v2 header carries; `None` for `LOCAL` or non-IP headers.
+pub fn addresses_v2(header: &ppp::v2::Header<'_>) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    match (header.command, header.addresses) {
         (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => (
             Some(SocketAddr::from((a.source_address, a.source_port))),
             Some(SocketAddr::from((
@@ -131,25 +146,52 @@ pub fn parse_v2(bytes: &[u8]) -> Result<ProxyHeader, ProtocolError> {
             ))),
         ),
         _ => (None, None),
-    };
-    Ok(ProxyHeader {
-        version: 2,
-        source,
-        destination,
-    })
+    }
 }
 
-/// Builds a v2 `PROXY` header for a TCP connection (what relays send upstream).
+/// Puts both addresses in one family (IPv4 as IPv4-mapped IPv6 when they differ): a PROXY
+/// header cannot mix families.
+fn unify(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
+    fn v6(a: SocketAddr) -> SocketAddr {
+        match a.ip() {
+            std::net::IpAddr::V4(ip) => SocketAddr::new(ip.to_ipv6_mapped().into(), a.port()),
+            std::net::IpAddr::V6(_) => a,
+        }
+    }
+    if source.is_ipv4() == destination.is_ipv4() {
+        (source, destination)
+    } else {
+        (v6(source), v6(destination))
+    }
+}
+
+/// A v2 `PROXY` header (TCP) for a client `source` that connected to `destination` — what
+/// relays send upstream.
 pub fn encode_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    // Mixed families cannot be expressed; ppp then writes an UNSPEC (LOCAL-like) header.
-    let builder = ppp::v2::Builder::with_addresses(
+    let (s, d) = unify(source, destination);
+    ppp::v2::Builder::with_addresses(
         ppp::v2::Version::Two | ppp::v2::Command::Proxy,
         ppp::v2::Protocol::Stream,
-        (source, destination),
-    );
-    builder
-        .build()
-        .expect("building a PROXY v2 header into a Vec cannot fail")
+        ppp::v2::Addresses::from((s, d)),
+    )
+    .build()
+    // Building into a Vec only fails if the payload exceeds u16::MAX, impossible here.
+    .unwrap_or_default()
+}
+
+/// A v1 `PROXY` header for a client `source` that connected to `destination`.
+pub fn encode_v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (s, d) = unify(source, destination);
+    let addrs = match (s, d) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            ppp::v1::Addresses::new_tcp4(*s.ip(), *d.ip(), s.port(), d.port())
+        }
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            ppp::v1::Addresses::new_tcp6(*s.ip(), *d.ip(), s.port(), d.port())
+        }
+        _ => ppp::v1::Addresses::Unknown,
+    };
+    addrs.to_string().into_bytes()
 }
 
 #[cfg(test)]
@@ -197,6 +239,17 @@ mod tests {
         assert_eq!(h.version, 2);
         assert_eq!(h.source, Some("127.0.0.1:1".parse().unwrap()));
         assert_eq!(rest, b"\x00\x01x");
+    }
+
+    #[tokio::test]
+    async fn mixed_families_are_mapped_not_dropped() {
+        let src: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let dst: SocketAddr = "[2001:db8::2]:443".parse().unwrap();
+        let (h, _) = detect(&encode_v2(src, dst)).await;
+        assert_eq!(
+            h.unwrap().unwrap().source,
+            Some("[::ffff:192.0.2.1]:4000".parse().unwrap())
+        );
     }
 
     #[tokio::test]

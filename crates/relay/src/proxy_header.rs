@@ -2,9 +2,9 @@
 //! building the header the relay sends to its upstreams. Parsing and encoding use the `ppp`
 //! crate; this module only handles framing (how many bytes to read) and address mapping.
 
-use ppp::v2::{Builder, Command, Protocol, Version};
+use postern_protocol::proxy_header::{addresses_v1, addresses_v2};
 use ppp::{HeaderResult, PartialResult};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// v2 signature (12 bytes).
@@ -80,23 +80,7 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     }
     match res {
         HeaderResult::V1(Ok(h)) => {
-            let (source, destination) = match h.addresses {
-                ppp::v1::Addresses::Tcp4(a) => (
-                    Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(
-                        a.destination_address.into(),
-                        a.destination_port,
-                    )),
-                ),
-                ppp::v1::Addresses::Tcp6(a) => (
-                    Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(
-                        a.destination_address.into(),
-                        a.destination_port,
-                    )),
-                ),
-                ppp::v1::Addresses::Unknown => (None, None),
-            };
+            let (source, destination) = addresses_v1(&h);
             Ok(Parsed::Complete(
                 ProxiedAddrs {
                     source,
@@ -106,23 +90,7 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
             ))
         }
         HeaderResult::V2(Ok(h)) => {
-            let (source, destination) = match (h.command, h.addresses) {
-                (Command::Proxy, ppp::v2::Addresses::IPv4(a)) => (
-                    Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(
-                        a.destination_address.into(),
-                        a.destination_port,
-                    )),
-                ),
-                (Command::Proxy, ppp::v2::Addresses::IPv6(a)) => (
-                    Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(
-                        a.destination_address.into(),
-                        a.destination_port,
-                    )),
-                ),
-                _ => (None, None),
-            };
+            let (source, destination) = addresses_v2(&h);
             Ok(Parsed::Complete(
                 ProxiedAddrs {
                     source,
@@ -184,47 +152,8 @@ pub fn signature(buf: &[u8]) -> Signature {
     }
 }
 
-fn unify(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
-    fn v6(a: SocketAddr) -> SocketAddr {
-        match a.ip() {
-            IpAddr::V4(ip) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), a.port()),
-            IpAddr::V6(_) => a,
-        }
-    }
-    if source.is_ipv4() == destination.is_ipv4() {
-        (source, destination)
-    } else {
-        (v6(source), v6(destination))
-    }
-}
-
-/// PROXY v2 header (PROXY command, TCP) for a client `source` that connected to `destination`.
-pub fn encode_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let (s, d) = unify(source, destination);
-    Builder::with_addresses(
-        Version::Two | Command::Proxy,
-        Protocol::Stream,
-        ppp::v2::Addresses::from((s, d)),
-    )
-    .build()
-    // Building into a Vec only fails if the payload exceeds u16::MAX, impossible here.
-    .unwrap_or_default()
-}
-
-/// PROXY v1 header for a client `source` that connected to `destination`.
-pub fn encode_v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let (s, d) = unify(source, destination);
-    let addrs = match (s, d) {
-        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-            ppp::v1::Addresses::new_tcp4(*s.ip(), *d.ip(), s.port(), d.port())
-        }
-        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
-            ppp::v1::Addresses::new_tcp6(*s.ip(), *d.ip(), s.port(), d.port())
-        }
-        _ => ppp::v1::Addresses::Unknown,
-    };
-    addrs.to_string().into_bytes()
-}
+// Encoding lives with the server's parser in the protocol crate, so the two always agree.
+pub use postern_protocol::proxy_header::{encode_v1, encode_v2};
 
 #[cfg(test)]
 mod tests {
