@@ -377,6 +377,10 @@ impl Client {
     /// Puts a message in the local history as pending, without sending it: whatever
     /// happens to the network afterwards, what was typed is kept.
     pub async fn queue(&self, to: &str, text: &str) -> Result<MessageId, ClientError> {
+        Ok(self.queue_entry(to, text).await?.message_id)
+    }
+
+    async fn queue_entry(&self, to: &str, text: &str) -> Result<HistoryEntry, ClientError> {
         username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClientError::InvalidInput(format!(
@@ -389,34 +393,40 @@ impl Client {
                 "you cannot send a message to yourself".into(),
             ));
         }
-        let id = MessageId::random();
+        let entry = HistoryEntry {
+            message_id: MessageId::random(),
+            peer: to.to_string(),
+            outgoing: true,
+            text: text.to_string(),
+            created_ms: postern_protocol::now_ms(),
+            server_time_ms: None,
+            status: MessageStatus::Pending,
+        };
         self.inner
             .store
-            .insert_outgoing(&id.0, to, text, postern_protocol::now_ms())
+            .insert_outgoing(&entry.message_id.0, to, text, entry.created_ms)
             .await?;
-        Ok(id)
+        Ok(entry)
     }
 
     /// Sends `text` to `to`. Returns once the server holds it in the recipient's queue
     /// (✓). The message is in the local history (as pending) before anything is sent, so
     /// it is never lost; [`Client::send_pending`] retries it.
     pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, ClientError> {
-        let id = self.queue(to, text).await?;
-        let entry = self
-            .inner
-            .store
-            .pending_outgoing()
-            .await?
-            .into_iter()
-            .find(|e| e.message_id == id)
-            .ok_or_else(|| ClientError::Profile("a queued message vanished".into()))?;
-        match self.transmit(&entry).await {
-            Ok(()) => Ok(id),
+        let entry = self.queue_entry(to, text).await?;
+        self.transmit_or_forget(&entry).await?;
+        Ok(entry.message_id)
+    }
+
+    /// Transmits a pending message; one addressed to a user who does not exist can never
+    /// be delivered, so it is removed from the history and reported.
+    async fn transmit_or_forget(&self, entry: &HistoryEntry) -> Result<(), ClientError> {
+        match self.transmit(entry).await {
             Err(ClientError::UnknownContact(c)) => {
-                self.inner.store.delete_message(&id.0).await?;
+                self.inner.store.delete_message(&entry.message_id.0).await?;
                 Err(ClientError::UnknownContact(c))
             }
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
@@ -426,13 +436,10 @@ impl Client {
     pub async fn send_pending(&self) -> Result<Vec<PendingOutcome>, ClientError> {
         let mut outcomes = Vec::new();
         for entry in self.inner.store.pending_outgoing().await? {
-            let result = match self.transmit(&entry).await {
+            let result = match self.transmit_or_forget(&entry).await {
                 Ok(()) => Ok(()),
-                Err(ClientError::UnknownContact(c)) => {
-                    self.inner.store.delete_message(&entry.message_id.0).await?;
-                    Err(ClientError::UnknownContact(c))
-                }
-                Err(e @ ClientError::Server { .. }) => Err(e),
+                // Problems with this one message: report it and go on with the next.
+                Err(e @ (ClientError::UnknownContact(_) | ClientError::Server { .. })) => Err(e),
                 Err(e) => return Err(e),
             };
             outcomes.push(PendingOutcome {
