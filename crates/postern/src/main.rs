@@ -2,6 +2,13 @@
 
 use clap::Parser;
 
+/// jemalloc on Linux: tokio aligns its per-connection allocations to 128 bytes, which glibc's
+/// malloc pads; with jemalloc an idle relay connection costs about a quarter less memory
+/// (`docs/benchmarks.md`, idle memory).
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = postern::Cli::parse();
     init_logging(&cli);

@@ -88,6 +88,9 @@ pub struct Limits {
     /// writer is slower than its reader, in bytes (default 65536). Idle connections hold no
     /// copy buffer whatever this is (reads go to a per-thread scratch buffer; see [`crate::copy`]).
     pub buffer_size: usize,
+    /// Between plain TCP sockets, move bytes with `splice(2)` instead of copying them through
+    /// the relay's memory (default true; Linux only, elsewhere the relay always copies).
+    pub splice: bool,
     /// Largest TLS ClientHello accepted for SNI routing, in bytes (default 16384).
     pub max_client_hello: usize,
     /// On shutdown, connections get this long to finish before they are cut (default 5s).
@@ -105,6 +108,7 @@ impl Default for Limits {
             maxconn: 27_500,
             max_per_source: 512,
             buffer_size: 64 * 1024,
+            splice: true,
             max_client_hello: 16 * 1024,
             shutdown_grace: Duration::from_secs(5),
         }

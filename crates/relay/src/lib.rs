@@ -48,6 +48,7 @@ pub mod presets;
 pub mod proxy_header;
 pub mod relay;
 pub mod sni;
+pub mod splice;
 pub mod stats;
 pub mod stats_page;
 pub mod stream;

@@ -3,18 +3,21 @@
 //! Every step before relaying shares one handshake deadline.
 
 use crate::config::{Limits, SendProxy};
-use crate::copy::{relay, CopyParams, End};
-use crate::limits::{ConnLimiter, GlobalSlot};
+use crate::copy::{CopyParams, End, Relay};
+use crate::limits::{ConnLimiter, GlobalSlot, SourceSlot};
 use crate::proxy_header::{self, ProxyHeaderError};
 use crate::sni::{self, AllowList, SniError};
 use crate::stats::{FailReason, ListenerStats};
 use crate::stream::{BoxIo, Prefixed};
-use crate::upstream::{Pool, Resolver};
+use crate::upstream::{ActiveGuard, Pool, Resolver};
+use futures::FutureExt;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
@@ -90,6 +93,8 @@ pub struct Listener {
     pub route: Route,
     /// Counters.
     pub stats: Arc<ListenerStats>,
+    /// How connections are relayed (from the limits; see [`Listener::copy_params`]).
+    pub copy: Arc<CopyParams>,
     /// Shared state.
     pub shared: Arc<Shared>,
 }
@@ -105,6 +110,24 @@ impl std::fmt::Display for Who {
 }
 
 impl Listener {
+    /// The relaying settings for a listener with this route and these limits.
+    pub fn copy_params(
+        limits: &Limits,
+        route: &Route,
+        stats: Arc<ListenerStats>,
+    ) -> Arc<CopyParams> {
+        Arc::new(CopyParams {
+            buffer: limits.buffer_size,
+            idle: limits.idle_timeout,
+            half_close: limits.half_close_timeout,
+            // A PROXY header inside the client's own stream could spoof its address towards
+            // an upstream that auto-detects headers: refuse it on every pool route.
+            refuse_proxy_header: matches!(route, Route::Pool(_)),
+            splice: limits.splice,
+            stats,
+        })
+    }
+
     fn who(&self, a: SocketAddr) -> Who {
         Who(self.shared.log_addresses.then_some(a))
     }
@@ -130,64 +153,57 @@ impl Listener {
                 drop(tcp);
                 continue;
             };
-            let this = self.clone();
-            self.shared.tracker.spawn(async move {
-                this.handle(tcp, peer, slot).await;
-            });
+            self.shared
+                .tracker
+                .spawn(self.clone().handle(tcp, peer, slot));
         }
     }
 
-    async fn handle(&self, tcp: TcpStream, peer: SocketAddr, _slot: GlobalSlot) {
+    /// The handshake phase of one connection, in its own task. Once the connection is ready to
+    /// relay, the relaying gets a task of its own and this one ends: a long-lived idle
+    /// connection then costs one allocation holding only its relaying state (see
+    /// `docs/benchmarks.md`, idle memory).
+    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, slot: GlobalSlot) {
         let _ = tcp.set_nodelay(true);
         self.stats.total.fetch_add(1, Ordering::Relaxed);
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
-        let result = self.serve(tcp, peer).await;
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(end) => {
-                tracing::debug!(listener = %self.name, client = %self.who(peer), ?end, "connection closed")
-            }
+        let open = Open::new(self.stats.clone(), slot);
+        let prepared = match self.prepare(tcp, peer).await {
+            Ok(p) => p,
             Err(reason) => {
                 self.stats.fail(reason);
                 tracing::debug!(listener = %self.name, client = %self.who(peer),
                     reason = reason.as_str(), "connection refused during handshake");
+                return;
             }
-        }
-    }
-
-    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) -> Result<End, FailReason> {
-        // The handshakes (PROXY header, TLS, ClientHello, connect) run in a boxed future that
-        // is freed once they are done: only the small relaying state stays with the task of a
-        // long-lived idle connection (see docs/benchmarks.md, idle memory).
+        };
+        let params = self.copy.clone();
+        // The client's address is kept for the closing log line only when it may be logged.
+        let client = self.shared.log_addresses.then(|| Box::new(peer));
         let Prepared {
             io,
             upstream,
-            _source_slot,
-            _guard,
-        } = Box::pin(self.prepare(tcp, peer)).await?;
-        let limits = &self.shared.limits;
-
-        // 5. Relay (boxed too: measured, the task's future is smaller this way).
-        let end = Box::pin(relay(
-            io,
-            upstream,
-            CopyParams {
-                buffer: limits.buffer_size,
-                idle: limits.idle_timeout,
-                half_close: limits.half_close_timeout,
-                // A PROXY header inside the client's own stream could spoof its address towards
-                // an upstream that auto-detects headers: refuse it on every pool route.
-                refuse_proxy_header: matches!(self.route, Route::Pool(_)),
-                up: &self.stats.bytes_in,
-                down: &self.stats.bytes_out,
-                cancel: &self.shared.cut,
-            },
-        ))
-        .await;
-        if end == End::ProxyUnexpected {
-            return Err(FailReason::ProxyUnexpected);
+            source_slot,
+            guard,
+        } = prepared;
+        let cut = self.shared.cut.clone();
+        let tracker = self.shared.tracker.clone();
+        let held = (self, open, source_slot, guard);
+        let finish = move |end: End| {
+            let (this, _open, _source_slot, _guard) = held;
+            if end == End::ProxyUnexpected {
+                this.stats.fail(FailReason::ProxyUnexpected);
+            }
+            tracing::debug!(listener = %this.name, client = %Who(client.map(|c| *c)), ?end,
+                "connection closed");
+        };
+        match io {
+            ClientIo::Tcp(tcp) => {
+                tracker.spawn(Relay::new(tcp, upstream, params, cut).map(finish));
+            }
+            ClientIo::Other(io) => {
+                tracker.spawn(Relay::new(io, upstream, params, cut).map(finish));
+            }
         }
-        Ok(end)
     }
 
     async fn prepare(&self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Prepared, FailReason> {
@@ -217,27 +233,28 @@ impl Listener {
         };
 
         // 2. Per-source limit (on the real client address).
-        let _source_slot = self
+        let source_slot = self
             .shared
             .limiter
             .try_source(client.ip())
             .ok_or(FailReason::SourceLimit)?;
 
-        // 3. TLS termination.
-        let io: BoxIo = Box::new(Prefixed::new(leftover, tcp));
-        let mut io: BoxIo = match &self.tls {
-            Some(acceptor) => Box::new(
-                timeout_at(deadline, acceptor.accept(io))
+        // 3. TLS termination. A plain TCP client socket stays bare so that the relay can
+        //    splice it; bytes that came with the PROXY header are replayed by a wrapper.
+        let mut io = match &self.tls {
+            Some(acceptor) => ClientIo::Other(Box::new(
+                timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
                     .await
                     .map_err(|_| FailReason::Timeout)?
                     .map_err(|_| FailReason::Tls)?,
-            ),
-            None => io,
+            )),
+            None if leftover.is_empty() => ClientIo::Tcp(tcp),
+            None => ClientIo::Other(Box::new(Prefixed::new(leftover, tcp))),
         };
 
         // 4. Route and connect.
         let mut first_bytes = Vec::new();
-        let (upstream, _guard) = match &self.route {
+        let (upstream, guard) = match &self.route {
             Route::Pool(pool) => {
                 let (mut up, server, guard) = pool
                     .connect(&self.shared.resolver, limits.connect_timeout)
@@ -299,16 +316,56 @@ impl Listener {
         Ok(Prepared {
             io,
             upstream,
-            _source_slot,
-            _guard,
+            source_slot,
+            guard,
         })
     }
 }
 
 /// A connection ready to relay, with the slots it holds.
 struct Prepared {
-    io: BoxIo,
+    io: ClientIo,
     upstream: TcpStream,
-    _source_slot: crate::limits::SourceSlot,
-    _guard: Option<crate::upstream::ActiveGuard>,
+    source_slot: SourceSlot,
+    guard: Option<ActiveGuard>,
+}
+
+/// The client side of a connection: a bare TCP socket (which the relay can splice), or a
+/// stream with TLS or replayed bytes on top.
+enum ClientIo {
+    Tcp(TcpStream),
+    Other(BoxIo),
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            ClientIo::Other(o) => Pin::new(o).poll_read(cx, buf),
+        }
+    }
+}
+
+/// Counts an open connection on its listener for as long as it lives, and holds its
+/// `maxconn` slot.
+struct Open {
+    stats: Arc<ListenerStats>,
+    _slot: GlobalSlot,
+}
+
+impl Open {
+    fn new(stats: Arc<ListenerStats>, slot: GlobalSlot) -> Open {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        Open { stats, _slot: slot }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -150,6 +150,7 @@ impl Relay {
                     name: lc.name.clone(),
                     kind,
                     tls: if lc.tls { acceptor.clone() } else { None },
+                    copy: Listener::copy_params(&limits, &route, stats.clone()),
                     route,
                     stats,
                     shared: shared.clone(),
