@@ -103,6 +103,10 @@ struct Dir {
     in_pipe: usize,
     /// May splice (both ends are TCP sockets and pipes are available).
     splice: bool,
+    /// Splicing now: a read filled the whole buffer, so a burst is under way. Reset when the
+    /// reader runs dry: small messages go through `read`/`write`, which costs one system call
+    /// less per message than `splice` (tokio knows a short read emptied the socket).
+    bursting: bool,
     /// The reader reached EOF: finish writing, then shut the writer down.
     eof: bool,
     /// Still checking the start of the stream for a PROXY signature.
@@ -205,11 +209,12 @@ impl Dir {
             }
             // 2. Read: splice into a pipe between TCP sockets, otherwise into the thread's
             //    scratch buffer and write straight from it.
-            let step = if self.splice && !self.guard_proxy && w.tcp().is_some() {
+            let step = if self.bursting && w.tcp().is_some() {
                 match r.tcp() {
                     Some(src) => self.splice_in(cx, src, active),
                     None => {
                         self.splice = false;
+                        self.bursting = false;
                         Step::Again
                     }
                 }
@@ -237,6 +242,7 @@ impl Dir {
                         self.pos = 0;
                     }
                     self.release_pipe();
+                    self.bursting = false;
                     return Poll::Pending;
                 }
             }
@@ -259,6 +265,7 @@ impl Dir {
                     // Out of file descriptors, or not Linux: copy instead, for good.
                     tracing::debug!(error = %e, "no pipe for splicing, copying instead");
                     self.splice = false;
+                    self.bursting = false;
                     return Step::Again;
                 }
             },
@@ -309,6 +316,8 @@ impl Dir {
                             }
                         };
                     }
+                    // A full read means more is waiting: splice the rest of the burst.
+                    self.bursting = self.splice && data.len() == buffer;
                     match write_some(w, cx, data, counter) {
                         Err(()) => Step::End(DirEnd::Err),
                         Ok(n) if n == data.len() => Step::Again,
@@ -399,7 +408,11 @@ impl<C: Socket, U: Socket> Future for Relay<C, U> {
             &mut active,
         );
         match (&u, &d) {
-            (Poll::Ready(DirEnd::Proxy), _) => return Poll::Ready(End::ProxyUnexpected),
+            (Poll::Ready(DirEnd::Proxy), _) => {
+                // Counted here, before the sockets close, so the counter is never behind.
+                p.stats.fail(crate::stats::FailReason::ProxyUnexpected);
+                return Poll::Ready(End::ProxyUnexpected);
+            }
             (Poll::Ready(DirEnd::Err), _) | (_, Poll::Ready(DirEnd::Err)) => {
                 return Poll::Ready(End::Error)
             }

@@ -53,6 +53,7 @@ pub mod stats;
 pub mod stats_page;
 pub mod stream;
 pub mod tls;
+pub mod tls_stream;
 pub mod upstream;
 
 pub use config::RelayConfig;

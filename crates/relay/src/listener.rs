@@ -9,6 +9,7 @@ use crate::proxy_header::{self, ProxyHeaderError};
 use crate::sni::{self, AllowList, SniError};
 use crate::stats::{FailReason, ListenerStats};
 use crate::stream::{BoxIo, Prefixed};
+use crate::tls_stream::TlsAcceptor;
 use crate::upstream::{ActiveGuard, Pool, Resolver};
 use futures::FutureExt;
 use std::net::SocketAddr;
@@ -20,7 +21,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout_at, Instant};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -190,9 +190,6 @@ impl Listener {
         let held = (self, open, source_slot, guard);
         let finish = move |end: End| {
             let (this, _open, _source_slot, _guard) = held;
-            if end == End::ProxyUnexpected {
-                this.stats.fail(FailReason::ProxyUnexpected);
-            }
             tracing::debug!(listener = %this.name, client = %Who(client.map(|c| *c)), ?end,
                 "connection closed");
         };

@@ -2,11 +2,11 @@
 //! certificate generated at start with a random subject (kept in memory only).
 
 use crate::config::TlsSettings;
+use crate::tls_stream::TlsAcceptor;
 use rand::Rng;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
-use tokio_rustls::TlsAcceptor;
 
 /// Problems setting up TLS.
 #[derive(Debug, thiserror::Error)]
