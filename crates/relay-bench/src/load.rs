@@ -431,6 +431,8 @@ pub struct Handshakes {
     pub rate: f64,
     /// Fraction of handshakes that resumed a session.
     pub resumed: f64,
+    /// Connections completed in all (including those that finished after the timed window).
+    pub count: u64,
 }
 
 /// `parallel` loops of connect + TLS handshake + one verified 16-byte echo + close, for `dur`.
@@ -476,6 +478,7 @@ pub async fn handshakes(t: &Target, parallel: usize, dur: Duration) -> Result<Ha
     Ok(Handshakes {
         rate: n as f64 / secs,
         resumed: resumed.load(Ordering::Relaxed) as f64 / n.max(1) as f64,
+        count: done.load(Ordering::Relaxed),
     })
 }
 

@@ -62,6 +62,11 @@ struct Args {
     /// Measurements to run, comma-separated: idle, bulk, rr, hs.
     #[arg(long, value_delimiter = ',', default_value = "idle,bulk,rr,hs")]
     tests: Vec<String>,
+    /// Rounds of the whole sequence (no relay, then every peer); the table shows each
+    /// figure's median over the rounds, then the range. Several rounds interleave the peers in
+    /// time, so a burst of load from elsewhere on the machine does not land on one peer only.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Keep the scratch directory (configs, logs) and print its path.
     #[arg(long)]
     keep: bool,
@@ -101,6 +106,7 @@ mod r {
     pub const HS_RESUMED: usize = 13;
     pub const CPU: usize = 14;
     pub const TLS_CPU: usize = 15;
+    pub const HS_PER_CPU: usize = 16;
 }
 
 fn rows() -> Vec<Row> {
@@ -128,6 +134,12 @@ fn rows() -> Vec<Row> {
         row("TLS handshakes (resumed)", "conn/s", true, 0),
         row("CPU per GiB relayed, plain", "s/GiB", false, 2),
         row("CPU per GiB relayed, TLS", "s/GiB", false, 2),
+        row(
+            "TLS handshakes (full) per relay CPU-second",
+            "conn/CPU-s",
+            true,
+            0,
+        ),
     ]
 }
 
@@ -304,8 +316,15 @@ async fn bench_hs(
     let kind = relay.kind;
     eprintln!("   TLS handshakes");
     let hs = Duration::from_secs_f64(a.hs_secs);
+    let cpu0 = relay.cpu();
     let full = load::handshakes(tls, a.hs_parallel, hs).await?;
+    let cpu = relay.cpu() - cpu0;
     rows[r::HS].vals[c] = Some(full.rate);
+    // The relay's own cost per handshake: on a shared machine the load generator's client
+    // handshakes take much of the CPU, which compresses the rate row towards 1×.
+    if cpu > 0.0 {
+        rows[r::HS_PER_CPU].vals[c] = Some(full.count as f64 / cpu);
+    }
     let resumed_t = Target {
         addr: relay.tls,
         tls: Some(load::client_config(true)),
@@ -374,8 +393,43 @@ async fn run(a: Args) -> Result<()> {
         postern,
         postern_args: a.postern_arg.clone(),
     };
-    let mut rows = rows();
+    let rounds = a.rounds.max(1);
+    let mut all = Vec::new();
+    for round in 1..=rounds {
+        eprintln!("=== round {round} of {rounds}");
+        all.push(one_round(&a, &setup, &have, upstream).await?);
+    }
+    let table = median_rows(&all);
 
+    println!(
+        "\nrelay-bench: {} worker(s) per relay, {} load-generator thread(s), {} idle connections, \
+         {} request/response connections; all on loopback, every byte verified; median of {} \
+         round(s).\n",
+        a.workers, a.client_threads, a.idle_conns, a.rr_conns, rounds
+    );
+    print!("{}", render(&table));
+    if rounds > 1 {
+        println!("\nRange over the {rounds} rounds (min–max):\n");
+        print!("{}", render_range(&all));
+    }
+    for n in &notes {
+        println!("\nnote: {n}");
+    }
+    if a.keep {
+        let p = dir.keep();
+        println!("\nscratch directory kept: {}", p.display());
+    }
+    Ok(())
+}
+
+/// One pass: the no-relay path, then every peer in turn.
+async fn one_round(
+    a: &Args,
+    setup: &Setup,
+    have: &[Kind],
+    upstream: std::net::SocketAddr,
+) -> Result<Vec<Row>> {
+    let mut rows = rows();
     eprintln!("== no relay (straight to the echo upstream)");
     let direct = Target {
         addr: upstream,
@@ -394,26 +448,67 @@ async fn run(a: Args) -> Result<()> {
         rows[r::RR_P99].vals[0] = Some(rr.p99_us);
     }
 
-    for k in &have {
-        bench_peer(*k, &setup, &a, &mut rows)
+    for k in have {
+        bench_peer(*k, setup, a, &mut rows)
             .await
             .with_context(|| format!("benchmarking {}", k.name()))?;
     }
+    Ok(rows)
+}
 
-    println!(
-        "\nrelay-bench: {} worker(s) per relay, {} load-generator thread(s), {} idle connections, \
-         {} request/response connections; all on loopback, every byte verified.\n",
-        a.workers, a.client_threads, a.idle_conns, a.rr_conns
+/// Each cell's median over the rounds (the mean of the middle two for an even count).
+fn median_rows(all: &[Vec<Row>]) -> Vec<Row> {
+    let mut out = rows();
+    for (i, row) in out.iter_mut().enumerate() {
+        for c in 0..4 {
+            let mut v: Vec<f64> = all.iter().filter_map(|r| r[i].vals[c]).collect();
+            if v.is_empty() {
+                continue;
+            }
+            v.sort_by(f64::total_cmp);
+            let m = v.len() / 2;
+            row.vals[c] = Some(if v.len() % 2 == 1 {
+                v[m]
+            } else {
+                (v[m - 1] + v[m]) / 2.0
+            });
+        }
+    }
+    out
+}
+
+/// The same table with each cell's min–max over the rounds.
+fn render_range(all: &[Vec<Row>]) -> String {
+    let mut s = String::from(
+        "| metric | unit | no relay | HAProxy | nginx | postern |\n|---|---|---:|---:|---:|---:|\n",
     );
-    print!("{}", render(&rows));
-    for n in &notes {
-        println!("\nnote: {n}");
+    for (i, row) in rows().iter().enumerate() {
+        let cell = |c: usize| {
+            let v: Vec<f64> = all.iter().filter_map(|r| r[i].vals[c]).collect();
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+            if v.is_empty() {
+                "—".to_string()
+            } else {
+                format!(
+                    "{}–{}",
+                    fmt(Some(lo), row.decimals),
+                    fmt(Some(hi), row.decimals)
+                )
+            }
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            row.name,
+            row.unit,
+            cell(0),
+            cell(1),
+            cell(2),
+            cell(3)
+        ));
     }
-    if a.keep {
-        let p = dir.keep();
-        println!("\nscratch directory kept: {}", p.display());
-    }
-    Ok(())
+    s
 }
 
 fn main() -> Result<()> {
@@ -439,5 +534,24 @@ mod tests {
         assert!(up.contains("| 1.60× | 2.00× | 0.80× |"), "{up}");
         let idle = t.lines().find(|l| l.contains("idle memory plain")).unwrap();
         assert!(idle.contains("| 0.25× | 0.25× | — |"), "{idle}");
+    }
+
+    #[test]
+    fn median_and_range_over_rounds() {
+        let round = |v: f64| {
+            let mut rs = rows();
+            rs[r::UP].vals = [Some(v), None, Some(v * 2.0), Some(v * 3.0)];
+            rs
+        };
+        let all = vec![round(10.0), round(30.0), round(20.0)];
+        let m = median_rows(&all);
+        assert_eq!(m[r::UP].vals, [Some(20.0), None, Some(40.0), Some(60.0)]);
+        assert_eq!(m[r::DOWN].vals, [None; 4]);
+        let range = render_range(&all);
+        let up = range
+            .lines()
+            .find(|l| l.contains("plain, client→"))
+            .unwrap();
+        assert!(up.contains("| 10–30 | — | 20–60 | 30–90 |"), "{up}");
     }
 }

@@ -19,16 +19,20 @@
 //! the per-source limit applied, TLS terminated ([`tls`]), and either a pool server chosen
 //! ([`upstream`]: round-robin / least-connections over healthy servers, failover on connect
 //! errors, active and passive health checks) or the ClientHello read and its SNI matched
-//! against the allow-list ([`sni`]). Finally bytes are copied both ways, with no buffer held
-//! while a connection is idle, under idle and half-close timeouts ([`copy`]). The relay never connects anywhere except pool
-//! servers and allow-listed names.
+//! against the allow-list ([`sni`]). Finally the handshake task hands the connection to a
+//! task of its own that copies bytes both ways under idle and half-close timeouts
+//! ([`copy`]): bursts between plain sockets are spliced in the kernel ([`splice`]), and no
+//! buffer — copy, pipe or TLS record — is held while a connection is idle ([`tls_stream`]).
+//! The relay never connects anywhere except pool servers and allow-listed names.
 //!
 //! Modules, one concept each:
 //! * [`config`] — the TOML model ([`config::RelayConfig`]); [`presets`] — built-in configs
 //!   (and [`presets::postern_on`] to embed a relay, e.g. in `postern dev`).
 //! * [`relay`] — [`Relay::start`] binds everything and returns a [`RunningRelay`].
 //! * [`listener`], [`copy`], [`stream`] — per-connection handling.
-//! * [`tls`], [`proxy_header`], [`sni`] — the three handshakes a relay can do.
+//! * [`splice`] — kernel-to-kernel forwarding through pooled pipes (Linux).
+//! * [`tls`], [`proxy_header`], [`sni`] — the three handshakes a relay can do;
+//!   [`tls_stream`] — TLS on rustls's unbuffered API, so idle connections keep no TLS buffers.
 //! * [`upstream`] — pools, resolver, health checks; [`limits`] — maxconn, per-source limit.
 //! * [`stats`], [`stats_page`] — counters, `/metrics`, `/healthz`, and the HTML status page.
 //! * [`link`] — `postern://proxy?...` links; [`cli`] — `postern relay [link]`.
