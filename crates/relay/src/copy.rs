@@ -76,6 +76,7 @@ impl Socket for TcpStream {
 }
 
 impl Socket for crate::stream::BoxIo {}
+#[cfg(test)]
 impl Socket for tokio::io::DuplexStream {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +102,8 @@ struct Dir {
     pipe: Option<Pipe>,
     /// Bytes in `pipe`.
     in_pipe: usize,
-    /// May splice (both ends are TCP sockets and pipes are available).
+    /// May splice: enabled, both ends are TCP sockets (decided once, in [`Relay::new`]), and
+    /// pipes have been available so far.
     splice: bool,
     /// Splicing now: a read filled the whole buffer, so a burst is under way. Reset when the
     /// reader runs dry: small messages go through `read`/`write`, which costs one system call
@@ -209,17 +211,13 @@ impl Dir {
             }
             // 2. Read: splice into a pipe between TCP sockets, otherwise into the thread's
             //    scratch buffer and write straight from it.
-            let step = if self.bursting && w.tcp().is_some() {
-                match r.tcp() {
-                    Some(src) => self.splice_in(cx, src, active),
-                    None => {
-                        self.splice = false;
-                        self.bursting = false;
-                        Step::Again
-                    }
-                }
-            } else {
-                self.read_and_write(cx, r, w, buffer, counter, active)
+            let spliced = match (self.bursting, r.tcp()) {
+                (true, Some(src)) => Some(self.splice_in(cx, src, active)),
+                _ => None,
+            };
+            let step = match spliced {
+                Some(step) => step,
+                None => self.read_and_write(cx, r, w, buffer, counter, active),
             };
             match step {
                 Step::Again => continue,
@@ -366,9 +364,10 @@ impl<C: Socket, U: Socket> Relay<C, U> {
     /// Relays between `client` and `upstream`; `cut` ends it early.
     pub fn new(client: C, upstream: U, params: Arc<CopyParams>, cut: CancellationToken) -> Self {
         let now = Instant::now();
+        let splice = params.splice && client.tcp().is_some() && upstream.tcp().is_some();
         Relay {
-            up: Dir::new(params.refuse_proxy_header, params.splice),
-            down: Dir::new(false, params.splice),
+            up: Dir::new(params.refuse_proxy_header, splice),
+            down: Dir::new(false, splice),
             timer: tokio::time::sleep_until(now + params.idle),
             cancelled: cut.cancelled_owned(),
             last: now,
@@ -521,6 +520,7 @@ mod tests {
 
     /// Between TCP sockets the bytes are spliced: 4 MiB each way arrive intact, with
     /// half-close, and the PROXY guard still sees the start of the client's stream.
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn splices_between_tcp_sockets_both_ways() {
         let (mut c_far, client) = tcp_pair().await;
@@ -547,7 +547,13 @@ mod tests {
             back
         });
         let (p, stats) = params(65536, Duration::from_secs(5), true);
+        let pooled_before = crate::splice::pooled();
         assert_eq!(relay(client, upstream, p).await, End::Done);
+        // Pipes went back to this thread's pool: the bursts were spliced, not copied.
+        assert!(
+            crate::splice::pooled() > pooled_before,
+            "nothing was spliced"
+        );
         assert!(
             client_task.await.unwrap() == data,
             "client got different bytes"

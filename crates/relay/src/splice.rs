@@ -152,6 +152,15 @@ impl Pipe {
     }
 }
 
+/// Empty pipes in this thread's pool (for tests).
+#[cfg(test)]
+pub fn pooled() -> usize {
+    #[cfg(target_os = "linux")]
+    return POOL.with(|p| p.borrow().len());
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
@@ -188,9 +197,13 @@ mod tests {
         client.shutdown().await.unwrap();
         let end = poll_fn(|cx| pipe.fill(cx, &relay_in)).await.unwrap();
         assert!(matches!(end, Moved::Eof));
+        use std::os::fd::AsRawFd;
+        let fd = pipe.read.as_raw_fd();
         pipe.give_back();
-        // The pooled pipe is reused.
+        assert_eq!(pooled(), 1);
+        // The pooled pipe is the next one handed out.
         let again = Pipe::take().unwrap();
-        drop(again);
+        assert_eq!(again.read.as_raw_fd(), fd);
+        assert_eq!(pooled(), 0);
     }
 }
