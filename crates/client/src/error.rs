@@ -1,24 +1,34 @@
-//! Client errors, worded for the person using the app.
+//! The client library's errors.
+//!
+//! They say what went wrong in the user's terms (which stage of which route failed, which
+//! contact does not exist) but never which command to type: that is the app's business
+//! (the CLI adds its own hints, an app shows its own buttons).
 
+use std::time::Duration;
+
+use postern_protocol::schema::server_frame;
 use postern_protocol::ProtocolError;
+
+use crate::connector::route::DialReport;
+use crate::events::MessageIdError;
+use crate::proxy::{ProxyMode, ProxyParseError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the server at {address}: {error} (is it running? is the address in the network file right? if your network blocks it, use a relay)")]
-    Unreachable {
-        address: String,
-        error: std::io::Error,
-    },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("the server refused: {message}")]
     Server { code: i32, message: String },
-    #[error("unknown contact {0:?}: check the spelling (usernames are lowercase)")]
+    #[error("there is no user named {0:?} (usernames are lowercase)")]
     UnknownContact(String),
-    #[error("no profile in {0}: create one with `postern account create NAME --network FILE`")]
+    #[error("the username {0:?} is already taken")]
+    UsernameTaken(String),
+    #[error("no profile in {0}")]
     NoProfile(String),
-    #[error("a profile already exists in {0}: use another --home (or POSTERN_HOME) for a second account")]
+    #[error("a profile already exists in {0}")]
     ProfileExists(String),
+    #[error("the server does not know this device (was the server's database reset?)")]
+    UnknownDevice,
     #[error("profile problem: {0}")]
     Profile(String),
     #[error("local database error: {0}")]
@@ -29,30 +39,53 @@ pub enum ClientError {
     Crypto(String),
     #[error("{0}")]
     InvalidInput(String),
+    #[error("the message is {bytes} bytes; the limit is {limit}")]
+    TooLong { bytes: usize, limit: usize },
+    #[error(transparent)]
+    InvalidProxy(#[from] ProxyParseError),
+    #[error(transparent)]
+    InvalidMessageId(#[from] MessageIdError),
+    #[error("no saved proxy matches {0:?}")]
+    NoSuchProxy(String),
     #[error("not connected to the server")]
     NotConnected,
-    #[error("{}", no_route_message(mode, attempts))]
+    #[error("{}", no_route_message(*mode, attempts))]
     NoRoute {
-        mode: String,
-        attempts: Vec<crate::route::DialReport>,
+        mode: ProxyMode,
+        attempts: Vec<DialReport>,
     },
     #[error("the server did not answer within {0:?}")]
-    Timeout(std::time::Duration),
+    Timeout(Duration),
 }
 
 impl ClientError {
     pub(crate) fn crypto(e: impl std::fmt::Display) -> Self {
         ClientError::Crypto(e.to_string())
     }
+
+    pub(crate) fn unexpected(body: server_frame::Body) -> Self {
+        ClientError::Protocol(ProtocolError::Violation(format!(
+            "unexpected answer from the server: {body:?}"
+        )))
+    }
+
+    /// The connection (or every route) failed, as opposed to this one request: worth
+    /// another connection.
+    pub fn is_connection_problem(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NotConnected
+                | ClientError::Timeout(_)
+                | ClientError::Protocol(_)
+                | ClientError::NoRoute { .. }
+        )
+    }
 }
 
-fn no_route_message(mode: &str, attempts: &[crate::route::DialReport]) -> String {
+fn no_route_message(mode: ProxyMode, attempts: &[DialReport]) -> String {
     if attempts.is_empty() {
         return match mode {
-            "on" => {
-                "proxy mode is on but no proxy is saved: add one with `postern proxy add ADDRESS`"
-                    .into()
-            }
+            ProxyMode::On => "proxy mode is on (relays only) but no proxy is saved".into(),
             _ => "no way to reach the server is configured".into(),
         };
     }
@@ -62,9 +95,5 @@ fn no_route_message(mode: &str, attempts: &[crate::route::DialReport]) -> String
             text.push_str(&format!("\n  ✗ {} — {stage}: {failure}", a.route));
         }
     }
-    text.push_str(
-        "\nIf your network blocks the service, add a proxy (`postern proxy add ADDRESS|LINK`) \
-         or try another one; `postern proxy check` tests each saved proxy.",
-    );
     text
 }

@@ -25,24 +25,28 @@ impl fmt::Debug for MessageId {
     }
 }
 
+/// Text or bytes that are not a message id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageIdError {
+    #[error("a message id is 32 hex digits")]
+    Text,
+    #[error("a message id is 16 bytes, not {0}")]
+    Length(usize),
+}
+
 impl FromStr for MessageId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bytes = hex::decode(s).map_err(|e| format!("not a message id: {e}"))?;
-        Ok(Self(
-            bytes
-                .try_into()
-                .map_err(|_| "a message id is 32 hex digits")?,
-        ))
+    type Err = MessageIdError;
+    fn from_str(s: &str) -> Result<Self, MessageIdError> {
+        let bytes = hex::decode(s).map_err(|_| MessageIdError::Text)?;
+        Ok(Self(bytes.try_into().map_err(|_| MessageIdError::Text)?))
     }
 }
 
 impl TryFrom<&[u8]> for MessageId {
-    type Error = String;
-    fn try_from(b: &[u8]) -> Result<Self, String> {
+    type Error = MessageIdError;
+    fn try_from(b: &[u8]) -> Result<Self, MessageIdError> {
         Ok(Self(
-            b.try_into()
-                .map_err(|_| "a message id is 16 bytes".to_string())?,
+            b.try_into().map_err(|_| MessageIdError::Length(b.len()))?,
         ))
     }
 }
@@ -73,7 +77,7 @@ pub enum Event {
     Connected { via: String, handshake_ms: u64 },
     /// The connection dropped.
     Disconnected { reason: String },
-    /// One route did not work; the manager moves on to the next.
+    /// One route did not work; the connector moves on to the others.
     AttemptFailed {
         route: String,
         stage: crate::route::Stage,
@@ -87,6 +91,12 @@ pub enum Event {
     Sent { message_id: MessageId, to: String },
     /// The recipient's device stored our message (✓✓).
     Delivered { message_id: MessageId, to: String },
+    /// Our message can never be delivered (it stays in history, marked failed).
+    Failed {
+        message_id: MessageId,
+        to: String,
+        reason: String,
+    },
     /// A message arrived that could not be decrypted (recorded in history, then dropped).
     Undecryptable {
         message_id: MessageId,

@@ -1,40 +1,46 @@
-//! The Postern client library: everything an app (the `postern` CLI now, a terminal UI
-//! later) needs to be one device of one account.
+//! The Postern client library: everything an app (the `postern` CLI, the web app) needs
+//! to be one device of one account.
 //!
-//! * [`profile`]: the profile directory (`--home`/`POSTERN_HOME`): identity, device
-//!   secrets (mode 0600) and the network the account lives on.
-//! * [`store`]: the local SQLite database: Olm account and sessions (encrypted pickles),
-//!   pinned contact identities, conversation history.
-//! * [`crypto`]: Olm (vodozemac) keys and sessions: what is published, what is verified.
-//! * `connection`: one Noise channel to the server, with requests and ordered pushes.
-//! * [`proxy`]: proxy settings (mode off/on/auto, saved relays, links).
-//! * [`route`]: opening the byte stream of one route (direct, relay, relay with TLS),
-//!   stage by stage, with failures named in the user's words.
-//! * `manager`: choosing routes (mode, last that worked, hostile relays skipped),
-//!   fail-over, reconnection with back-off, background re-probing, proxy checks.
-//! * [`Client`]: the API: create an account, connect, send, receive, history, and an
-//!   [`Event`] stream (incoming message, sent ✓, delivered ✓✓, connection state).
+//! How the parts fit, from the network inwards:
+//!
+//! * [`connector`]: every way of reaching the service (direct, relays, TLS relays),
+//!   raced Happy-Eyeballs style, their outcomes remembered in the profile, and the one
+//!   authenticated Noise connection kept alive — pinged when silent, replaced when a
+//!   censor freezes it. It knows nothing about messages.
+//! * `sessions`: end-to-end encryption with Olm (vodozemac) to every device of a
+//!   contact, decryption, one-time key top-up ([`crypto`] holds the key rules).
+//! * `outbox` / `inbox`: what the user typed until the server holds it (pending →
+//!   ✓ sent, or failed with the reason), and what arrives until it is stored and
+//!   acknowledged (duplicates dropped by id, receipts turning ✓ into ✓✓).
+//! * [`Client`]: the thin façade an app drives — create an account, connect or
+//!   [`Client::keep_connected`], send, history — with an [`Event`] stream.
+//! * [`profile`], [`store`], [`proxy`]: the profile directory, its SQLite database, and
+//!   the proxy settings; [`timeouts`]: every time limit, named once.
 //!
 //! Trust: the server is authenticated by the Noise handshake against the key in the
 //! network file; message contents are encrypted end to end with Olm per device, so neither
 //! a relay nor the server can read them.
 
 mod client;
-mod connection;
+pub mod connector;
 pub mod crypto;
 mod error;
 mod events;
-mod manager;
+mod inbox;
+mod outbox;
 pub mod profile;
 pub mod proxy;
-pub mod route;
+mod sessions;
 pub mod store;
+pub mod timeouts;
 
-pub use client::{Client, ConnectMode, PendingOutcome, CONNECT_TIMEOUT, MAX_TEXT_BYTES};
-pub use connection::{BoxStream, Stream};
+pub use client::{Client, RECONNECTS_PER_OPERATION};
+pub use connector::connection::{BoxStream, Stream};
+pub use connector::health::RouteHealth;
+pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
+pub use connector::{ConnectMode, ConnectReport};
 pub use error::ClientError;
-pub use events::{Event, IncomingMessage, MessageId};
-pub use manager::{ConnectReport, BACKOFF_MAX, HANDSHAKE_TIMEOUT, STAGE_TIMEOUT};
-pub use proxy::{ProxyEntry, ProxyMode};
-pub use route::{DialReport, Failure, Route, Stage};
+pub use events::{Event, IncomingMessage, MessageId, MessageIdError};
+pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};
+pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};
 pub use store::{HistoryEntry, MessageStatus};

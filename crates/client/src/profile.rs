@@ -166,12 +166,10 @@ mod tests {
     }
 
     #[test]
-    fn missing_profile_says_how_to_create_one() {
+    fn a_missing_profile_is_its_own_error() {
         let dir = tempfile::tempdir().unwrap();
-        let e = ProfileDir::new(dir.path())
-            .load_info()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("postern account create"), "{e}");
+        let e = ProfileDir::new(dir.path()).load_info().unwrap_err();
+        assert!(matches!(e, ClientError::NoProfile(_)), "{e}");
+        assert!(e.to_string().contains("no profile in"), "{e}");
     }
 }

@@ -36,14 +36,33 @@ impl fmt::Display for ProxyMode {
     }
 }
 
+/// Why a proxy mode or address could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyParseError {
+    #[error("unknown proxy mode {0:?}: use on, off or auto")]
+    Mode(String),
+    #[error("invalid proxy link: {0}")]
+    Link(String),
+    #[error("empty proxy address: give a host name, host:port or a postern://proxy link")]
+    Empty,
+    #[error("{0:?}: missing ']' after the IPv6 address")]
+    UnclosedBracket(String),
+    #[error("{0:?}: expected ':PORT' after ']'")]
+    AfterBracket(String),
+    #[error("{0:?} is not a valid host name or IP address")]
+    Host(String),
+    #[error("port {0:?} must be a number from 1 to 65535")]
+    Port(String),
+}
+
 impl FromStr for ProxyMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ProxyParseError;
+    fn from_str(s: &str) -> Result<Self, ProxyParseError> {
         match s {
             "off" => Ok(ProxyMode::Off),
             "on" => Ok(ProxyMode::On),
             "auto" => Ok(ProxyMode::Auto),
-            other => Err(format!("unknown proxy mode {other:?}: use on, off or auto")),
+            other => Err(ProxyParseError::Mode(other.to_string())),
         }
     }
 }
@@ -68,6 +87,20 @@ impl ProxyEntry {
         }
     }
 
+    /// What was understood, spelled out ("host relay.example.org, port 443, TLS on").
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "host {}, port {}, TLS {}",
+            self.host,
+            self.port,
+            if self.tls { "on" } else { "off" }
+        );
+        if let Some(m) = self.media {
+            s.push_str(&format!(", media port {m}"));
+        }
+        s
+    }
+
     pub fn to_link(&self) -> ProxyLink {
         ProxyLink {
             host: self.host.clone(),
@@ -80,12 +113,12 @@ impl ProxyEntry {
     /// Reads a proxy link, or an address: `host`, `host:port`, `[v6]`, `[v6]:port` or a
     /// bare IPv6 address. A host alone means port 443 with TLS; with a port, TLS is on
     /// for 443 and off otherwise (override it with the `tls` field afterwards).
-    pub fn parse(input: &str) -> Result<Self, String> {
+    pub fn parse(input: &str) -> Result<Self, ProxyParseError> {
         let input = input.trim();
         if input.contains("://") {
             let link: ProxyLink = input
                 .parse()
-                .map_err(|e| format!("invalid proxy link: {e}"))?;
+                .map_err(|e| ProxyParseError::Link(format!("{e}")))?;
             return Ok(Self {
                 host: link.host,
                 port: link.port,
@@ -94,19 +127,17 @@ impl ProxyEntry {
             });
         }
         if input.is_empty() {
-            return Err(
-                "empty proxy address: give a host name, host:port or a postern://proxy link".into(),
-            );
+            return Err(ProxyParseError::Empty);
         }
         let (host, port) = if let Some(rest) = input.strip_prefix('[') {
             let (h, tail) = rest
                 .split_once(']')
-                .ok_or_else(|| format!("{input:?}: missing ']' after the IPv6 address"))?;
+                .ok_or_else(|| ProxyParseError::UnclosedBracket(input.to_string()))?;
             let port = match tail {
                 "" => None,
                 t => Some(
                     t.strip_prefix(':')
-                        .ok_or_else(|| format!("{input:?}: expected ':PORT' after ']'"))?,
+                        .ok_or_else(|| ProxyParseError::AfterBracket(input.to_string()))?,
                 ),
             };
             (h.to_string(), port)
@@ -120,7 +151,7 @@ impl ProxyEntry {
         };
         let host = host.to_ascii_lowercase();
         if host.parse::<IpAddr>().is_err() && !is_valid_dns_name(&host) {
-            return Err(format!("{host:?} is not a valid host name or IP address"));
+            return Err(ProxyParseError::Host(host));
         }
         let port = match port {
             None => 443,
@@ -128,7 +159,7 @@ impl ProxyEntry {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("port {p:?} must be a number from 1 to 65535"))?,
+                .ok_or_else(|| ProxyParseError::Port(p.to_string()))?,
         };
         Ok(Self {
             host,
@@ -184,25 +215,29 @@ mod tests {
 
     #[test]
     fn bad_input_says_what_is_wrong() {
-        assert!(ProxyEntry::parse("relay:0")
-            .unwrap_err()
-            .contains("1 to 65535"));
-        assert!(ProxyEntry::parse("relay:http")
-            .unwrap_err()
-            .contains("1 to 65535"));
-        assert!(ProxyEntry::parse("bad host!")
-            .unwrap_err()
-            .contains("not a valid host"));
-        assert!(ProxyEntry::parse("[2001:db8::1")
-            .unwrap_err()
-            .contains("']'"));
-        assert!(ProxyEntry::parse("postern://proxy?port=1")
-            .unwrap_err()
-            .contains("missing host"));
-        assert!(ProxyEntry::parse("").is_err());
+        let text = |input: &str| ProxyEntry::parse(input).unwrap_err().to_string();
+        assert!(text("relay:0").contains("1 to 65535"));
+        assert!(text("relay:http").contains("1 to 65535"));
+        assert!(text("bad host!").contains("not a valid host"));
+        assert!(text("[2001:db8::1").contains("']'"));
+        assert!(text("postern://proxy?port=1").contains("missing host"));
+        assert_eq!(ProxyEntry::parse(""), Err(ProxyParseError::Empty));
         assert!("sometimes"
             .parse::<ProxyMode>()
             .unwrap_err()
+            .to_string()
             .contains("on, off or auto"));
+    }
+
+    #[test]
+    fn the_understood_form_names_every_choice() {
+        let p = ProxyEntry::parse("garbage").unwrap();
+        assert_eq!(p.describe(), "host garbage, port 443, TLS on");
+        let p =
+            ProxyEntry::parse("postern://proxy?host=r.example&port=80&tls=0&media=587").unwrap();
+        assert_eq!(
+            p.describe(),
+            "host r.example, port 80, TLS off, media port 587"
+        );
     }
 }

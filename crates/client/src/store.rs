@@ -32,6 +32,8 @@ pub enum MessageStatus {
     Received,
     /// An incoming message that could not be decrypted.
     Undecryptable,
+    /// An outgoing message that can never be delivered (the reason is kept with it).
+    Failed,
 }
 
 impl MessageStatus {
@@ -42,6 +44,7 @@ impl MessageStatus {
             Self::Delivered => "delivered",
             Self::Received => "received",
             Self::Undecryptable => "undecryptable",
+            Self::Failed => "failed",
         }
     }
 
@@ -51,6 +54,7 @@ impl MessageStatus {
             "delivered" => Self::Delivered,
             "received" => Self::Received,
             "undecryptable" => Self::Undecryptable,
+            "failed" => Self::Failed,
             _ => Self::Pending,
         }
     }
@@ -63,6 +67,7 @@ impl MessageStatus {
             Self::Delivered => "✓✓",
             Self::Received => "",
             Self::Undecryptable => "⚠",
+            Self::Failed => "✗",
         }
     }
 }
@@ -77,6 +82,9 @@ pub struct HistoryEntry {
     pub created_ms: u64,
     pub server_time_ms: Option<u64>,
     pub status: MessageStatus,
+    /// Why an outgoing message failed ([`MessageStatus::Failed`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// A pinned device of a contact.
@@ -340,6 +348,91 @@ impl LocalStore {
         Ok(())
     }
 
+    // --- Route health (see `connector::health`) -----------------------------------------
+
+    pub async fn route_health(&self) -> Result<crate::connector::health::HealthMap, ClientError> {
+        let rows = sqlx::query(
+            "SELECT route, last_ok_ms, last_failure_ms, last_failure, last_latency_ms, hostile
+             FROM route_health",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let ms = |v: Option<i64>| v.map(|v| v as u64);
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                // A row that no longer parses (an older format) is simply forgotten.
+                let route = serde_json::from_str(r.get::<&str, _>(0)).ok()?;
+                Some((
+                    route,
+                    crate::connector::health::RouteHealth {
+                        last_ok_ms: ms(r.get(1)),
+                        last_failure_ms: ms(r.get(2)),
+                        last_failure: r.get(3),
+                        last_latency_ms: ms(r.get(4)),
+                        hostile: r.get::<i64, _>(5) != 0,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    fn route_key(route: &crate::connector::route::Route) -> Result<String, ClientError> {
+        serde_json::to_string(route).map_err(|e| ClientError::Profile(e.to_string()))
+    }
+
+    /// A connection through `route` succeeded (this also clears a hostile mark: the far
+    /// end proved the server's identity).
+    pub async fn record_route_ok(
+        &self,
+        route: &crate::connector::route::Route,
+        latency_ms: u64,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT INTO route_health (route, last_ok_ms, last_latency_ms, hostile) VALUES (?, ?, ?, 0)
+             ON CONFLICT(route) DO UPDATE SET last_ok_ms = excluded.last_ok_ms,
+                 last_latency_ms = excluded.last_latency_ms, hostile = 0",
+        )
+        .bind(Self::route_key(route)?)
+        .bind(postern_protocol::now_ms() as i64)
+        .bind(latency_ms as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_route_failure(
+        &self,
+        route: &crate::connector::route::Route,
+        reason: &str,
+        hostile: bool,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT INTO route_health (route, last_failure_ms, last_failure, hostile) VALUES (?, ?, ?, ?)
+             ON CONFLICT(route) DO UPDATE SET last_failure_ms = excluded.last_failure_ms,
+                 last_failure = excluded.last_failure, hostile = MAX(hostile, excluded.hostile)",
+        )
+        .bind(Self::route_key(route)?)
+        .bind(postern_protocol::now_ms() as i64)
+        .bind(reason)
+        .bind(i64::from(hostile))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets what is known about `route` (the user saved or removed it again).
+    pub async fn forget_route(
+        &self,
+        route: &crate::connector::route::Route,
+    ) -> Result<(), ClientError> {
+        sqlx::query("DELETE FROM route_health WHERE route = ?")
+            .bind(Self::route_key(route)?)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     // --- History -----------------------------------------------------------------------
 
     pub async fn insert_outgoing(
@@ -389,11 +482,16 @@ impl LocalStore {
         Ok(peer)
     }
 
-    pub async fn delete_message(&self, message_id: &[u8]) -> Result<(), ClientError> {
-        sqlx::query("DELETE FROM messages WHERE message_id = ?")
-            .bind(message_id)
-            .execute(&self.pool)
-            .await?;
+    /// Marks a pending outgoing message as never deliverable, keeping it in history.
+    pub async fn mark_failed(&self, message_id: &[u8], reason: &str) -> Result<(), ClientError> {
+        sqlx::query(
+            "UPDATE messages SET status = 'failed', failure = ?
+             WHERE message_id = ? AND outgoing = 1 AND status = 'pending'",
+        )
+        .bind(reason)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -449,7 +547,7 @@ impl LocalStore {
         peer: Option<&str>,
     ) -> Result<Vec<HistoryEntry>, ClientError> {
         let sql = format!(
-            "SELECT message_id, peer, outgoing, body, created_ms, server_time_ms, status
+            "SELECT message_id, peer, outgoing, body, created_ms, server_time_ms, status, failure
              FROM messages {filter} ORDER BY created_ms, rowid"
         );
         let mut q = sqlx::query(&sql);
@@ -469,6 +567,7 @@ impl LocalStore {
                     created_ms: r.get::<i64, _>(4) as u64,
                     server_time_ms: r.get::<Option<i64>, _>(5).map(|t| t as u64),
                     status: MessageStatus::parse(r.get::<&str, _>(6)),
+                    failure: r.get(7),
                 })
             })
             .collect())

@@ -6,10 +6,13 @@
 //! * `commands::server`: `server init` and `server run`, built on `postern-server`.
 //! * `commands::dev`: `postern dev`, a whole local network in one command.
 //!
+//! * [`hints`]: what to type next, for the client library's errors.
+//!
 //! `main.rs` only parses arguments, sets up logging and calls [`run`].
 
 pub mod cli;
 mod commands;
+pub mod hints;
 mod output;
 
 pub use cli::Cli;

@@ -89,7 +89,13 @@ fn clear_errors_and_nothing_typed_is_lost() {
     ok(&bob, &["account", "create", "bob", "--network", net]);
 
     let err = fails(&alice, &["send", "carol", "hi"]);
-    assert!(err.contains("unknown contact \"carol\""), "{err}");
+    assert!(err.contains("there is no user named \"carol\""), "{err}");
+    // Kept, marked failed with the reason, never silently deleted.
+    let history = ok(&alice, &["history", "carol"]);
+    assert!(
+        history.contains("✗ hi  (not delivered: there is no user named"),
+        "{history}"
+    );
     let err = fails(
         &tmp.path().join("bob2"),
         &["account", "create", "bob", "--network", net],

@@ -114,21 +114,23 @@ fn fails_over_to_the_working_relay_and_starts_there_next_time() {
 
     let started = std::time::Instant::now();
     let status = ok(&alice, &["status"]);
-    // The black hole costs the handshake timeout (8 s), as in `proxy check`, not more (the bug: 10 s).
+    // Routes are raced: the refused one fails at once and starts the next, the black
+    // hole is left pending while the relay after it (started 250 ms later) wins. The
+    // black hole costs nothing like its handshake timeout.
     let took = started.elapsed();
     assert!(
-        took < postern_client::HANDSHAKE_TIMEOUT + std::time::Duration::from_millis(1800),
+        took < postern_client::timeouts::HANDSHAKE_TIMEOUT,
         "fail-over took {took:?}"
     );
     assert!(
         status.contains(&format!(
-            "✗ {refusing} (plain) — TCP connect: connection refused"
+            "{refusing} (plain) — TCP connect: connection refused"
         )),
         "{status}"
     );
     assert!(
         status.contains(&format!(
-            "✗ {} (plain) — server handshake: timed out (possibly blocked)",
+            "· +0.00 s {} (plain) — server handshake: no answer yet, stopped (another route won)",
             black_hole.addr
         )),
         "{status}"

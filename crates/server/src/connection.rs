@@ -4,14 +4,22 @@
 //! client requests, wake-ups from the [`Hub`](crate::hub::Hub), the idle deadline and
 //! server shutdown. Pushes are read from the database from a per-connection cursor, so
 //! delivery to an online device and to one that reconnects later is the same code path.
+//!
+//! Acknowledgements are applied by the reader task itself, as they arrive, not queued
+//! behind the main loop: while the main loop pushes a backlog its writes can block (a
+//! censor that freezes the flow mid-backlog stops the client's TCP from reading), and
+//! acknowledgements waiting behind them would die with the connection. The client's next
+//! connection would then be sent the same messages again and never get further. Applied
+//! at once, every acknowledgement that reaches the server counts, so each connection
+//! makes progress. They get no answer (the client never waits for one).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use postern_protocol::noise::{self, SecureWriter, ServerHandshake};
 use postern_protocol::schema::{
-    client_frame, server_frame, Acked, ClientFrame, DeviceBundle as WireBundle, DeviceIdentity,
+    client_frame, server_frame, ClientFrame, DeviceBundle as WireBundle, DeviceIdentity,
     DeviceKeys, Envelope, Error as WireError, ErrorCode, KeyBundle, KeysLow, KeysUploaded,
     MessageAccepted, Pong, Receipt, Registered, ServerFrame, ServerHello, SignedKey as WireKey,
 };
@@ -116,9 +124,25 @@ async fn run(
     let (mut reader, writer) = noise::split(transport, read_half, write_half);
 
     let (frames_tx, frames_rx) = mpsc::channel(8);
+    let acks_for: Arc<OnceLock<DeviceRecord>> = Arc::default();
+    if let Some(d) = &device {
+        let _ = acks_for.set(d.clone());
+    }
+    let reader_shared = shared.clone();
+    let reader_device = acks_for.clone();
     let reader_task = tokio::spawn(async move {
         loop {
             let frame = reader.recv::<ClientFrame>().await;
+            if let (Ok(f), Some(device)) = (&frame, reader_device.get()) {
+                match apply_ack(&reader_shared, device, f).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(error = %e, "could not apply an acknowledgement");
+                        break;
+                    }
+                }
+            }
             let failed = frame.is_err();
             if frames_tx.send(frame).await.is_err() || failed {
                 break;
@@ -129,6 +153,7 @@ async fn run(
         shared,
         writer,
         device,
+        acks_for,
         noise_key,
         client_addr,
         send_only,
@@ -139,6 +164,30 @@ async fn run(
     let result = session.run(frames_rx, shutdown).await;
     reader_task.abort();
     result
+}
+
+/// Applies `frame` if it is an acknowledgement from `device`; returns whether it was one.
+async fn apply_ack(
+    shared: &Shared,
+    device: &DeviceRecord,
+    frame: &ClientFrame,
+) -> Result<bool, ServerError> {
+    match &frame.body {
+        Some(client_frame::Body::AckMessage(a)) => {
+            if let Some(sender_device) = shared.store.ack_message(device, &a.message_id).await? {
+                shared.hub.wake_receipts(sender_device);
+            }
+            Ok(true)
+        }
+        Some(client_frame::Body::AckReceipt(a)) => {
+            shared
+                .store
+                .ack_receipt(device.device_id, &a.message_id)
+                .await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 fn identity(d: &DeviceRecord) -> DeviceIdentity {
@@ -159,6 +208,8 @@ struct Session<W> {
     shared: Arc<Shared>,
     writer: SecureWriter<W>,
     device: Option<DeviceRecord>,
+    /// The device whose acknowledgements the reader task applies (set once known).
+    acks_for: Arc<OnceLock<DeviceRecord>>,
     noise_key: [u8; 32],
     client_addr: SocketAddr,
     send_only: bool,
@@ -308,23 +359,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     Body::UploadKeys(u) => self.upload_keys(&device, u).await?,
                     Body::ClaimKeys(c) => self.claim_keys(c).await?,
                     Body::Send(s) => self.send(&device, s).await?,
-                    Body::AckMessage(a) => {
-                        if let Some(sender_device) = self
-                            .shared
-                            .store
-                            .ack_message(&device, &a.message_id)
-                            .await?
-                        {
-                            self.shared.hub.wake_receipts(sender_device);
-                        }
-                        server_frame::Body::Acked(Acked {})
-                    }
-                    Body::AckReceipt(a) => {
-                        self.shared
-                            .store
-                            .ack_receipt(device.device_id, &a.message_id)
-                            .await?;
-                        server_frame::Body::Acked(Acked {})
+                    // Normally applied by the reader task; never answered.
+                    Body::AckMessage(_) | Body::AckReceipt(_) => {
+                        let frame = ClientFrame {
+                            request_id: id,
+                            body: Some(other),
+                        };
+                        apply_ack(&self.shared, &device, &frame).await?;
+                        return Ok(());
                     }
                     Body::Ping(_) | Body::Register(_) => unreachable!("handled above"),
                 },
@@ -396,6 +438,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 let body = server_frame::Body::Registered(Registered {
                     device: Some(identity(&device)),
                 });
+                let _ = self.acks_for.set(device.clone());
                 self.device = Some(device);
                 body
             }

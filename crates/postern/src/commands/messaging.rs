@@ -1,7 +1,6 @@
 //! `postern send`, `postern inbox`, `postern history`.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use postern_client::{Client, ClientError, ConnectMode, Event};
@@ -9,15 +8,14 @@ use tokio::sync::broadcast;
 
 use crate::output;
 
-/// How often `inbox --follow` proves the connection is alive.
-const KEEPALIVE: Duration = Duration::from_secs(60);
-
 pub async fn send(home: PathBuf, contact: &str, text: &str) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
     let result = async {
         // Saved first: from here on nothing typed can be lost.
         let id = client.queue(contact, text).await?;
         client.connect(ConnectMode::SendOnly).await?;
+        // Everything pending goes out, this message included; a connection lost on the
+        // way is replaced (routes raced again) and what was not acknowledged is re-sent.
         let outcomes = client.send_pending().await?;
         report_pending(&outcomes, Some(id));
         match outcomes.into_iter().find(|o| o.message_id == id) {
@@ -30,24 +28,25 @@ pub async fn send(home: PathBuf, contact: &str, text: &str) -> anyhow::Result<()
     match result {
         Ok(id) => {
             println!("{id}");
-            eprintln!("✓ sent to {contact} (✓✓ appears in `postern history {contact}` once delivered)");
+            eprintln!(
+                "✓ sent to {contact} (✓✓ appears in `postern history {contact}` once delivered)"
+            );
             Ok(())
         }
-        Err(
-            e @ (ClientError::Unreachable { .. }
-            | ClientError::NotConnected
-            | ClientError::Timeout(_)
-            | ClientError::NoRoute { .. }
-            | ClientError::Protocol(_)),
-        ) => Err(anyhow::Error::new(e).context(
-            "not sent yet: the message is saved and goes out with your next `postern send` or `postern inbox`",
+        Err(e) if e.is_connection_problem() => Err(anyhow::Error::new(e).context(
+            "not sent yet: the message is saved and goes out with your next `postern send`, \
+             `postern inbox` or `postern status`",
         )),
+        Err(e @ ClientError::UnknownContact(_)) => {
+            Err(anyhow::Error::new(e)
+                .context("not sent: the message stays in your history, marked ✗"))
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 /// Tells the user about earlier pending messages that went out (or never can).
-fn report_pending(
+pub(crate) fn report_pending(
     outcomes: &[postern_client::PendingOutcome],
     except: Option<postern_client::MessageId>,
 ) {
@@ -76,15 +75,34 @@ async fn fetch_once(
     events: &mut broadcast::Receiver<Event>,
     json: bool,
 ) -> anyhow::Result<()> {
-    client.connect(ConnectMode::Receive).await?;
-    report_pending(&client.send_pending().await?, None);
-    client.sync().await?;
     let mut shown = 0;
+    let work = async {
+        client.connect(ConnectMode::Receive).await?;
+        report_pending(&client.send_pending().await?, None);
+        // Replaces a connection that stalls on the way, as long as each one makes progress.
+        client.receive_all().await?;
+        Ok::<_, ClientError>(())
+    };
+    tokio::pin!(work);
+    // Events are printed while they arrive, so a long backlog never overflows the queue.
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            event = events.recv() => match event {
+                Ok(event) => if print_event(&event, json) { shown += 1 },
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("({n} events skipped; see `postern history`)");
+                }
+                Err(broadcast::error::RecvError::Closed) => {}
+            },
+        }
+    };
     while let Ok(event) = events.try_recv() {
         if print_event(&event, json) {
             shown += 1;
         }
     }
+    result?;
     if shown == 0 && !json {
         eprintln!("no new messages");
     }
@@ -96,13 +114,12 @@ async fn follow_inbox(
     events: &mut broadcast::Receiver<Event>,
     json: bool,
 ) -> anyhow::Result<()> {
-    // The manager connects through the best route, reconnects with back-off after a
-    // drop, and sends what is pending each time it is back.
+    // The client races the routes, keeps the connection alive (a stalled one is noticed
+    // and replaced), sends what is pending each time it is back, and goes on receiving
+    // where it stopped.
     let stop = super::shutdown_signal();
     tokio::pin!(stop);
-    let manager = client.keep_connected(ConnectMode::Receive);
-    let mut keepalive = tokio::time::interval(KEEPALIVE);
-    keepalive.tick().await;
+    let running = client.keep_connected(ConnectMode::Receive);
     let result = loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -113,22 +130,17 @@ async fn follow_inbox(
                 Ok(Event::AttemptFailed { route, stage, reason, hostile }) => {
                     eprintln!("✗ {route} — {stage}: {reason}{}", if hostile { " (not used again)" } else { "" });
                 }
+                Ok(Event::Sent { message_id, to }) => eprintln!("✓ sent to {to} ({message_id})"),
                 Ok(event) => { print_event(&event, json); }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     eprintln!("({n} events skipped; see `postern history`)");
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
-            _ = keepalive.tick() => {
-                // Proves the connection is alive; a dead one is dropped and rebuilt.
-                if client.is_connected().await && client.sync().await.is_err() {
-                    client.drop_connection().await;
-                }
-            }
             _ = &mut stop => break Ok(()),
         }
     };
-    manager.abort();
+    running.abort();
     result
 }
 
@@ -136,7 +148,10 @@ async fn follow_inbox(
 fn print_event(event: &Event, json: bool) -> bool {
     let visible = matches!(
         event,
-        Event::Incoming(_) | Event::Delivered { .. } | Event::Undecryptable { .. }
+        Event::Incoming(_)
+            | Event::Delivered { .. }
+            | Event::Undecryptable { .. }
+            | Event::Failed { .. }
     );
     if !visible {
         return false;
@@ -159,6 +174,7 @@ fn print_event(event: &Event, json: bool) -> bool {
         Event::Undecryptable { from, reason, .. } => {
             println!("⚠ a message from {from} could not be decrypted: {reason}")
         }
+        Event::Failed { to, reason, .. } => println!("✗ a message to {to} failed: {reason}"),
         _ => {}
     }
     true
@@ -179,11 +195,15 @@ pub async fn history(home: PathBuf, contact: &str, json: bool) -> anyhow::Result
             println!("{}", serde_json::to_string(&e)?);
         } else if e.outgoing {
             println!(
-                "[{}] → {} {} {}",
+                "[{}] → {} {} {}{}",
                 output::time(e.created_ms),
                 contact,
                 e.status.marks(),
-                e.text
+                e.text,
+                match &e.failure {
+                    Some(why) => format!("  (not delivered: {why})"),
+                    None => String::new(),
+                }
             );
         } else if e.status == postern_client::MessageStatus::Undecryptable {
             println!(

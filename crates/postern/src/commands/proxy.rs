@@ -3,9 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use postern_client::{Client, ClientError, ConnectMode, DialReport, ProxyEntry, ProxyMode, Route};
+use postern_client::{
+    route, Client, ClientError, ConnectMode, DialReport, ProxyEntry, ProxyMode, Route,
+};
 
 use crate::cli::ProxyCommand;
+use crate::hints;
 
 pub async fn run(home: PathBuf, cmd: ProxyCommand) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
@@ -22,7 +25,7 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             no_tls,
             media,
         } => {
-            let mut entry = ProxyEntry::parse(&address).map_err(anyhow::Error::msg)?;
+            let mut entry = ProxyEntry::parse(&address)?;
             if tls {
                 entry.tls = true;
             }
@@ -31,6 +34,15 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             }
             if media.is_some() {
                 entry.media = media;
+            }
+            println!("Understood: {}.", entry.describe());
+            // Saved even if it does not resolve now (it may later, or only on another
+            // network), but a typo should not go unnoticed.
+            if let Err(failure) = route::resolve(&entry.address()).await {
+                println!(
+                    "⚠ {} does not resolve right now ({failure}); saved anyway — check the spelling.",
+                    entry.host
+                );
             }
             if client.add_proxy(&entry).await? {
                 println!("Saved proxy {entry}.");
@@ -76,24 +88,37 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             }
         }
         ProxyCommand::Use { mode } => {
-            let mode: ProxyMode = mode.parse().map_err(anyhow::Error::msg)?;
+            let mode: ProxyMode = mode.parse()?;
             client.set_proxy_mode(mode).await?;
             println!("Proxy mode: {mode} ({})", mode_meaning(mode));
             if mode == ProxyMode::On && client.proxies().await?.is_empty() {
                 println!("No proxy is saved yet: add one with `postern proxy add ADDRESS|LINK`.");
             }
         }
-        ProxyCommand::Check { address, json } => {
-            let targets = match address {
-                Some(a) => vec![ProxyEntry::parse(&a).map_err(anyhow::Error::msg)?],
+        ProxyCommand::Check {
+            address,
+            tls,
+            no_tls,
+            json,
+        } => {
+            let mut targets = match address {
+                Some(a) => vec![ProxyEntry::parse(&a)?],
                 None => client.proxies().await?,
             };
             if targets.is_empty() {
                 bail!("no proxies saved: give an address (`postern proxy check HOST`) or add one");
             }
+            for p in &mut targets {
+                if tls {
+                    p.tls = true;
+                }
+                if no_tls {
+                    p.tls = false;
+                }
+            }
             let mut failed = 0;
             for p in targets {
-                let report = client.check_route(&Route::Relay(p.clone())).await;
+                let report = client.check_route(&Route::Relay(p.clone())).await?;
                 let media = match p.media {
                     Some(port) => Some(client.check_media(&p.host, port).await),
                     None => None,
@@ -144,7 +169,7 @@ fn print_check(p: &ProxyEntry, report: &DialReport, media: Option<&DialReport>) 
         Some((stage, failure)) => {
             println!("  ✗ {:<17} {failure}", stage.to_string());
             println!("✗ {} does not work: {failure}", p.address());
-            println!("  {}", hint(failure));
+            println!("  {}", hints::for_failure(failure));
         }
     }
     if let (Some(m), Some(port)) = (media, p.media) {
@@ -158,31 +183,26 @@ fn print_check(p: &ProxyEntry, report: &DialReport, media: Option<&DialReport>) 
     }
 }
 
-fn hint(failure: &postern_client::Failure) -> &'static str {
-    use postern_client::Failure::*;
-    match failure {
-        NameNotResolved(_) => "Hint: check the spelling of the host; your DNS may also be filtered — try the relay's IP address.",
-        Refused => "Hint: nothing listens there; the relay may be down or on another port.",
-        TimedOut => "Hint: the network may be blocking this relay; try another proxy address.",
-        Unreachable(_) => "Hint: your network cannot reach that address; try another proxy.",
-        TlsFailed(_) => "Hint: TLS to the relay failed; it may be blocked or not a TLS port (try --no-tls).",
-        ServiceDidNotAnswer => "Hint: the relay works but cannot reach the service; tell its operator or try another proxy.",
-        ServerIdentity => "Warning: something on this path pretends to be the service; do not use this proxy.",
-        Other(_) => "Hint: try another proxy.",
-    }
-}
-
 pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
     let mode = client.proxy_mode().await?;
     let saved = client.proxies().await?.len();
     let result = client.connect(ConnectMode::SendOnly).await;
-    let hostile = client.hostile_routes();
+    // Connected: what is pending goes out now.
+    let pending = match &result {
+        Ok(_) => Some(client.send_pending().await),
+        Err(_) => None,
+    };
+    let hostile = client.hostile_routes().await?;
     client.close().await;
     if json {
+        let sent = match &pending {
+            Some(Ok(outcomes)) => outcomes.iter().filter(|o| o.result.is_ok()).count(),
+            _ => 0,
+        };
         let value = match &result {
             Ok(r) => {
-                serde_json::json!({ "connected": true, "mode": mode, "report": r, "hostile": hostile })
+                serde_json::json!({ "connected": true, "mode": mode, "report": r, "hostile": hostile, "pending_sent": sent })
             }
             Err(ClientError::NoRoute { attempts, .. }) => {
                 serde_json::json!({ "connected": false, "mode": mode, "attempts": attempts, "hostile": hostile })
@@ -200,25 +220,54 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
         if saved == 1 { "y" } else { "ies" }
     );
     for r in &hostile {
-        println!("⚠ {r} failed the server's authentication: possible interception; not used again");
+        println!("⚠ {r} failed the server's authentication: possible interception; not used until a check through it succeeds");
+    }
+    let attempts = match &result {
+        Ok(report) => &report.attempts[..],
+        Err(ClientError::NoRoute { attempts, .. }) => &attempts[..],
+        Err(_) => &[],
+    };
+    if attempts.len() > 1 || result.is_err() {
+        println!("Routes tried at once (the one that worked last first, then every 250 ms):");
+        for a in attempts {
+            print_attempt(a);
+        }
     }
     match result {
         Ok(report) => {
-            for a in &report.attempts {
-                if let Some((stage, f)) = &a.failed {
-                    println!("  ✗ {} — {stage}: {f}", a.route);
-                }
-            }
             println!(
                 "✓ Connected via {}, {:.0} ms",
                 report.route,
                 report.latency().as_secs_f64() * 1000.0
             );
+            if let Some(outcomes) = pending {
+                match outcomes {
+                    Ok(outcomes) => super::messaging::report_pending(&outcomes, None),
+                    Err(e) => println!("  pending messages not sent yet: {e}"),
+                }
+            }
             Ok(())
         }
         Err(e) => {
             println!("✗ Not connected");
             Err(e.into())
         }
+    }
+}
+
+/// One raced attempt: ✓ won, ✗ failed at a stage, or · given up when another route won.
+fn print_attempt(a: &DialReport) {
+    let at = format!("+{:.2} s", a.started.as_secs_f64());
+    match (&a.failed, a.abandoned) {
+        (Some((stage, f)), _) => println!("  ✗ {at} {} — {stage}: {f}", a.route),
+        (None, Some(stage)) => println!(
+            "  · {at} {} — {stage}: no answer yet, stopped (another route won)",
+            a.route
+        ),
+        (None, None) => println!(
+            "  ✓ {at} {} ({:.0} ms)",
+            a.route,
+            a.total().as_secs_f64() * 1000.0
+        ),
     }
 }

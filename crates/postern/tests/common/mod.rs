@@ -241,6 +241,34 @@ impl Follower {
         Self { child, lines }
     }
 
+    /// Collects `incoming` lines until `count` distinct message ids arrived or `within`
+    /// passed; returns every id seen, in order, duplicates included.
+    pub fn incoming_ids(&self, count: usize, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut ids: Vec<String> = Vec::new();
+        let distinct = |ids: &Vec<String>| {
+            let mut d = ids.clone();
+            d.sort();
+            d.dedup();
+            d.len()
+        };
+        while distinct(&ids) < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    if v["type"] == "incoming" {
+                        ids.push(v["message_id"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        ids
+    }
+
     /// Waits for a JSON line containing every one of `needles`.
     pub fn expect(&self, needles: &[&str]) -> String {
         let deadline = Instant::now() + COMMAND_TIMEOUT;
@@ -272,6 +300,9 @@ pub enum Tamper {
     FlipServerByte(usize),
     /// Flip one bit of the byte at this offset of the client→server stream.
     FlipClientByte(usize),
+    /// Forward this many bytes server→client, then nothing more in either direction,
+    /// closing neither side (a censor freezing the flow: no FIN, no RST).
+    FreezeAfter(usize),
 }
 
 /// A TCP forwarder on loopback that records every byte in both directions.
@@ -282,6 +313,8 @@ pub struct Forwarder {
     pub captured: Arc<Mutex<Vec<u8>>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Sockets of frozen flows, held open until the forwarder is dropped.
+    held: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Forwarder {
@@ -293,12 +326,14 @@ impl Forwarder {
         let stop = Arc::new(AtomicBool::new(false));
         let tamper = Arc::new(Mutex::new(tamper));
         let target = Arc::new(Mutex::new(target));
-        let (cap, conns, stopping, mode, to) = (
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (cap, conns, stopping, mode, to, hold) = (
             captured.clone(),
             connections.clone(),
             stop.clone(),
             tamper.clone(),
             target.clone(),
+            held.clone(),
         );
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -316,8 +351,12 @@ impl Forwarder {
                     continue;
                 };
                 conns.fetch_add(1, Ordering::Relaxed);
+                if let Tamper::FreezeAfter(limit) = current {
+                    freeze_after(client, server, limit, hold.clone());
+                    continue;
+                }
                 let (flip_up, flip_down) = match current {
-                    Tamper::None | Tamper::Drop => (None, None),
+                    Tamper::None | Tamper::Drop | Tamper::FreezeAfter(_) => (None, None),
                     Tamper::FlipClientByte(n) => (Some(n), None),
                     Tamper::FlipServerByte(n) => (None, Some(n)),
                 };
@@ -337,6 +376,7 @@ impl Forwarder {
             captured,
             connections,
             stop,
+            held,
         }
     }
 
@@ -360,6 +400,51 @@ impl Drop for Forwarder {
         self.stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(self.addr);
     }
+}
+
+/// Forwards `limit` bytes server→client, then freezes the flow: the server is not read
+/// any more (its writes block once the buffers fill), the client's bytes are swallowed,
+/// and both sockets stay open.
+fn freeze_after(
+    client: TcpStream,
+    server: TcpStream,
+    limit: usize,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+) {
+    let frozen = Arc::new(AtomicBool::new(false));
+    let (mut up_from, mut up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let up_frozen = frozen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = up_from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if !up_frozen.load(Ordering::SeqCst) && up_to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut down_from, mut down_to) = (server, client);
+    std::thread::spawn(move || {
+        let mut sent = 0;
+        let mut buf = [0u8; 1024];
+        while sent < limit {
+            let want = buf.len().min(limit - sent);
+            let n = match down_from.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if sent + n >= limit {
+                frozen.store(true, Ordering::SeqCst);
+            }
+            if down_to.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            sent += n;
+        }
+        held.lock().unwrap().extend([down_from, down_to]);
+    });
 }
 
 fn pipe(

@@ -1,6 +1,9 @@
 //! Opening a path to the service, stage by stage: resolve the name, connect TCP, and (for
-//! a TLS relay) complete TLS. Each stage is timed and each failure is named, so the app
-//! can say exactly what went wrong ("timed out (possibly blocked)", "TLS failed", ...).
+//! a TLS relay) complete TLS. Each stage is timed (with its own bound from
+//! [`crate::timeouts`]) and each failure is named, so the app can say exactly what went
+//! wrong ("timed out (possibly blocked)", "TLS failed", ...). Stages are recorded in a
+//! [`Progress`] as they complete, so an attempt that is abandoned halfway (another route
+//! won the race) still tells how far it got.
 //!
 //! The TLS layer to a relay does not authenticate the relay (its certificate is usually
 //! self-signed, as in the reference system): it is camouflage and a second envelope. The
@@ -8,15 +11,19 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::connection::BoxStream;
+use super::connection::BoxStream;
+use crate::timeouts::{CONNECT_TIMEOUT, RESOLVE_TIMEOUT, TLS_TIMEOUT};
 
 /// A way to reach the service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -41,7 +48,7 @@ impl Route {
         matches!(self, Route::Relay(p) if p.tls)
     }
 
-    fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         match self {
             Route::Direct { address } => split_host(address).0,
             Route::Relay(p) => p.host.clone(),
@@ -94,6 +101,8 @@ pub enum Failure {
     TimedOut,
     Unreachable(String),
     TlsFailed(String),
+    /// A plain connection reached a port that answered in TLS: the route needs TLS on.
+    SpeaksTls,
     /// The relay (or server address) answered but the service behind it did not.
     ServiceDidNotAnswer,
     /// Something answered but could not prove it is the server whose key we pinned.
@@ -103,7 +112,7 @@ pub enum Failure {
 
 impl Failure {
     /// A far end that completed TCP/TLS and then failed server authentication is not
-    /// merely broken: it is treated as hostile and not used again in this run.
+    /// merely broken: it is treated as hostile and not used again.
     pub fn is_hostile(&self) -> bool {
         matches!(self, Failure::ServerIdentity)
     }
@@ -117,6 +126,7 @@ impl fmt::Display for Failure {
             Failure::TimedOut => f.write_str("timed out (possibly blocked)"),
             Failure::Unreachable(e) => write!(f, "network unreachable ({e})"),
             Failure::TlsFailed(e) => write!(f, "TLS failed ({e})"),
+            Failure::SpeaksTls => f.write_str("this port speaks TLS, but the route has TLS off"),
             Failure::ServiceDidNotAnswer => {
                 f.write_str("relay reached but the service did not answer")
             }
@@ -140,37 +150,99 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
     s.serialize_f64(d.as_secs_f64() * 1000.0)
 }
 
-/// The stages a dial went through, and how it ended.
+/// The stages an attempt went through, and how it ended: every stage succeeded
+/// (`failed` and `abandoned` both `None`), one failed, or the attempt was abandoned in
+/// the middle of a stage because another route won the race.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DialReport {
     pub route: String,
+    /// When the attempt started, counted from the start of the race.
+    #[serde(rename = "started_ms", serialize_with = "as_millis")]
+    pub started: Duration,
     pub stages: Vec<StageTime>,
-    /// The stage that failed and why (`None` when every stage succeeded).
+    /// The stage that failed and why.
     pub failed: Option<(Stage, Failure)>,
+    /// The stage the attempt was in when it was given up (another route won).
+    pub abandoned: Option<Stage>,
 }
 
 impl DialReport {
-    fn new(route: &Route) -> Self {
+    pub(crate) fn new(route: &Route) -> Self {
         Self {
             route: route.to_string(),
+            started: Duration::ZERO,
             stages: Vec::new(),
             failed: None,
+            abandoned: None,
         }
     }
 
+    /// Time the completed stages took.
     pub fn total(&self) -> Duration {
         self.stages.iter().map(|s| s.took).sum()
     }
 
-    pub(crate) fn record(&mut self, stage: Stage, started: Instant) {
-        self.stages.push(StageTime {
+    /// Every stage succeeded.
+    pub fn succeeded(&self) -> bool {
+        self.failed.is_none() && self.abandoned.is_none()
+    }
+
+    /// The stage after the last completed one (where an abandoned attempt was).
+    pub(crate) fn next_stage(&self, tls: bool) -> Stage {
+        match self.stages.last().map(|s| s.stage) {
+            None => Stage::Resolve,
+            Some(Stage::Resolve) => Stage::Connect,
+            Some(Stage::Connect) if tls => Stage::Tls,
+            Some(_) => Stage::Handshake,
+        }
+    }
+}
+
+/// A [`DialReport`] being filled in by a running attempt, shared with whoever may
+/// abandon it.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<Mutex<DialReport>>);
+
+impl Progress {
+    pub fn new(route: &Route) -> Self {
+        Self(Arc::new(Mutex::new(DialReport::new(route))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DialReport> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `stage`, started at `started`, completed.
+    pub fn record(&self, stage: Stage, started: Instant) {
+        self.lock().stages.push(StageTime {
             stage,
             took: started.elapsed(),
         });
     }
+
+    pub(crate) fn set_started(&self, offset: Duration) {
+        self.lock().started = offset;
+    }
+
+    pub(crate) fn fail(&self, stage: Stage, failure: Failure) {
+        self.lock().failed = Some((stage, failure));
+    }
+
+    pub(crate) fn abandon(&self, tls: bool) {
+        let mut r = self.lock();
+        if r.failed.is_none() {
+            let stage = r.next_stage(tls);
+            r.abandoned = Some(stage);
+        }
+    }
+
+    /// A copy of the report as it stands.
+    pub fn report(&self) -> DialReport {
+        self.lock().clone()
+    }
 }
 
-fn split_host(address: &str) -> (String, Option<u16>) {
+pub(crate) fn split_host(address: &str) -> (String, Option<u16>) {
     if let Some(rest) = address.strip_prefix('[') {
         if let Some((h, p)) = rest.split_once(']') {
             return (
@@ -195,46 +267,40 @@ fn io_failure(e: &std::io::Error) -> Failure {
     }
 }
 
-/// Opens the byte stream of `route`: resolve, TCP, then TLS for TLS relays. Each stage
-/// gets at most `stage_timeout`.
-pub async fn dial(route: &Route, stage_timeout: Duration) -> (Result<BoxStream, ()>, DialReport) {
-    let mut report = DialReport::new(route);
-    let result = dial_stages(route, stage_timeout, &mut report).await;
-    match result {
-        Ok(s) => (Ok(s), report),
-        Err(f) => {
-            report.failed = Some(f);
-            (Err(()), report)
+/// Resolves `host:port` within [`RESOLVE_TIMEOUT`].
+pub async fn resolve(address: &str) -> Result<Vec<SocketAddr>, Failure> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(address)).await {
+        Err(_) => Err(Failure::TimedOut),
+        Ok(Err(e)) => Err(Failure::NameNotResolved(e.to_string())),
+        Ok(Ok(a)) => {
+            let addrs: Vec<SocketAddr> = a.collect();
+            if addrs.is_empty() {
+                Err(Failure::NameNotResolved("no addresses".into()))
+            } else {
+                Ok(addrs)
+            }
         }
     }
 }
 
-async fn dial_stages(
+/// Opens the byte stream of `route`: resolve, TCP, then TLS for TLS relays, recording
+/// each completed stage in `progress`. The stream remembers the first bytes the far end
+/// sent (see [`FirstBytes`]), so a failed handshake can tell a TLS port from a dead one.
+pub async fn dial(
     route: &Route,
-    stage_timeout: Duration,
-    report: &mut DialReport,
-) -> Result<BoxStream, (Stage, Failure)> {
-    let address = route.address();
+    progress: &Progress,
+) -> Result<(BoxStream, SeenBytes), (Stage, Failure)> {
     let started = Instant::now();
-    let addrs: Vec<SocketAddr> =
-        match tokio::time::timeout(stage_timeout, tokio::net::lookup_host(&address)).await {
-            Err(_) => return Err((Stage::Resolve, Failure::TimedOut)),
-            Ok(Err(e)) => return Err((Stage::Resolve, Failure::NameNotResolved(e.to_string()))),
-            Ok(Ok(a)) => a.collect(),
-        };
-    if addrs.is_empty() {
-        return Err((
-            Stage::Resolve,
-            Failure::NameNotResolved("no addresses".into()),
-        ));
-    }
-    report.record(Stage::Resolve, started);
+    let addrs = resolve(&route.address())
+        .await
+        .map_err(|f| (Stage::Resolve, f))?;
+    progress.record(Stage::Resolve, started);
 
     let started = Instant::now();
     let mut last = Failure::Other("no address worked".into());
     let mut tcp = None;
     for addr in addrs {
-        match tokio::time::timeout(stage_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Err(_) => last = Failure::TimedOut,
             Ok(Err(e)) => last = io_failure(&e),
             Ok(Ok(s)) => {
@@ -245,10 +311,12 @@ async fn dial_stages(
     }
     let tcp = tcp.ok_or((Stage::Connect, last))?;
     let _ = tcp.set_nodelay(true);
-    report.record(Stage::Connect, started);
+    progress.record(Stage::Connect, started);
 
     if !route.tls() {
-        return Ok(Box::new(tcp));
+        let stream = FirstBytes::new(tcp);
+        let seen = stream.seen();
+        return Ok((Box::new(stream), seen));
     }
     let started = Instant::now();
     let name = match route.host().parse::<std::net::IpAddr>() {
@@ -257,13 +325,98 @@ async fn dial_stages(
             .map_err(|e| (Stage::Tls, Failure::TlsFailed(e.to_string())))?,
     };
     let connector = tokio_rustls::TlsConnector::from(tls_config());
-    let tls = match tokio::time::timeout(stage_timeout, connector.connect(name, tcp)).await {
+    let tls = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
         Err(_) => return Err((Stage::Tls, Failure::TimedOut)),
         Ok(Err(e)) => return Err((Stage::Tls, Failure::TlsFailed(e.to_string()))),
         Ok(Ok(s)) => s,
     };
-    report.record(Stage::Tls, started);
-    Ok(Box::new(tls))
+    progress.record(Stage::Tls, started);
+    let stream = FirstBytes::new(tls);
+    let seen = stream.seen();
+    Ok((Box::new(stream), seen))
+}
+
+/// The first bytes a stream received, readable after the stream is boxed away.
+pub type SeenBytes = Arc<Mutex<Vec<u8>>>;
+
+/// Remembers the first bytes read from a stream (at most [`FirstBytes::KEPT`]), to
+/// diagnose a failed handshake: a TLS record header there means a plain connection hit
+/// a TLS port.
+pub struct FirstBytes<S> {
+    inner: S,
+    seen: SeenBytes,
+}
+
+impl<S> FirstBytes<S> {
+    const KEPT: usize = 5;
+
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            seen: Arc::default(),
+        }
+    }
+
+    /// A handle that keeps reading the recorded bytes after the stream is boxed away.
+    pub fn seen(&self) -> SeenBytes {
+        self.seen.clone()
+    }
+}
+
+/// A TLS record header (handshake, alert or application data; version 3.x): what a TLS
+/// server answers to bytes that are not a ClientHello.
+pub fn looks_like_tls(first: &[u8]) -> bool {
+    first.len() >= 3 && matches!(first[0], 0x15..=0x17) && first[1] == 0x03 && first[2] <= 0x04
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if poll.is_ready() {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.len() < Self::KEPT {
+                let new = &buf.filled()[before..];
+                let take = new.len().min(Self::KEPT - seen.len());
+                seen.extend_from_slice(&new[..take]);
+            }
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 fn tls_config() -> Arc<rustls::ClientConfig> {
@@ -354,26 +507,40 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let (r, report) = dial(
-            &Route::Direct {
-                address: addr.to_string(),
-            },
-            Duration::from_secs(2),
-        )
-        .await;
-        assert!(r.is_err());
-        assert_eq!(report.failed, Some((Stage::Connect, Failure::Refused)));
-        let (r, report) = dial(
-            &Route::Direct {
-                address: "no-such-host.invalid:443".into(),
-            },
-            Duration::from_secs(5),
-        )
-        .await;
-        assert!(r.is_err());
-        assert!(
-            matches!(report.failed, Some((Stage::Resolve, _))),
-            "{report:?}"
-        );
+        let route = Route::Direct {
+            address: addr.to_string(),
+        };
+        let progress = Progress::new(&route);
+        let r = dial(&route, &progress).await;
+        assert_eq!(r.err().map(|e| e.1), Some(Failure::Refused));
+        assert_eq!(progress.report().stages.len(), 1, "resolve completed");
+        let route = Route::Direct {
+            address: "no-such-host.invalid:443".into(),
+        };
+        let r = dial(&route, &Progress::new(&route)).await;
+        assert!(matches!(r, Err((Stage::Resolve, _))));
+    }
+
+    #[test]
+    fn tls_record_headers_are_recognised() {
+        assert!(looks_like_tls(&[0x15, 0x03, 0x03, 0x00, 0x02]));
+        assert!(looks_like_tls(&[0x16, 0x03, 0x01]));
+        assert!(!looks_like_tls(&[0x00, 0x30, 0x15]));
+        assert!(!looks_like_tls(&[0x15, 0x03]));
+    }
+
+    #[test]
+    fn an_abandoned_attempt_names_the_stage_it_was_in() {
+        let route = Route::Direct {
+            address: "127.0.0.1:1".into(),
+        };
+        let p = Progress::new(&route);
+        p.record(Stage::Resolve, Instant::now());
+        p.abandon(false);
+        assert_eq!(p.report().abandoned, Some(Stage::Connect));
+        let p = Progress::new(&route);
+        p.fail(Stage::Connect, Failure::Refused);
+        p.abandon(false);
+        assert_eq!(p.report().abandoned, None, "a failed attempt stays failed");
     }
 }

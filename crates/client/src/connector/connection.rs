@@ -1,28 +1,38 @@
-//! One authenticated connection to the server, shared by requests and pushes.
+//! One authenticated connection to the server, shared by requests and pushes, watched for
+//! stalls.
 //!
 //! A reader task owns the receiving half: answers go to the request that is waiting for
 //! them (matched by request id), pushes (envelopes, receipts, notices) go in order to a
 //! bounded channel that the client's push handler drains. The push handler never waits
 //! for an answer itself (acknowledgements are sent without waiting), so a full push
 //! channel can slow the reader down but never deadlock it.
+//!
+//! A keepalive task pings the server when the connection has been silent (see
+//! [`super::liveness`]) and closes the connection when a ping goes unanswered: a censor
+//! that silently freezes the flow is noticed within seconds, every request still waiting
+//! fails, and the push handler sees [`Push::Closed`] so the connector can race a new
+//! connection.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postern_protocol::noise::{self, SecureWriter, StaticKeypair};
 use postern_protocol::schema::{
-    client_frame, server_frame, ClientFrame, ClientHello, ServerFrame, ServerHello,
+    client_frame, server_frame, ClientFrame, ClientHello, Ping, ServerFrame, ServerHello,
 };
 use postern_protocol::{ProtocolError, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use super::liveness::{Check, Liveness};
+use crate::timeouts::STALL_DEADLINE;
 use crate::ClientError;
 
-/// Any byte stream the channel can run over: TCP now, TLS to a relay later.
+/// Any byte stream the channel can run over: TCP, or TLS to a relay.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 pub type BoxStream = Box<dyn Stream>;
@@ -38,28 +48,56 @@ pub(crate) enum Push {
     Closed(String),
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<server_frame::Body>>>>;
+type Writer = SecureWriter<WriteHalf<BoxStream>>;
+
+/// State the connection's handle and its tasks share.
+struct Shared {
+    writer: tokio::sync::Mutex<Writer>,
+    waiters: Mutex<HashMap<u64, oneshot::Sender<server_frame::Body>>>,
+    next_id: AtomicU64,
+    liveness: Mutex<Liveness>,
+    /// Request id of the keepalive ping in flight (0: none).
+    keepalive_id: AtomicU64,
+    /// Why the connection is being closed, when this side decided it.
+    close_reason: Mutex<Option<String>>,
+    stop: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn close(&self, reason: String) {
+        lock(&self.close_reason).get_or_insert(reason);
+        self.stop.notify_one();
+    }
+
+    async fn write(&self, request_id: u64, body: client_frame::Body) -> Result<(), ClientError> {
+        self.writer
+            .lock()
+            .await
+            .send(&ClientFrame {
+                request_id,
+                body: Some(body),
+            })
+            .await?;
+        Ok(())
+    }
+}
 
 pub(crate) struct Connection {
-    writer: tokio::sync::Mutex<SecureWriter<WriteHalf<BoxStream>>>,
-    waiters: Waiters,
-    next_id: AtomicU64,
+    shared: Arc<Shared>,
     push_tx: mpsc::Sender<Push>,
     reader: JoinHandle<()>,
-    /// Tells the reader task to stop (it then reports `Closed` to the push handler).
-    stop: Arc<tokio::sync::Notify>,
+    keepalive: JoinHandle<()>,
     pub hello: ServerHello,
     pub handshake_time: Duration,
 }
 
-fn lock(
-    w: &Waiters,
-) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<server_frame::Body>>> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Connection {
-    /// Runs the Noise handshake over `stream` and starts the reader task.
+    /// Runs the Noise handshake over `stream` (bounded by `deadline`) and starts the
+    /// reader and keepalive tasks.
     pub async fn establish(
         mut stream: BoxStream,
         keys: &StaticKeypair,
@@ -78,18 +116,38 @@ impl Connection {
         let handshake_time = started.elapsed();
         let (read_half, write_half) = tokio::io::split(stream);
         let (mut reader, writer) = noise::split(transport, read_half, write_half);
-        let waiters: Waiters = Arc::default();
+        let shared = Arc::new(Shared {
+            writer: tokio::sync::Mutex::new(writer),
+            waiters: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            liveness: Mutex::new(Liveness::new(Instant::now())),
+            keepalive_id: AtomicU64::new(0),
+            close_reason: Mutex::default(),
+            stop: Notify::new(),
+        });
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
-        let reader_waiters = waiters.clone();
+        let reader_shared = shared.clone();
         let reader_push = push_tx.clone();
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let stop_reader = stop.clone();
         let reader = tokio::spawn(async move {
+            let shared = reader_shared;
             let reason = loop {
                 let frame = tokio::select! {
                     frame = reader.recv::<ServerFrame>() => frame,
-                    _ = stop_reader.notified() => break "closed by this client".to_string(),
+                    _ = shared.stop.notified() => {
+                        break lock(&shared.close_reason)
+                            .clone()
+                            .unwrap_or_else(|| "closed by this client".into());
+                    }
                 };
+                if frame.is_ok() {
+                    let id = frame.as_ref().map(|f| f.request_id).unwrap_or(0);
+                    let mut liveness = lock(&shared.liveness);
+                    if id != 0 && id == shared.keepalive_id.load(Ordering::Acquire) {
+                        liveness.pong(Instant::now());
+                    } else {
+                        liveness.traffic(Instant::now());
+                    }
+                }
                 match frame {
                     Ok(ServerFrame { body: None, .. }) => {}
                     Ok(ServerFrame {
@@ -104,7 +162,7 @@ impl Connection {
                         request_id,
                         body: Some(body),
                     }) => {
-                        if let Some(w) = lock(&reader_waiters).remove(&request_id) {
+                        if let Some(w) = lock(&shared.waiters).remove(&request_id) {
                             let _ = w.send(body);
                         }
                     }
@@ -113,34 +171,21 @@ impl Connection {
                 }
             };
             // Dropping the waiters fails every request still in flight.
-            lock(&reader_waiters).clear();
+            lock(&shared.waiters).clear();
             let _ = reader_push.send(Push::Closed(reason)).await;
         });
+        let keepalive = tokio::spawn(keep_alive(shared.clone()));
         Ok((
             Self {
-                writer: tokio::sync::Mutex::new(writer),
-                waiters,
-                next_id: AtomicU64::new(1),
+                shared,
                 push_tx,
                 reader,
-                stop,
+                keepalive,
                 hello: server_hello,
                 handshake_time,
             },
             push_rx,
         ))
-    }
-
-    async fn write(&self, request_id: u64, body: client_frame::Body) -> Result<(), ClientError> {
-        self.writer
-            .lock()
-            .await
-            .send(&ClientFrame {
-                request_id,
-                body: Some(body),
-            })
-            .await?;
-        Ok(())
     }
 
     /// Sends a request and waits for its answer; a server `Error` becomes `Err`.
@@ -149,20 +194,20 @@ impl Connection {
         body: client_frame::Body,
         timeout: Duration,
     ) -> Result<server_frame::Body, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(id, tx);
+        lock(&self.shared.waiters).insert(id, tx);
         if self.reader.is_finished() {
-            lock(&self.waiters).remove(&id);
+            lock(&self.shared.waiters).remove(&id);
             return Err(ClientError::NotConnected);
         }
-        if let Err(e) = self.write(id, body).await {
-            lock(&self.waiters).remove(&id);
+        if let Err(e) = self.shared.write(id, body).await {
+            lock(&self.shared.waiters).remove(&id);
             return Err(e);
         }
         match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
-                lock(&self.waiters).remove(&id);
+                lock(&self.shared.waiters).remove(&id);
                 Err(ClientError::Timeout(timeout))
             }
             Ok(Err(_)) => Err(ClientError::NotConnected),
@@ -176,8 +221,8 @@ impl Connection {
 
     /// Sends a request whose answer nobody waits for (acknowledgements).
     pub async fn notify(&self, body: client_frame::Body) -> Result<(), ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.write(id, body).await
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.write(id, body).await
     }
 
     /// Resolves once the push handler has handled everything received so far.
@@ -196,9 +241,9 @@ impl Connection {
 
     /// Closes the connection; the push handler sees `Closed` and ends.
     pub async fn shutdown(&self) {
-        self.stop.notify_one();
+        self.shared.close("closed by this client".into());
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.writer.lock().await.shutdown().await;
+            let _ = self.shared.writer.lock().await.shutdown().await;
         })
         .await;
     }
@@ -206,6 +251,38 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.keepalive.abort();
         self.reader.abort();
+    }
+}
+
+/// Pings when the connection is silent and closes it when a ping goes unanswered.
+async fn keep_alive(shared: Arc<Shared>) {
+    loop {
+        let check = lock(&shared.liveness).check(Instant::now());
+        match check {
+            Check::Wait { next } => tokio::time::sleep_until(next).await,
+            Check::Ping => {
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                shared.keepalive_id.store(id, Ordering::Release);
+                lock(&shared.liveness).ping_sent(Instant::now());
+                // A writer stuck on a frozen path must not stop the deadline from firing.
+                let ping = client_frame::Body::Ping(Ping { nonce: id });
+                if tokio::time::timeout(STALL_DEADLINE, shared.write(id, ping))
+                    .await
+                    .is_ok_and(|r| r.is_err())
+                {
+                    return; // The connection is already broken; the reader reports it.
+                }
+            }
+            Check::Dead { silent } => {
+                tracing::debug!(?silent, "connection stalled");
+                shared.close(format!(
+                    "nothing arrived for {:.0} s (the network may have frozen the connection)",
+                    silent.as_secs_f64()
+                ));
+                return;
+            }
+        }
     }
 }

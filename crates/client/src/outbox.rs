@@ -1,0 +1,181 @@
+//! The outbox: what the user typed, until the server holds it.
+//!
+//! A message is written to the local history as pending before anything is sent, so
+//! nothing typed is lost whatever the network does. It becomes sent (✓) when the server
+//! answers that it is in the recipient's queue; a message the server can never accept
+//! (the contact does not exist) stays in the history, marked failed with the reason.
+//! Re-sending after a lost connection is safe: the server queues a message id once, and
+//! the recipient drops a second copy by its id.
+
+use postern_protocol::schema::{client_frame, server_frame, Content, ErrorCode, SendMessage};
+use postern_protocol::username;
+use prost::Message as _;
+use tokio::sync::broadcast;
+
+use crate::connector::connection::Connection;
+use crate::events::{Event, MessageId};
+use crate::sessions::Sessions;
+use crate::store::{HistoryEntry, LocalStore, MessageStatus};
+use crate::timeouts::REQUEST_TIMEOUT;
+use crate::ClientError;
+
+/// Longest message text, so one encrypted message always fits in one frame.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+
+/// What became of one pending message in a flush of the outbox.
+#[derive(Debug)]
+pub struct PendingOutcome {
+    pub message_id: MessageId,
+    pub to: String,
+    pub result: Result<(), ClientError>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    store: LocalStore,
+    sessions: Sessions,
+    events: broadcast::Sender<Event>,
+    username: String,
+}
+
+impl Outbox {
+    pub fn new(
+        store: LocalStore,
+        sessions: Sessions,
+        events: broadcast::Sender<Event>,
+        username: String,
+    ) -> Self {
+        Self {
+            store,
+            sessions,
+            events,
+            username,
+        }
+    }
+
+    /// Checks and stores a message as pending.
+    pub async fn queue(&self, to: &str, text: &str) -> Result<HistoryEntry, ClientError> {
+        username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(ClientError::TooLong {
+                bytes: text.len(),
+                limit: MAX_TEXT_BYTES,
+            });
+        }
+        if to == self.username {
+            return Err(ClientError::InvalidInput(
+                "you cannot send a message to yourself".into(),
+            ));
+        }
+        let entry = HistoryEntry {
+            message_id: MessageId::random(),
+            peer: to.to_string(),
+            outgoing: true,
+            text: text.to_string(),
+            created_ms: postern_protocol::now_ms(),
+            server_time_ms: None,
+            status: MessageStatus::Pending,
+            failure: None,
+        };
+        self.store
+            .insert_outgoing(&entry.message_id.0, to, text, entry.created_ms)
+            .await?;
+        Ok(entry)
+    }
+
+    /// Transmits one pending message. One the server can never accept is marked failed
+    /// (and the error returned); a connection problem leaves it pending.
+    pub async fn transmit(
+        &self,
+        conn: &Connection,
+        entry: &HistoryEntry,
+    ) -> Result<(), ClientError> {
+        match self.transmit_once(conn, entry).await {
+            Err(e @ ClientError::UnknownContact(_)) => {
+                let reason = e.to_string();
+                self.store.mark_failed(&entry.message_id.0, &reason).await?;
+                let _ = self.events.send(Event::Failed {
+                    message_id: entry.message_id,
+                    to: entry.peer.clone(),
+                    reason,
+                });
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Sends every pending message, oldest first, adding an outcome per message to
+    /// `outcomes`. Problems with one message are reported in its outcome and the rest go
+    /// on; a connection failure stops the flush (what is left stays pending) and is
+    /// returned.
+    pub async fn flush(
+        &self,
+        conn: &Connection,
+        outcomes: &mut Vec<PendingOutcome>,
+    ) -> Result<(), ClientError> {
+        for entry in self.store.pending_outgoing().await? {
+            let result = match self.transmit(conn, &entry).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_connection_problem() => return Err(e),
+                Err(e) => Err(e),
+            };
+            outcomes.push(PendingOutcome {
+                message_id: entry.message_id,
+                to: entry.peer,
+                result,
+            });
+        }
+        Ok(())
+    }
+
+    /// Encrypts for every device of the recipient and hands the message to the server.
+    async fn transmit_once(
+        &self,
+        conn: &Connection,
+        entry: &HistoryEntry,
+    ) -> Result<(), ClientError> {
+        let content = Content {
+            message_id: entry.message_id.0.to_vec(),
+            sender: self.username.clone(),
+            recipient: entry.peer.clone(),
+            sent_at_ms: entry.created_ms,
+            text: entry.text.clone(),
+        }
+        .encode_to_vec();
+        let mut reclaimed = false;
+        loop {
+            let ciphertexts = self
+                .sessions
+                .encrypt_for(conn, &entry.peer, &content, reclaimed)
+                .await?;
+            let request = client_frame::Body::Send(SendMessage {
+                message_id: entry.message_id.0.to_vec(),
+                recipient: entry.peer.clone(),
+                ciphertexts,
+            });
+            match conn.request(request, REQUEST_TIMEOUT).await {
+                Ok(server_frame::Body::MessageAccepted(a)) => {
+                    self.store
+                        .mark_sent(&entry.message_id.0, a.server_time_ms)
+                        .await?;
+                    let _ = self.events.send(Event::Sent {
+                        message_id: entry.message_id,
+                        to: entry.peer.clone(),
+                    });
+                    return Ok(());
+                }
+                Ok(other) => return Err(ClientError::unexpected(other)),
+                Err(ClientError::Server { code, .. })
+                    if code == ErrorCode::DevicesChanged as i32 && !reclaimed =>
+                {
+                    reclaimed = true;
+                }
+                Err(ClientError::Server { code, .. }) if code == ErrorCode::UnknownUser as i32 => {
+                    return Err(ClientError::UnknownContact(entry.peer.clone()))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
