@@ -1,7 +1,8 @@
 //! Named censor profiles and the nftables rule set each one installs.
 //!
 //! A profile is data: addresses and ports dropped for flows coming from the client's
-//! interface, and an optional first-packet inspection (DPI) with the ports it covers.
+//! interface, an optional first-packet inspection (DPI) with the ports it covers, and
+//! whether every flow freezes after a number of bytes to the client ([`crate::freeze`]).
 //! To add a profile, add an entry to [`PROFILES`] (and its expectations to `testbed/run`).
 
 use std::net::Ipv4Addr;
@@ -34,6 +35,10 @@ pub struct Profile {
     pub block_hosts: &'static [Host],
     pub block_ports: &'static [u16],
     pub dpi: Option<Dpi>,
+    /// Every TCP flow from the client goes through the interceptor, which stops forwarding
+    /// (silently, in both directions) once the flow has delivered `--freeze-after` bytes
+    /// to the client.
+    pub freeze: bool,
 }
 
 pub const PROFILES: &[Profile] = &[
@@ -44,6 +49,7 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[],
         block_ports: &[],
         dpi: None,
+        freeze: false,
     },
     Profile {
         name: "ip-block",
@@ -52,6 +58,7 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[Host::Server],
         block_ports: &[],
         dpi: None,
+        freeze: false,
     },
     Profile {
         name: "port-block",
@@ -60,6 +67,7 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[Host::Server],
         block_ports: &[5222],
         dpi: None,
+        freeze: false,
     },
     Profile {
         name: "protocol-allowlist",
@@ -68,6 +76,7 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[Host::Server],
         block_ports: &[5222],
         dpi: Some(Dpi::Allowlist(&[53, 80, 443])),
+        freeze: false,
     },
     Profile {
         name: "fully-encrypted",
@@ -76,6 +85,7 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[Host::Server],
         block_ports: &[],
         dpi: Some(Dpi::FullyEncrypted),
+        freeze: false,
     },
     Profile {
         name: "relay-a-blocked",
@@ -84,6 +94,16 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[Host::Server, Host::RelayA],
         block_ports: &[5222],
         dpi: Some(Dpi::Allowlist(&[53, 80, 443])),
+        freeze: false,
+    },
+    Profile {
+        name: "flow-freeze",
+        summary: "every TCP flow goes silent (no RST, no FIN) after --freeze-after bytes (16 KiB) to the client",
+        source: "net4people/bbs #490 (Russia 2025: flows stop after ~15-20 KB server to client)",
+        block_hosts: &[],
+        block_ports: &[],
+        dpi: None,
+        freeze: true,
     },
 ];
 
@@ -116,9 +136,14 @@ fn set<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 impl Profile {
+    /// Whether flows go through the interceptor (for inspection or to be frozen).
+    pub fn intercepts(&self) -> bool {
+        self.dpi.is_some() || self.freeze
+    }
+
     /// The nftables script (for `nft -f -`) that installs this profile. Drops come first
     /// (in a prerouting chain ahead of NAT), so a blocked address is never intercepted;
-    /// flows to inspect are redirected to the local interceptor.
+    /// flows to inspect (or to freeze) are redirected to the local interceptor.
     pub fn ruleset(&self, net: &Network) -> String {
         let iif = &net.client_if;
         let mut s = format!("table inet {TABLE} {{\n");
@@ -138,19 +163,23 @@ impl Profile {
             ));
         }
         s.push_str("  }\n");
-        if let Some(dpi) = self.dpi {
+        if self.intercepts() {
             let port = net.intercept_port;
             s.push_str(
                 "  chain inspect {\n    type nat hook prerouting priority dstnat; policy accept;\n",
             );
-            match dpi {
-                Dpi::Allowlist(ports) => s.push_str(&format!(
+            match self.dpi {
+                _ if self.freeze => s.push_str(&format!(
+                    "    iifname \"{iif}\" meta l4proto tcp counter redirect to :{port} comment \"flow freeze\"\n"
+                )),
+                Some(Dpi::Allowlist(ports)) => s.push_str(&format!(
                     "    iifname \"{iif}\" tcp dport {} counter redirect to :{port} comment \"first-packet allow-list\"\n",
                     set(ports)
                 )),
-                Dpi::FullyEncrypted => s.push_str(&format!(
+                Some(Dpi::FullyEncrypted) => s.push_str(&format!(
                     "    iifname \"{iif}\" meta l4proto tcp counter redirect to :{port} comment \"fully-encrypted detector\"\n"
                 )),
+                None => {}
             }
             s.push_str("  }\n");
         }
@@ -180,6 +209,7 @@ mod tests {
             "protocol-allowlist",
             "fully-encrypted",
             "relay-a-blocked",
+            "flow-freeze",
         ] {
             assert!(find(n).is_some(), "{n}");
         }
@@ -212,5 +242,27 @@ mod tests {
             !r.contains("counter drop") && !r.contains("redirect"),
             "{r}"
         );
+    }
+
+    #[test]
+    fn flow_freeze_intercepts_every_tcp_flow_and_blocks_nothing() {
+        let p = find("flow-freeze").unwrap();
+        assert!(p.freeze && p.dpi.is_none() && p.intercepts());
+        assert!(p.source.contains("net4people/bbs #490"), "{}", p.source);
+        let r = p.ruleset(&net());
+        assert!(
+            r.contains(
+                "iifname \"cli0\" meta l4proto tcp counter redirect to :15001 comment \"flow freeze\""
+            ),
+            "{r}"
+        );
+        assert!(!r.contains("counter drop"), "{r}");
+        assert!(!r.contains("dport"), "{r}");
+        assert!(!r.contains("daddr"), "{r}");
+        // Only flow-freeze freezes; the others keep their rules.
+        for q in PROFILES.iter().filter(|q| q.name != "flow-freeze") {
+            assert!(!q.freeze, "{}", q.name);
+            assert_eq!(q.intercepts(), q.dpi.is_some(), "{}", q.name);
+        }
     }
 }

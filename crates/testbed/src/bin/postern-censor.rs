@@ -1,7 +1,8 @@
 //! `postern-censor`: the testbed's modelled censor. Runs in the censor namespace (the
 //! client's only router): installs the profile's nftables rules (drops, and a redirect of
 //! flows to inspect to a local transparent interceptor), then inspects each redirected
-//! flow's first client data and forwards it to its original destination or black-holes it.
+//! flow's first client data and forwards it to its original destination or black-holes it
+//! (or, under `flow-freeze`, forwards every flow until it freezes; see `freeze.rs`).
 //! On SIGINT/SIGTERM it removes its nftables table.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -12,13 +13,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use postern_testbed::classify::{self, Verdict};
+use postern_testbed::freeze::{self, Forwarded};
 use postern_testbed::profile::{self, Dpi, Network, Profile, PROFILES, TABLE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// How long the interceptor waits for a flow's first data before passing it uninspected.
 const FIRST_DATA_WAIT: Duration = Duration::from_secs(10);
-/// How long a black-holed flow is held (silently) before it is dropped.
+/// How long a black-holed (or frozen) flow is held (silently) before it is dropped.
 const BLACK_HOLE_HOLD: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -49,6 +51,9 @@ struct Args {
     /// Port of the local transparent interceptor.
     #[arg(long, default_value_t = 15001)]
     intercept_port: u16,
+    /// Under `flow-freeze`: bytes a flow delivers to the client before it goes silent.
+    #[arg(long, value_name = "BYTES", default_value_t = freeze::FREEZE_AFTER)]
+    freeze_after: u64,
 }
 
 fn nft(script: &str) -> anyhow::Result<()> {
@@ -101,28 +106,36 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The interceptor listens before any flow is redirected to it.
-    let listener = match profile.dpi {
-        Some(_) => Some(
+    let listener = if profile.intercepts() {
+        Some(
             TcpListener::bind(("0.0.0.0", net.intercept_port))
                 .await
                 .context("binding the interceptor")?,
-        ),
-        None => None,
+        )
+    } else {
+        None
     };
     remove_table()?;
     nft(&rules)?;
-    println!(
-        "censor ready: profile {} ({})",
-        profile.name, profile.summary
-    );
+    let freeze_after = profile.freeze.then_some(args.freeze_after);
+    match freeze_after {
+        Some(n) => println!(
+            "censor ready: profile {} ({}; freeze after {n} bytes)",
+            profile.name, profile.summary
+        ),
+        None => println!(
+            "censor ready: profile {} ({})",
+            profile.name, profile.summary
+        ),
+    }
     for line in rules.lines() {
         eprintln!("censor: nft: {line}");
     }
 
     let serve = async {
-        match (listener, profile.dpi) {
-            (Some(l), Some(dpi)) => intercept(l, dpi, profile).await,
-            _ => std::future::pending().await,
+        match listener {
+            Some(l) => intercept(l, profile, freeze_after).await,
+            None => std::future::pending().await,
         }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -140,14 +153,14 @@ static FLOWS: AtomicU64 = AtomicU64::new(0);
 
 async fn intercept(
     listener: TcpListener,
-    dpi: Dpi,
     profile: &'static Profile,
+    freeze_after: Option<u64>,
 ) -> anyhow::Result<()> {
     loop {
         let (client, peer) = listener.accept().await?;
         let id = FLOWS.fetch_add(1, Ordering::Relaxed) + 1;
         tokio::spawn(async move {
-            if let Err(e) = flow(id, client, peer, dpi, profile).await {
+            if let Err(e) = flow(id, client, peer, profile, freeze_after).await {
                 eprintln!("censor: flow {id}: {e:#}");
             }
         });
@@ -178,10 +191,66 @@ async fn flow(
     id: u64,
     mut client: TcpStream,
     peer: SocketAddr,
-    dpi: Dpi,
     profile: &Profile,
+    freeze_after: Option<u64>,
 ) -> anyhow::Result<()> {
     let dst = original_destination(&client)?;
+    let first = match profile.dpi {
+        Some(dpi) => match inspect(id, &mut client, peer, dst, dpi, profile).await? {
+            Some(first) => first,
+            None => return Ok(()), // black-holed
+        },
+        None => Vec::new(),
+    };
+    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            // Mirror what the client would have seen: a refused connection is a reset.
+            reset(client);
+            bail!("connect {dst}: {e}");
+        }
+        Err(_) => {
+            reset(client);
+            bail!("connect {dst}: timed out");
+        }
+    };
+    upstream.set_nodelay(true)?;
+    client.set_nodelay(true)?;
+    upstream.write_all(&first).await?;
+    let Some(limit) = freeze_after else {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        return Ok(());
+    };
+    let name = profile.name;
+    let outcome = freeze::freeze_flow(&mut client, &mut upstream, limit, BLACK_HOLE_HOLD, |f| {
+        eprintln!(
+            "censor: flow {id} {peer} -> {dst}: frozen after {} bytes to the client [{name}]",
+            f.to_client()
+        )
+    })
+    .await?;
+    if let Forwarded::Ended {
+        to_client,
+        to_server,
+    } = outcome
+    {
+        eprintln!(
+            "censor: flow {id} {peer} -> {dst}: ended before the freeze ({to_client} bytes to the client, {to_server} to the server) [{name}]"
+        );
+    }
+    Ok(())
+}
+
+/// Reads and classifies the flow's first client data. Returns it when the flow may go on;
+/// black-holes the flow (for `BLACK_HOLE_HOLD`) and returns `None` otherwise.
+async fn inspect(
+    id: u64,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    dpi: Dpi,
+    profile: &Profile,
+) -> anyhow::Result<Option<Vec<u8>>> {
     let mut first = vec![0u8; 16 * 1024];
     let n = match tokio::time::timeout(FIRST_DATA_WAIT, client.read(&mut first)).await {
         Ok(r) => r?,
@@ -211,23 +280,7 @@ async fn flow(
             }
         };
         let _ = tokio::time::timeout(BLACK_HOLE_HOLD, hold).await;
-        return Ok(());
+        return Ok(None);
     }
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            // Mirror what the client would have seen: a refused connection is a reset.
-            reset(client);
-            bail!("connect {dst}: {e}");
-        }
-        Err(_) => {
-            reset(client);
-            bail!("connect {dst}: timed out");
-        }
-    };
-    upstream.set_nodelay(true)?;
-    client.set_nodelay(true)?;
-    upstream.write_all(&first).await?;
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    Ok(())
+    Ok(Some(first))
 }
