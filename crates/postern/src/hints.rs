@@ -35,6 +35,16 @@ pub fn for_error(error: &anyhow::Error) -> Option<String> {
             let speaks_tls = attempts
                 .iter()
                 .any(|a| matches!(a.failed, Some((_, Failure::SpeaksTls))));
+            let impostor = attempts
+                .iter()
+                .any(|a| matches!(a.failed, Some((_, Failure::ServerIdentity))));
+            if impostor && attempts.len() == 1 {
+                return Some(
+                    "something on this path pretends to be the service: check that the network \
+                     file came from the operator, and use another network or relay"
+                        .into(),
+                );
+            }
             let mut hint = String::from(
                 "if your network blocks the service, add a proxy (`postern proxy add ADDRESS|LINK`) \
                  or try another one; `postern proxy check` tests each saved proxy",

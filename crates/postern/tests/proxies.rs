@@ -314,12 +314,9 @@ fn relay_links_import_and_work_and_malformed_links_are_rejected() {
         let err = fails(&alice, &["proxy", "add", bad]);
         assert!(err.contains(says), "{bad}: {err}");
     }
-    assert_eq!(
-        ok(&alice, &["proxy", "list", "--json"])
-            .matches("\"host\"")
-            .count(),
-        1
-    );
+    let list: serde_json::Value =
+        serde_json::from_str(ok(&alice, &["proxy", "list", "--json"]).trim()).unwrap();
+    assert_eq!(list["proxies"].as_array().map(|p| p.len()).unwrap_or(0), 1);
 
     // A media port that does not answer is reported on its own.
     let closed = closed_port().port();

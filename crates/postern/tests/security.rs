@@ -84,7 +84,10 @@ fn a_client_refuses_a_server_that_does_not_hold_the_pinned_key() {
             net.to_str().unwrap(),
         ],
     );
-    assert!(err.contains("did not prove its identity"), "{err}");
+    assert!(
+        err.contains("could not prove its identity (possible interception)"),
+        "{err}"
+    );
     assert!(
         !tmp.path().join("alice").join("profile.toml").exists(),
         "no half-made profile"
@@ -96,13 +99,13 @@ fn tampering_on_the_path_breaks_the_connection_without_delivering_junk() {
     let tmp = tempfile::tempdir().unwrap();
     let (_server, forwarder, alice, bob) = setup_via_forwarder(tmp.path());
 
-    // A byte of Alice's request is flipped: the server drops the connection, nothing is
-    // queued, and the message stays pending on Alice's side.
+    // A byte of Alice's request is flipped: the server drops the connection and queues
+    // nothing from it. Alice's client connects again and re-sends (each connection is
+    // altered at the same offset, so it may get through or stay pending); either way
+    // only the intact message can ever reach Bob (checked at the end).
     forwarder.set_tamper(Tamper::FlipClientByte(400));
-    fails(&alice, &["send", "bob", "first attempt"]);
+    let _ = postern(&alice, &["send", "bob", "first attempt"]);
     forwarder.set_tamper(Tamper::None);
-    let out = postern(&bob, &["inbox"]);
-    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 
     // The handshake answer is altered: the client says the server is not authentic.
     forwarder.set_tamper(Tamper::FlipServerByte(20));
@@ -128,6 +131,6 @@ fn tampering_on_the_path_breaks_the_connection_without_delivering_junk() {
     );
     forwarder.set_tamper(Tamper::None);
     let inbox = ok(&bob, &["inbox"]);
-    assert!(inbox.contains("alice: first attempt"), "{inbox}");
-    assert!(inbox.contains("alice: second attempt"), "{inbox}");
+    assert_eq!(inbox.matches("alice: first attempt").count(), 1, "{inbox}");
+    assert_eq!(inbox.matches("alice: second attempt").count(), 1, "{inbox}");
 }

@@ -31,11 +31,15 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::hub::Presence;
+use crate::push_window::PushWindow;
 use crate::store::{DeviceRecord, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey};
 use crate::{ServerError, Shared};
 
 /// Envelopes or receipts read from the database per round trip while pushing.
 const PUSH_BATCH: u32 = 64;
+/// Bytes an envelope takes on the wire besides its ciphertext and sender name (ids, times,
+/// protobuf tags, the Noise tag and the frame length), for the push window.
+const ENVELOPE_OVERHEAD: usize = 64;
 /// Length of a message id (random, chosen by the sender).
 const MESSAGE_ID_LEN: usize = 16;
 
@@ -48,6 +52,8 @@ enum ConnError {
     Server(#[from] ServerError),
     #[error("closed after a bad request: {0}")]
     BadRequest(String),
+    #[error("nothing pushed was acknowledged for {0:?}")]
+    Stalled(std::time::Duration),
 }
 
 /// Serves one accepted TCP connection until it ends or the server shuts down.
@@ -128,13 +134,15 @@ async fn run(
     if let Some(d) = &device {
         let _ = acks_for.set(d.clone());
     }
+    let window = Arc::new(PushWindow::default());
+    let reader_window = window.clone();
     let reader_shared = shared.clone();
     let reader_device = acks_for.clone();
     let reader_task = tokio::spawn(async move {
         loop {
             let frame = reader.recv::<ClientFrame>().await;
             if let (Ok(f), Some(device)) = (&frame, reader_device.get()) {
-                match apply_ack(&reader_shared, device, f).await {
+                match apply_ack(&reader_shared, &reader_window, device, f).await {
                     Ok(true) => continue,
                     Ok(false) => {}
                     Err(e) => {
@@ -154,6 +162,7 @@ async fn run(
         writer,
         device,
         acks_for,
+        window,
         noise_key,
         client_addr,
         send_only,
@@ -169,11 +178,13 @@ async fn run(
 /// Applies `frame` if it is an acknowledgement from `device`; returns whether it was one.
 async fn apply_ack(
     shared: &Shared,
+    window: &PushWindow,
     device: &DeviceRecord,
     frame: &ClientFrame,
 ) -> Result<bool, ServerError> {
     match &frame.body {
         Some(client_frame::Body::AckMessage(a)) => {
+            window.acked(&a.message_id);
             if let Some(sender_device) = shared.store.ack_message(device, &a.message_id).await? {
                 shared.hub.wake_receipts(sender_device);
             }
@@ -210,6 +221,8 @@ struct Session<W> {
     device: Option<DeviceRecord>,
     /// The device whose acknowledgements the reader task applies (set once known).
     acks_for: Arc<OnceLock<DeviceRecord>>,
+    /// Envelopes pushed and not yet acknowledged (see `push_window`).
+    window: Arc<PushWindow>,
     noise_key: [u8; 32],
     client_addr: SocketAddr,
     send_only: bool,
@@ -297,6 +310,18 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 .await?;
             let full = batch.len() == PUSH_BATCH as usize;
             for e in batch {
+                // At most a window of unacknowledged envelopes in flight, so a path that
+                // freezes after some kilobytes still gets each window acknowledged.
+                if !self.window.has_room() {
+                    let idle = self.shared.limits.idle_timeout;
+                    tokio::time::timeout(idle, self.window.room())
+                        .await
+                        .map_err(|_| ConnError::Stalled(idle))?;
+                }
+                self.window.pushed(
+                    &e.message_id,
+                    e.ciphertext.len() + e.sender.len() + ENVELOPE_OVERHEAD,
+                );
                 self.envelope_cursor = e.seq;
                 let body = server_frame::Body::Envelope(Envelope {
                     message_id: e.message_id,
@@ -365,7 +390,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                             request_id: id,
                             body: Some(other),
                         };
-                        apply_ack(&self.shared, &device, &frame).await?;
+                        apply_ack(&self.shared, &self.window, &device, &frame).await?;
                         return Ok(());
                     }
                     Body::Ping(_) | Body::Register(_) => unreachable!("handled above"),

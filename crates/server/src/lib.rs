@@ -9,7 +9,10 @@
 //!   is on disk.
 //! * [`hub`]: which devices are online, to wake their connections.
 //! * [`limits`]: every bound (handshake time, idle time, queue length, registrations).
-//! * `connection`: one client connection, from PROXY header to the request loop.
+//! * `connection`: one client connection, from PROXY header to the request loop; its
+//!   reader task applies acknowledgements as they arrive.
+//! * `push_window`: how much a connection may push unacknowledged (so a path that
+//!   freezes after some kilobytes still makes progress).
 //! * [`Server`]: binds, accepts, and shuts down cleanly.
 //!
 //! Delivery is at-least-once: a message stays queued until the recipient device
@@ -20,6 +23,7 @@ pub mod data_dir;
 mod error;
 pub mod hub;
 pub mod limits;
+mod push_window;
 mod server;
 pub mod store;
 

@@ -11,8 +11,10 @@
 //!    saved);
 //! 3. routes whose last attempt failed, the longest ago first (they may have recovered).
 //!
-//! A route whose far end failed the server's authentication is **hostile** and is left
+//! A relay whose far end failed the server's authentication is **hostile** and is left
 //! out until a check through it succeeds again (`proxy check`) or the user saves it again.
+//! The direct route is never left out (an impostor on one network must not cut the user
+//! off the service for good); it only goes last, like any route that failed.
 //! The proxy mode decides what is allowed at all: `off` never yields a relay, `on` never
 //! yields the direct route.
 
@@ -57,7 +59,7 @@ pub fn order(mode: ProxyMode, direct: Route, relays: Vec<Route>, health: &Health
     };
     let mut routes: Vec<(usize, Route)> = allowed
         .into_iter()
-        .filter(|r| !health.get(r).is_some_and(|h| h.hostile))
+        .filter(|r| !(matches!(r, Route::Relay(_)) && health.get(r).is_some_and(|h| h.hostile)))
         .enumerate()
         .collect();
     routes.sort_by_key(|(position, r)| match health.get(r) {

@@ -107,6 +107,26 @@ fn handshake_failure(e: &ClientError, seen: &SeenBytes, tls: bool) -> Failure {
     }
 }
 
+/// Whether a plain relay route whose far end hung up on the handshake is really a TLS
+/// port: a TLS handshake to the same address completes. (A TLS listener that closes on
+/// non-TLS input without a word, as Postern's relays do, cannot be told from a dead
+/// upstream any other way.) Only `check_route` asks, to keep races fast.
+async fn speaks_tls(route: &Route) -> bool {
+    let Route::Relay(p) = route else {
+        return false;
+    };
+    if p.tls {
+        return false;
+    }
+    let with_tls = Route::Relay(ProxyEntry {
+        tls: true,
+        ..p.clone()
+    });
+    route::dial(&with_tls, &Progress::new(&with_tls))
+        .await
+        .is_ok()
+}
+
 /// One attempt over one route: open the stream, then the Noise handshake.
 async fn attempt(
     route: Route,
@@ -287,6 +307,9 @@ impl Connector {
         .await
         {
             Ok((conn, _pushes)) => conn.shutdown().await,
+            Err((Stage::Handshake, Failure::ServiceDidNotAnswer)) if speaks_tls(route).await => {
+                progress.fail(Stage::Handshake, Failure::SpeaksTls)
+            }
             Err((stage, failure)) => progress.fail(stage, failure),
         }
         let report = progress.report();
@@ -335,7 +358,7 @@ impl Connector {
             .health()
             .await?
             .into_iter()
-            .filter(|(_, h)| h.hostile)
+            .filter(|(r, h)| h.hostile && matches!(r, Route::Relay(_)))
             .map(|(r, _)| r)
             .collect())
     }

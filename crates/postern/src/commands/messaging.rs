@@ -45,17 +45,29 @@ pub async fn send(home: PathBuf, contact: &str, text: &str) -> anyhow::Result<()
     }
 }
 
-/// Tells the user about earlier pending messages that went out (or never can).
-pub(crate) fn report_pending(
+/// Tells the user (on stderr) about earlier pending messages that went out (or never can).
+fn report_pending(
     outcomes: &[postern_client::PendingOutcome],
     except: Option<postern_client::MessageId>,
 ) {
-    for o in outcomes.iter().filter(|o| Some(o.message_id) != except) {
-        match &o.result {
-            Ok(()) => eprintln!("✓ sent an earlier message to {} ({})", o.to, o.message_id),
-            Err(e) => eprintln!("✗ an earlier message to {} was not sent: {e}", o.to),
-        }
+    for line in pending_lines(outcomes, except) {
+        eprintln!("{line}");
     }
+}
+
+/// One line per earlier pending message: sent, or why it never can be.
+pub(crate) fn pending_lines(
+    outcomes: &[postern_client::PendingOutcome],
+    except: Option<postern_client::MessageId>,
+) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter(|o| Some(o.message_id) != except)
+        .map(|o| match &o.result {
+            Ok(()) => format!("✓ sent an earlier message to {} ({})", o.to, o.message_id),
+            Err(e) => format!("✗ an earlier message to {} was not sent: {e}", o.to),
+        })
+        .collect()
 }
 
 pub async fn inbox(home: PathBuf, follow: bool, json: bool) -> anyhow::Result<()> {

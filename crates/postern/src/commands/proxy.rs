@@ -242,7 +242,11 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
             );
             if let Some(outcomes) = pending {
                 match outcomes {
-                    Ok(outcomes) => super::messaging::report_pending(&outcomes, None),
+                    Ok(outcomes) => {
+                        for line in super::messaging::pending_lines(&outcomes, None) {
+                            println!("{line}");
+                        }
+                    }
                     Err(e) => println!("  pending messages not sent yet: {e}"),
                 }
             }
