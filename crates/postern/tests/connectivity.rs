@@ -6,40 +6,47 @@
 mod common;
 use common::*;
 
-use std::path::Path;
 use std::time::Duration;
 
-fn account(home: &Path, name: &str, server: &TestServer) {
-    ok(
-        home,
-        &[
-            "account",
-            "create",
-            name,
-            "--network",
-            server.network_file().to_str().unwrap(),
-        ],
-    );
+/// A server, a relay, Alice and Bob, and Alice's only relay behind a forwarder that is
+/// down (accepts and closes) until the test says otherwise.
+struct Offline {
+    _tmp: tempfile::TempDir,
+    _server: TestServer,
+    _relay: TestRelay,
+    front: Forwarder,
+    alice: std::path::PathBuf,
+    bob: std::path::PathBuf,
 }
 
-fn plain_relay(server: &TestServer) -> TestRelay {
-    let upstream = server.addr.to_string();
-    TestRelay::start(&[
-        "--upstream",
-        &upstream,
-        "--plain",
-        "127.0.0.1:0",
-        "--tls",
-        "127.0.0.1:0",
-        "--no-stats",
-    ])
+fn alice_offline() -> Offline {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    let front = Forwarder::start(relay.addr("plain"), Tamper::Drop);
+    ok(&alice, &["proxy", "use", "on"]);
+    ok(
+        &alice,
+        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
+    );
+    Offline {
+        _tmp: tmp,
+        _server: server,
+        _relay: relay,
+        front,
+        alice,
+        bob,
+    }
 }
 
 #[test]
 fn a_backlog_gets_through_a_relay_path_that_freezes_every_few_kilobytes() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp.path().join("server"));
-    let relay = plain_relay(&server);
+    let relay = relay_for(&server);
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
@@ -79,20 +86,10 @@ fn a_backlog_gets_through_a_relay_path_that_freezes_every_few_kilobytes() {
 
 #[test]
 fn pending_messages_are_resent_over_a_sending_path_that_freezes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&tmp.path().join("server"));
-    let relay = plain_relay(&server);
-    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
-    account(&alice, "alice", &server);
-    account(&bob, "bob", &server);
     // Alice's only relay is down while she types, then comes back on a path that freezes
     // after a few hundred bytes from the relay: a handful of answers per connection.
-    let front = Forwarder::start(relay.addr("plain"), Tamper::Drop);
-    ok(&alice, &["proxy", "use", "on"]);
-    ok(
-        &alice,
-        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
-    );
+    let offline = alice_offline();
+    let (front, alice, bob) = (&offline.front, offline.alice.clone(), offline.bob.clone());
     const TYPED: usize = 12;
     for i in 0..TYPED {
         fails(&alice, &["send", "bob", &format!("typed offline {i}")]);
@@ -116,18 +113,8 @@ fn pending_messages_are_resent_over_a_sending_path_that_freezes() {
 
 #[test]
 fn status_and_a_following_inbox_send_what_is_pending() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&tmp.path().join("server"));
-    let relay = plain_relay(&server);
-    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
-    account(&alice, "alice", &server);
-    account(&bob, "bob", &server);
-    let front = Forwarder::start(relay.addr("plain"), Tamper::Drop);
-    ok(&alice, &["proxy", "use", "on"]);
-    ok(
-        &alice,
-        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
-    );
+    let offline = alice_offline();
+    let (front, alice, bob) = (&offline.front, offline.alice.clone(), offline.bob.clone());
 
     fails(&alice, &["send", "bob", "waits for status"]);
     front.set_tamper(Tamper::None);
@@ -151,17 +138,8 @@ fn status_and_a_following_inbox_send_what_is_pending() {
 
 #[test]
 fn a_message_to_someone_who_does_not_exist_stays_in_history_marked_failed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&tmp.path().join("server"));
-    let relay = plain_relay(&server);
-    let alice = tmp.path().join("alice");
-    account(&alice, "alice", &server);
-    let front = Forwarder::start(relay.addr("plain"), Tamper::Drop);
-    ok(&alice, &["proxy", "use", "on"]);
-    ok(
-        &alice,
-        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
-    );
+    let offline = alice_offline();
+    let (front, alice) = (&offline.front, offline.alice.clone());
     // Typed while offline, to a name nobody has.
     let err = fails(&alice, &["send", "nobody", "are you there?"]);
     assert!(err.contains("saved"), "{err}");
@@ -184,7 +162,7 @@ fn a_message_to_someone_who_does_not_exist_stays_in_history_marked_failed() {
 fn a_plain_connection_to_a_tls_port_is_diagnosed_as_such() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp.path().join("server"));
-    let relay = plain_relay(&server);
+    let relay = relay_for(&server);
     let alice = tmp.path().join("alice");
     account(&alice, "alice", &server);
     let tls_port = relay.addr("tls").to_string();
@@ -220,7 +198,7 @@ fn saving_an_address_says_what_was_understood_and_warns_when_it_does_not_resolve
 fn racing_starts_with_what_worked_and_never_breaks_the_proxy_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp.path().join("server"));
-    let relay = plain_relay(&server);
+    let relay = relay_for(&server);
     let black_hole = BlackHole::start();
     let alice = tmp.path().join("alice");
     account(&alice, "alice", &server);

@@ -6,41 +6,12 @@ use common::*;
 
 use std::path::Path;
 
-fn relay_for(server: &TestServer) -> TestRelay {
-    let upstream = server.addr.to_string();
-    TestRelay::start(&[
-        "--upstream",
-        &upstream,
-        "--plain",
-        "127.0.0.1:0",
-        "--tls",
-        "127.0.0.1:0",
-        "--proxy-plain",
-        "127.0.0.1:0",
-        "--stats",
-        "127.0.0.1:0",
-    ])
-}
-
 fn server_logging_addresses(dir: &Path) -> TestServer {
     TestServer::start_with(
         dir,
         "127.0.0.1:0".parse().unwrap(),
         &["--log-client-addresses"],
     )
-}
-
-fn account(home: &Path, name: &str, server: &TestServer) {
-    ok(
-        home,
-        &[
-            "account",
-            "create",
-            name,
-            "--network",
-            server.network_file().to_str().unwrap(),
-        ],
-    );
 }
 
 #[test]

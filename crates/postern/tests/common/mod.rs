@@ -211,6 +211,38 @@ pub fn network_file_via(data: &Path, address: SocketAddr, out: &Path) {
     .expect("write network file");
 }
 
+/// A relay in front of `server` with a plain, a TLS, a PROXY-header plain listener and a
+/// stats page, all on random loopback ports (`TestRelay::addr("plain")`, `"tls"`, ...).
+pub fn relay_for(server: &TestServer) -> TestRelay {
+    let upstream = server.addr.to_string();
+    TestRelay::start(&[
+        "--upstream",
+        &upstream,
+        "--plain",
+        "127.0.0.1:0",
+        "--tls",
+        "127.0.0.1:0",
+        "--proxy-plain",
+        "127.0.0.1:0",
+        "--stats",
+        "127.0.0.1:0",
+    ])
+}
+
+/// Registers NAME in the profile at `home` on `server`.
+pub fn account(home: &Path, name: &str, server: &TestServer) {
+    ok(
+        home,
+        &[
+            "account",
+            "create",
+            name,
+            "--network",
+            server.network_file().to_str().unwrap(),
+        ],
+    );
+}
+
 /// A long-running `postern inbox --follow --json` whose lines arrive on a channel.
 pub struct Follower {
     child: Child,
