@@ -431,27 +431,39 @@ impl Client {
         if self.connection().await.is_err() {
             self.connect(ConnectMode::Receive).await?;
         }
+        self.with_reconnects(|| self.inner.inbox.stored(), async |_| self.sync().await)
+            .await
+    }
+
+    /// Runs `op` over the connection in use, and again over a new one (raced, in the
+    /// same mode) whenever the connection is lost — for as long as connections make
+    /// progress, as `progress` counts it, and at most [`RECONNECTS_PER_OPERATION`] times
+    /// in a row without any.
+    async fn with_reconnects<T>(
+        &self,
+        progress: impl Fn() -> u64,
+        mut op: impl AsyncFnMut(Arc<Connection>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         let mut fruitless = 0;
         loop {
-            let before = self.inner.inbox.stored();
+            let before = progress();
             let result = match self.connection_or_reconnect().await {
-                Ok(_) => self.sync().await,
+                Ok(conn) => op(conn).await,
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => return Ok(()),
                 Err(e) if e.is_connection_problem() => {
                     self.drop_connection().await;
-                    if self.inner.inbox.stored() > before {
-                        fruitless = 0;
+                    fruitless = if progress() > before {
+                        0
                     } else {
-                        fruitless += 1;
-                    }
+                        fruitless + 1
+                    };
                     if fruitless > RECONNECTS_PER_OPERATION {
                         return Err(e);
                     }
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
     }
@@ -480,21 +492,13 @@ impl Client {
     /// outcome.
     pub async fn send_pending(&self) -> Result<Vec<PendingOutcome>, ClientError> {
         let mut outcomes = Vec::new();
-        let mut attempt = 0;
-        loop {
-            let result = match self.connection_or_reconnect().await {
-                Ok(conn) => self.inner.outbox.flush(&conn, &mut outcomes).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => return Ok(outcomes),
-                Err(e) if e.is_connection_problem() && attempt < RECONNECTS_PER_OPERATION => {
-                    attempt += 1;
-                    self.drop_connection().await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let outbox = &self.inner.outbox;
+        self.with_reconnects(
+            || outbox.handled(),
+            async |conn| outbox.flush(&conn, &mut outcomes).await,
+        )
+        .await?;
+        Ok(outcomes)
     }
 
     /// The conversation with `peer`, oldest first.
@@ -510,12 +514,7 @@ struct Serve {
 }
 
 impl OnConnected for Serve {
-    async fn serve(
-        &self,
-        conn: Arc<Connection>,
-        pushes: mpsc::Receiver<Push>,
-        _report: ConnectReport,
-    ) {
+    async fn serve(&self, conn: Arc<Connection>, pushes: mpsc::Receiver<Push>) {
         let client = &self.client;
         if let Err(e) = client.install(&conn, self.mode).await {
             tracing::warn!(error = %e, "connection not usable");

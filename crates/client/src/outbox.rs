@@ -7,6 +7,9 @@
 //! Re-sending after a lost connection is safe: the server queues a message id once, and
 //! the recipient drops a second copy by its id.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use postern_protocol::schema::{client_frame, server_frame, Content, ErrorCode, SendMessage};
 use postern_protocol::username;
 use prost::Message as _;
@@ -36,6 +39,9 @@ pub(crate) struct Outbox {
     sessions: Sessions,
     events: broadcast::Sender<Event>,
     username: String,
+    /// Pending messages settled (sent or failed) in this run, to tell whether a
+    /// connection made progress.
+    handled: Arc<AtomicU64>,
 }
 
 impl Outbox {
@@ -50,7 +56,13 @@ impl Outbox {
             sessions,
             events,
             username,
+            handled: Arc::default(),
         }
+    }
+
+    /// Pending messages settled (sent or failed) in this run.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
     }
 
     /// Checks and stores a message as pending.
@@ -125,6 +137,7 @@ impl Outbox {
                 to: entry.peer,
                 result,
             });
+            self.handled.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

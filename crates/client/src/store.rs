@@ -381,43 +381,55 @@ impl LocalStore {
         serde_json::to_string(route).map_err(|e| ClientError::Profile(e.to_string()))
     }
 
-    /// A connection through `route` succeeded (this also clears a hostile mark: the far
-    /// end proved the server's identity).
-    pub async fn record_route_ok(
+    /// Records what attempts through routes taught, in one transaction (one disk sync
+    /// per connection, however many routes were raced).
+    pub async fn record_route_outcomes(
         &self,
-        route: &crate::connector::route::Route,
-        latency_ms: u64,
+        outcomes: &[(
+            &crate::connector::route::Route,
+            crate::connector::health::RouteOutcome,
+        )],
     ) -> Result<(), ClientError> {
-        sqlx::query(
-            "INSERT INTO route_health (route, last_ok_ms, last_latency_ms, hostile) VALUES (?, ?, ?, 0)
-             ON CONFLICT(route) DO UPDATE SET last_ok_ms = excluded.last_ok_ms,
-                 last_latency_ms = excluded.last_latency_ms, hostile = 0",
-        )
-        .bind(Self::route_key(route)?)
-        .bind(postern_protocol::now_ms() as i64)
-        .bind(latency_ms as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn record_route_failure(
-        &self,
-        route: &crate::connector::route::Route,
-        reason: &str,
-        hostile: bool,
-    ) -> Result<(), ClientError> {
-        sqlx::query(
-            "INSERT INTO route_health (route, last_failure_ms, last_failure, hostile) VALUES (?, ?, ?, ?)
-             ON CONFLICT(route) DO UPDATE SET last_failure_ms = excluded.last_failure_ms,
-                 last_failure = excluded.last_failure, hostile = MAX(hostile, excluded.hostile)",
-        )
-        .bind(Self::route_key(route)?)
-        .bind(postern_protocol::now_ms() as i64)
-        .bind(reason)
-        .bind(i64::from(hostile))
-        .execute(&self.pool)
-        .await?;
+        use crate::connector::health::RouteOutcome;
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let now = postern_protocol::now_ms() as i64;
+        let mut tx = self.begin().await?;
+        for (route, outcome) in outcomes {
+            let key = Self::route_key(route)?;
+            match outcome {
+                RouteOutcome::Worked { latency_ms } => {
+                    sqlx::query(
+                        "INSERT INTO route_health (route, last_ok_ms, last_latency_ms, hostile)
+                         VALUES (?, ?, ?, 0)
+                         ON CONFLICT(route) DO UPDATE SET last_ok_ms = excluded.last_ok_ms,
+                             last_latency_ms = excluded.last_latency_ms, hostile = 0",
+                    )
+                    .bind(key)
+                    .bind(now)
+                    .bind(*latency_ms as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                RouteOutcome::Failed { reason, hostile } => {
+                    sqlx::query(
+                        "INSERT INTO route_health (route, last_failure_ms, last_failure, hostile)
+                         VALUES (?, ?, ?, ?)
+                         ON CONFLICT(route) DO UPDATE SET last_failure_ms = excluded.last_failure_ms,
+                             last_failure = excluded.last_failure,
+                             hostile = MAX(hostile, excluded.hostile)",
+                    )
+                    .bind(key)
+                    .bind(now)
+                    .bind(reason)
+                    .bind(i64::from(*hostile))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -8,48 +8,53 @@ use common::*;
 
 use std::time::Duration;
 
-/// A server, a relay, Alice and Bob, and Alice's only relay behind a forwarder that is
-/// down (accepts and closes) until the test says otherwise.
-struct Offline {
+/// A server, a relay in front of it, and two registered users, Alice and Bob.
+struct TwoUsers {
     _tmp: tempfile::TempDir,
     _server: TestServer,
-    _relay: TestRelay,
-    front: Forwarder,
+    relay: TestRelay,
     alice: std::path::PathBuf,
     bob: std::path::PathBuf,
 }
 
-fn alice_offline() -> Offline {
+fn two_users() -> TwoUsers {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp.path().join("server"));
     let relay = relay_for(&server);
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
-    let front = Forwarder::start(relay.addr("plain"), Tamper::Drop);
-    ok(&alice, &["proxy", "use", "on"]);
-    ok(
-        &alice,
-        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
-    );
-    Offline {
+    TwoUsers {
         _tmp: tmp,
         _server: server,
-        _relay: relay,
-        front,
+        relay,
         alice,
         bob,
     }
 }
 
+/// [`two_users`], with Alice's only relay behind a forwarder that is down (accepts and
+/// closes) until the test says otherwise.
+struct Offline {
+    users: TwoUsers,
+    front: Forwarder,
+}
+
+fn alice_offline() -> Offline {
+    let users = two_users();
+    let front = Forwarder::start(users.relay.addr("plain"), Tamper::Drop);
+    ok(&users.alice, &["proxy", "use", "on"]);
+    ok(
+        &users.alice,
+        &["proxy", "add", &front.addr.to_string(), "--no-tls"],
+    );
+    Offline { users, front }
+}
+
 #[test]
 fn a_backlog_gets_through_a_relay_path_that_freezes_every_few_kilobytes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&tmp.path().join("server"));
-    let relay = relay_for(&server);
-    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
-    account(&alice, "alice", &server);
-    account(&bob, "bob", &server);
+    let users = two_users();
+    let (relay, alice, bob) = (&users.relay, users.alice.clone(), users.bob.clone());
     // Bob reaches the service only through a path that freezes after 6 KB from the relay
     // (a censor's silent flow freeze): no connection carries more than a dozen messages.
     let freezing = Forwarder::start(relay.addr("plain"), Tamper::FreezeAfter(6 * 1024));
@@ -89,7 +94,11 @@ fn pending_messages_are_resent_over_a_sending_path_that_freezes() {
     // Alice's only relay is down while she types, then comes back on a path that freezes
     // after a few hundred bytes from the relay: a handful of answers per connection.
     let offline = alice_offline();
-    let (front, alice, bob) = (&offline.front, offline.alice.clone(), offline.bob.clone());
+    let (front, alice, bob) = (
+        &offline.front,
+        offline.users.alice.clone(),
+        offline.users.bob.clone(),
+    );
     const TYPED: usize = 12;
     for i in 0..TYPED {
         fails(&alice, &["send", "bob", &format!("typed offline {i}")]);
@@ -114,7 +123,11 @@ fn pending_messages_are_resent_over_a_sending_path_that_freezes() {
 #[test]
 fn status_and_a_following_inbox_send_what_is_pending() {
     let offline = alice_offline();
-    let (front, alice, bob) = (&offline.front, offline.alice.clone(), offline.bob.clone());
+    let (front, alice, bob) = (
+        &offline.front,
+        offline.users.alice.clone(),
+        offline.users.bob.clone(),
+    );
 
     fails(&alice, &["send", "bob", "waits for status"]);
     front.set_tamper(Tamper::None);
@@ -139,7 +152,7 @@ fn status_and_a_following_inbox_send_what_is_pending() {
 #[test]
 fn a_message_to_someone_who_does_not_exist_stays_in_history_marked_failed() {
     let offline = alice_offline();
-    let (front, alice) = (&offline.front, offline.alice.clone());
+    let (front, alice) = (&offline.front, offline.users.alice.clone());
     // Typed while offline, to a name nobody has.
     let err = fails(&alice, &["send", "nobody", "are you there?"]);
     assert!(err.contains("saved"), "{err}");
@@ -174,6 +187,10 @@ fn a_plain_connection_to_a_tls_port_is_diagnosed_as_such() {
     assert!(!out.contains("possible interception"), "not hostile: {out}");
     let out = ok(&alice, &["proxy", "check", &tls_port, "--tls"]);
     assert!(out.contains("works"), "{out}");
+    // Checking an address does not make it a route: only saved ones are remembered.
+    let list: serde_json::Value =
+        serde_json::from_str(ok(&alice, &["proxy", "list", "--json"]).trim()).unwrap();
+    assert!(list["last_route"].is_null(), "{list}");
 }
 
 #[test]

@@ -141,8 +141,14 @@ async fn run(
     let reader_task = tokio::spawn(async move {
         loop {
             let frame = reader.recv::<ClientFrame>().await;
-            if let (Ok(f), Some(device)) = (&frame, reader_device.get()) {
-                match apply_ack(&reader_shared, &reader_window, device, f).await {
+            if let (
+                Ok(ClientFrame {
+                    body: Some(body), ..
+                }),
+                Some(device),
+            ) = (&frame, reader_device.get())
+            {
+                match apply_ack(&reader_shared, &reader_window, device, body).await {
                     Ok(true) => continue,
                     Ok(false) => {}
                     Err(e) => {
@@ -175,22 +181,22 @@ async fn run(
     result
 }
 
-/// Applies `frame` if it is an acknowledgement from `device`; returns whether it was one.
+/// Applies `body` if it is an acknowledgement from `device`; returns whether it was one.
 async fn apply_ack(
     shared: &Shared,
     window: &PushWindow,
     device: &DeviceRecord,
-    frame: &ClientFrame,
+    body: &client_frame::Body,
 ) -> Result<bool, ServerError> {
-    match &frame.body {
-        Some(client_frame::Body::AckMessage(a)) => {
+    match body {
+        client_frame::Body::AckMessage(a) => {
             window.acked(&a.message_id);
             if let Some(sender_device) = shared.store.ack_message(device, &a.message_id).await? {
                 shared.hub.wake_receipts(sender_device);
             }
             Ok(true)
         }
-        Some(client_frame::Body::AckReceipt(a)) => {
+        client_frame::Body::AckReceipt(a) => {
             shared
                 .store
                 .ack_receipt(device.device_id, &a.message_id)
@@ -386,11 +392,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     Body::Send(s) => self.send(&device, s).await?,
                     // Normally applied by the reader task; never answered.
                     Body::AckMessage(_) | Body::AckReceipt(_) => {
-                        let frame = ClientFrame {
-                            request_id: id,
-                            body: Some(other),
-                        };
-                        apply_ack(&self.shared, &self.window, &device, &frame).await?;
+                        apply_ack(&self.shared, &self.window, &device, &other).await?;
                         return Ok(());
                     }
                     Body::Ping(_) | Body::Register(_) => unreachable!("handled above"),

@@ -50,6 +50,34 @@ impl RouteHealth {
 
 pub type HealthMap = HashMap<Route, RouteHealth>;
 
+/// What one attempt through a route taught.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteOutcome {
+    /// The connection was established (this also clears a hostile mark: the far end
+    /// proved the server's identity).
+    Worked {
+        latency_ms: u64,
+    },
+    Failed {
+        reason: String,
+        hostile: bool,
+    },
+}
+
+/// Whether `route` is left out of races: a relay found hostile. The direct route never is.
+fn is_excluded(route: &Route, health: &HealthMap) -> bool {
+    matches!(route, Route::Relay(_)) && health.get(route).is_some_and(|h| h.hostile)
+}
+
+/// The relays left out of races because they failed the server's authentication.
+pub fn hostile(health: &HealthMap) -> Vec<Route> {
+    health
+        .keys()
+        .filter(|r| is_excluded(r, health))
+        .cloned()
+        .collect()
+}
+
 /// The routes `mode` allows, best first (see the module documentation).
 pub fn order(mode: ProxyMode, direct: Route, relays: Vec<Route>, health: &HealthMap) -> Vec<Route> {
     let allowed: Vec<Route> = match mode {
@@ -59,7 +87,7 @@ pub fn order(mode: ProxyMode, direct: Route, relays: Vec<Route>, health: &Health
     };
     let mut routes: Vec<(usize, Route)> = allowed
         .into_iter()
-        .filter(|r| !(matches!(r, Route::Relay(_)) && health.get(r).is_some_and(|h| h.hostile)))
+        .filter(|r| !is_excluded(r, health))
         .enumerate()
         .collect();
     routes.sort_by_key(|(position, r)| match health.get(r) {

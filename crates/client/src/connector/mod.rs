@@ -34,7 +34,7 @@ use crate::store::LocalStore;
 use crate::timeouts::{BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, REPROBE_INTERVAL};
 use crate::ClientError;
 use connection::{Connection, Push};
-use health::HealthMap;
+use health::{HealthMap, RouteOutcome};
 use race::{race, RacePolicy};
 use route::{DialReport, Failure, Progress, Route, SeenBytes, Stage};
 
@@ -191,7 +191,6 @@ pub(crate) trait OnConnected: Send + Sync + 'static {
         &self,
         conn: Arc<Connection>,
         pushes: mpsc::Receiver<Push>,
-        report: ConnectReport,
     ) -> impl Future<Output = ()> + Send;
 }
 
@@ -248,25 +247,32 @@ impl Connector {
     /// The routes the current mode allows, best first.
     pub async fn candidates(&self) -> Result<Vec<Route>, ClientError> {
         let mode = self.proxy_mode().await?;
-        let relays = self
+        self.candidates_in(mode).await
+    }
+
+    async fn candidates_in(&self, mode: ProxyMode) -> Result<Vec<Route>, ClientError> {
+        Ok(health::order(
+            mode,
+            self.direct_route(),
+            self.saved_relays().await?,
+            &self.health().await?,
+        ))
+    }
+
+    async fn saved_relays(&self) -> Result<Vec<Route>, ClientError> {
+        Ok(self
             .store
             .proxies()
             .await?
             .into_iter()
             .map(Route::Relay)
-            .collect();
-        Ok(health::order(
-            mode,
-            self.direct_route(),
-            relays,
-            &self.health().await?,
-        ))
+            .collect())
     }
 
     /// Races every allowed route; remembers each outcome.
     pub async fn connect(&self, mode: ConnectMode) -> Result<Connected, ClientError> {
-        let routes = self.candidates().await?;
         let proxy_mode = self.proxy_mode().await?;
+        let routes = self.candidates_in(proxy_mode).await?;
         let result = race_routes(
             routes.clone(),
             &self.keys,
@@ -281,9 +287,8 @@ impl Connector {
             Err(_) => return result,
         };
         // The race starts routes in order, so attempt i is route i.
-        for (route, a) in routes.iter().zip(attempts) {
-            self.note(route, a).await?;
-        }
+        let outcomes: Vec<(&Route, &DialReport)> = routes.iter().zip(attempts).collect();
+        self.note(&outcomes).await?;
         if let Ok(c) = &result {
             let _ = self.events.send(Event::Connected {
                 via: c.report.route.clone(),
@@ -313,7 +318,12 @@ impl Connector {
             Err((stage, failure)) => progress.fail(stage, failure),
         }
         let report = progress.report();
-        self.note(route, &report).await?;
+        // Only routes the profile may use are remembered: checking an address before
+        // saving it (or with other TLS settings) must not make it a route to race.
+        let known = *route == self.direct_route() || self.saved_relays().await?.contains(route);
+        if known {
+            self.note(&[(route, &report)]).await?;
+        }
         Ok(report)
     }
 
@@ -332,35 +342,43 @@ impl Connector {
         progress.report()
     }
 
-    /// Remembers an attempt's outcome (an abandoned attempt teaches nothing).
-    async fn note(&self, route: &Route, report: &DialReport) -> Result<(), ClientError> {
-        if report.succeeded() {
-            self.store
-                .record_route_ok(route, report.total().as_millis() as u64)
-                .await?;
-        } else if let Some((stage, failure)) = &report.failed {
-            self.store
-                .record_route_failure(route, &format!("{stage}: {failure}"), failure.is_hostile())
-                .await?;
-            let _ = self.events.send(Event::AttemptFailed {
-                route: route.to_string(),
-                stage: *stage,
-                reason: failure.to_string(),
-                hostile: failure.is_hostile(),
-            });
+    /// Remembers attempts' outcomes, in one transaction (an abandoned attempt teaches
+    /// nothing), and reports the failures as events.
+    async fn note(&self, outcomes: &[(&Route, &DialReport)]) -> Result<(), ClientError> {
+        let remembered: Vec<(&Route, RouteOutcome)> = outcomes
+            .iter()
+            .filter_map(|(route, report)| {
+                let outcome = if report.succeeded() {
+                    RouteOutcome::Worked {
+                        latency_ms: report.total().as_millis() as u64,
+                    }
+                } else {
+                    let (stage, failure) = report.failed.as_ref()?;
+                    RouteOutcome::Failed {
+                        reason: format!("{stage}: {failure}"),
+                        hostile: failure.is_hostile(),
+                    }
+                };
+                Some((*route, outcome))
+            })
+            .collect();
+        self.store.record_route_outcomes(&remembered).await?;
+        for (route, report) in outcomes {
+            if let Some((stage, failure)) = &report.failed {
+                let _ = self.events.send(Event::AttemptFailed {
+                    route: route.to_string(),
+                    stage: *stage,
+                    reason: failure.to_string(),
+                    hostile: failure.is_hostile(),
+                });
+            }
         }
         Ok(())
     }
 
-    /// Routes found hostile (remembered across runs).
+    /// Relays found hostile (remembered across runs).
     pub async fn hostile_routes(&self) -> Result<Vec<Route>, ClientError> {
-        Ok(self
-            .health()
-            .await?
-            .into_iter()
-            .filter(|(r, h)| h.hostile && matches!(r, Route::Relay(_)))
-            .map(|(r, _)| r)
-            .collect())
+        Ok(health::hostile(&self.health().await?))
     }
 
     /// Keeps a connection up until the returned handle is aborted: races the routes,
@@ -377,14 +395,10 @@ impl Connector {
             let mut backoff = BACKOFF_MIN;
             loop {
                 match self.connect(mode).await {
-                    Ok(Connected {
-                        conn,
-                        pushes,
-                        report,
-                    }) => {
+                    Ok(Connected { conn, pushes, .. }) => {
                         let since = Instant::now();
                         let conn = Arc::new(conn);
-                        let serve = handler.serve(conn.clone(), pushes, report);
+                        let serve = handler.serve(conn.clone(), pushes);
                         self.reprobe_while(serve).await;
                         drop(conn);
                         // A connection that worked for a while (then stalled or dropped):
@@ -413,11 +427,12 @@ impl Connector {
             tokio::select! {
                 () = &mut serve => return,
                 _ = reprobe.tick() => {
-                    let Ok(health) = self.health().await else { continue };
-                    let failed: Vec<Route> = health
+                    let (Ok(health), Ok(saved)) = (self.health().await, self.saved_relays().await) else {
+                        continue;
+                    };
+                    let failed: Vec<Route> = saved
                         .into_iter()
-                        .filter(|(r, h)| matches!(r, Route::Relay(_)) && !h.hostile && !h.worked_last())
-                        .map(|(r, _)| r)
+                        .filter(|r| health.get(r).is_some_and(|h| !h.hostile && !h.worked_last()))
                         .collect();
                     for route in failed {
                         let _ = self.check_route(&route).await;

@@ -26,12 +26,7 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             media,
         } => {
             let mut entry = ProxyEntry::parse(&address)?;
-            if tls {
-                entry.tls = true;
-            }
-            if no_tls {
-                entry.tls = false;
-            }
+            apply_tls_flags(&mut entry, tls, no_tls);
             if media.is_some() {
                 entry.media = media;
             }
@@ -109,12 +104,7 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
                 bail!("no proxies saved: give an address (`postern proxy check HOST`) or add one");
             }
             for p in &mut targets {
-                if tls {
-                    p.tls = true;
-                }
-                if no_tls {
-                    p.tls = false;
-                }
+                apply_tls_flags(p, tls, no_tls);
             }
             let mut failed = 0;
             for p in targets {
@@ -141,6 +131,17 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// `--tls` / `--no-tls` override what the address or link implies (clap makes them
+/// exclusive).
+fn apply_tls_flags(entry: &mut ProxyEntry, tls: bool, no_tls: bool) {
+    if tls {
+        entry.tls = true;
+    }
+    if no_tls {
+        entry.tls = false;
+    }
 }
 
 fn mode_meaning(mode: ProxyMode) -> &'static str {
