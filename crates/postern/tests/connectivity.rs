@@ -268,3 +268,38 @@ fn racing_starts_with_what_worked_and_never_breaks_the_proxy_mode() {
         .unwrap()
         .contains(&relay.addr("plain").to_string()));
 }
+
+#[test]
+fn a_server_stops_at_once_while_a_frozen_client_holds_its_push_window() {
+    let users = two_users();
+    let TwoUsers {
+        _server: server,
+        alice,
+        bob,
+        ..
+    } = users;
+    // Bob's flow to the server freezes after 2 KiB, so the server's push of his backlog
+    // waits for acknowledgements that never come.
+    let freezing = Forwarder::start(server.addr, Tamper::FreezeAfter(2 * 1024));
+    ok(&bob, &["proxy", "use", "on"]);
+    ok(
+        &bob,
+        &["proxy", "add", &freezing.addr.to_string(), "--no-tls"],
+    );
+    for i in 0..20 {
+        ok(
+            &alice,
+            &["send", "bob", &format!("held {i} {}", "y".repeat(200))],
+        );
+    }
+    let follower = Follower::start(&bob);
+    assert!(
+        !follower.incoming_ids(1, Duration::from_secs(30)).is_empty(),
+        "the first window arrived"
+    );
+    // Shutdown must not wait for the stalled push (the server's grace is 5 s).
+    let started = std::time::Instant::now();
+    assert!(server.terminate(), "server exits 0 on SIGTERM");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+}

@@ -169,6 +169,7 @@ async fn run(
         device,
         acks_for,
         window,
+        shutdown: shutdown.clone(),
         noise_key,
         client_addr,
         send_only,
@@ -229,6 +230,8 @@ struct Session<W> {
     acks_for: Arc<OnceLock<DeviceRecord>>,
     /// Envelopes pushed and not yet acknowledged (see `push_window`).
     window: Arc<PushWindow>,
+    /// Server shutdown, also while waiting for the push window to open.
+    shutdown: watch::Receiver<bool>,
     noise_key: [u8; 32],
     client_addr: SocketAddr,
     send_only: bool,
@@ -320,9 +323,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 // freezes after some kilobytes still gets each window acknowledged.
                 if !self.window.has_room() {
                     let idle = self.shared.limits.idle_timeout;
-                    tokio::time::timeout(idle, self.window.room())
-                        .await
-                        .map_err(|_| ConnError::Stalled(idle))?;
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        opened = tokio::time::timeout(idle, self.window.room()) => {
+                            opened.map_err(|_| ConnError::Stalled(idle))?;
+                        }
+                        // The main loop sees the shutdown too and ends the session.
+                        _ = shutdown.changed() => return Ok(()),
+                    }
                 }
                 self.window.pushed(
                     &e.message_id,
