@@ -32,7 +32,7 @@ use crate::outbox::{Outbox, PendingOutcome};
 use crate::profile::{ProfileDir, ProfileInfo, Secrets};
 use crate::proxy::{ProxyEntry, ProxyMode};
 use crate::sessions::Sessions;
-use crate::store::{HistoryEntry, LocalStore};
+use crate::store::{Conversation, HistoryEntry, LocalStore};
 use crate::timeouts::REQUEST_TIMEOUT;
 use crate::ClientError;
 
@@ -499,6 +499,62 @@ impl Client {
         )
         .await?;
         Ok(outcomes)
+    }
+
+    /// Sends what is pending over the connection in use, if there is one (an app calls
+    /// this after [`Client::queue`] while [`Client::keep_connected`] runs; without a
+    /// connection the messages go out on the next one). Never connects by itself.
+    pub async fn flush_pending(&self) -> Result<Vec<PendingOutcome>, ClientError> {
+        let (conn, _) = self.connection().await?;
+        let mut outcomes = Vec::new();
+        self.inner.outbox.flush(&conn, &mut outcomes).await?;
+        Ok(outcomes)
+    }
+
+    /// Conversations, the most recently active first, with their last message and how
+    /// many incoming messages are unread.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
+        self.inner.store.conversations().await
+    }
+
+    /// Marks everything received from `peer` so far as read.
+    pub async fn mark_read(&self, peer: &str) -> Result<(), ClientError> {
+        self.inner.store.mark_read(peer).await
+    }
+
+    /// Puts the saved proxies in a new order: `order` lists every saved proxy once, as
+    /// its current number (from 1).
+    pub async fn reorder_proxies(&self, order: &[usize]) -> Result<(), ClientError> {
+        let saved = self.proxies().await?;
+        let mut seen = vec![false; saved.len()];
+        let mut reordered = Vec::with_capacity(saved.len());
+        for &n in order {
+            match n.checked_sub(1).and_then(|i| seen.get_mut(i)) {
+                Some(s) if !*s => {
+                    *s = true;
+                    reordered.push(saved[n - 1].clone());
+                }
+                _ => return Err(ClientError::NoSuchProxy(n.to_string())),
+            }
+        }
+        if reordered.len() != saved.len() {
+            return Err(ClientError::InvalidInput(format!(
+                "the new order names {} of the {} saved proxies: name each once",
+                reordered.len(),
+                saved.len()
+            )));
+        }
+        self.inner.store.replace_proxies(&reordered).await
+    }
+
+    /// [`Client::check_route`], recording each stage in `progress` as it completes, so
+    /// an app can show the check live ([`crate::route::Progress::watch`]).
+    pub async fn check_route_with(
+        &self,
+        route: &Route,
+        progress: &crate::route::Progress,
+    ) -> Result<DialReport, ClientError> {
+        self.inner.connector.check_route_with(route, progress).await
     }
 
     /// The conversation with `peer`, oldest first.

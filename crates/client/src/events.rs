@@ -73,8 +73,25 @@ pub struct IncomingMessage {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
+    /// A [`crate::Client::keep_connected`] loop is racing the routes.
+    Connecting,
     /// The connection to the service is up (the handshake proved the server's identity).
-    Connected { via: String, handshake_ms: u64 },
+    Connected {
+        /// The route, as shown to people ("relay.example.org:443 (TLS)").
+        via: String,
+        /// Through a relay, rather than straight to the server.
+        relay: bool,
+        /// Inside TLS to the relay.
+        tls: bool,
+        handshake_ms: u64,
+    },
+    /// No route worked; the next race starts in `retry_in_ms`.
+    Unreachable {
+        /// Every route's outcome, in one sentence per route.
+        reason: String,
+        attempts: Vec<crate::DialReport>,
+        retry_in_ms: u64,
+    },
     /// The connection dropped.
     Disconnected { reason: String },
     /// One route did not work; the connector moves on to the others.

@@ -43,4 +43,4 @@ pub use error::ClientError;
 pub use events::{Event, IncomingMessage, MessageId, MessageIdError};
 pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};
 pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};
-pub use store::{HistoryEntry, MessageStatus};
+pub use store::{Conversation, HistoryEntry, MessageStatus};

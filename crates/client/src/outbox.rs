@@ -42,6 +42,10 @@ pub(crate) struct Outbox {
     /// Pending messages settled (sent or failed) in this run, to tell whether a
     /// connection made progress.
     handled: Arc<AtomicU64>,
+    /// One flush at a time: an app flushes when the user sends while the connection's
+    /// own flush may still be running, and two flushes would encrypt and send the same
+    /// pending message twice (harmless — ids are unique — but wasted one-time keys).
+    flushing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Outbox {
@@ -57,6 +61,7 @@ impl Outbox {
             events,
             username,
             handled: Arc::default(),
+            flushing: Arc::default(),
         }
     }
 
@@ -126,6 +131,7 @@ impl Outbox {
         conn: &Connection,
         outcomes: &mut Vec<PendingOutcome>,
     ) -> Result<(), ClientError> {
+        let _one_at_a_time = self.flushing.lock().await;
         for entry in self.store.pending_outgoing().await? {
             let result = match self.transmit(conn, &entry).await {
                 Ok(()) => Ok(()),

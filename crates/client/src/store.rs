@@ -87,6 +87,20 @@ pub struct HistoryEntry {
     pub failure: Option<String>,
 }
 
+/// A conversation in the chat list.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Conversation {
+    pub peer: String,
+    pub last_text: String,
+    pub last_outgoing: bool,
+    pub last_status: MessageStatus,
+    pub last_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+    /// Incoming messages not yet marked read.
+    pub unread: u64,
+}
+
 /// A pinned device of a contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContactDevice {
@@ -339,6 +353,39 @@ impl LocalStore {
         Ok(existed == 0)
     }
 
+    /// Replaces the saved list by `proxies`, in that order (the list is ordered by id, so
+    /// the rows are inserted again; when each was first added is kept).
+    pub async fn replace_proxies(
+        &self,
+        proxies: &[crate::proxy::ProxyEntry],
+    ) -> Result<(), ClientError> {
+        let mut tx = self.begin().await?;
+        let added: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT host, port, added_ms FROM proxies")
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query("DELETE FROM proxies").execute(&mut *tx).await?;
+        for p in proxies {
+            let added_ms = added
+                .iter()
+                .find(|(h, port, _)| *h == p.host && *port == i64::from(p.port))
+                .map(|(_, _, ms)| *ms)
+                .unwrap_or_else(|| postern_protocol::now_ms() as i64);
+            sqlx::query(
+                "INSERT INTO proxies (host, port, tls, media_port, added_ms) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&p.host)
+            .bind(i64::from(p.port))
+            .bind(i64::from(p.tls))
+            .bind(p.media.map(i64::from))
+            .bind(added_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn remove_proxy(&self, p: &crate::proxy::ProxyEntry) -> Result<(), ClientError> {
         sqlx::query("DELETE FROM proxies WHERE host = ? AND port = ?")
             .bind(&p.host)
@@ -541,6 +588,48 @@ impl LocalStore {
         .execute(&mut **tx)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Conversations, the most recently active first: the last message of each and the
+    /// number of incoming messages after the read marker.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
+        let rows = sqlx::query(
+            "SELECT m.peer, m.body, m.outgoing, m.status, m.created_ms, m.failure,
+                    (SELECT COUNT(*) FROM messages u
+                      WHERE u.peer = m.peer AND u.outgoing = 0
+                        AND u.rowid > COALESCE(
+                            (SELECT read_rowid FROM conversation_reads r WHERE r.peer = m.peer), 0))
+             FROM messages m
+             WHERE m.rowid = (SELECT MAX(x.rowid) FROM messages x WHERE x.peer = m.peer)
+             ORDER BY m.rowid DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Conversation {
+                peer: r.get(0),
+                last_text: r.get(1),
+                last_outgoing: r.get::<i64, _>(2) != 0,
+                last_status: MessageStatus::parse(r.get::<&str, _>(3)),
+                last_ms: r.get::<i64, _>(4) as u64,
+                last_failure: r.get(5),
+                unread: r.get::<i64, _>(6) as u64,
+            })
+            .collect())
+    }
+
+    /// Moves `peer`'s read marker past everything stored so far.
+    pub async fn mark_read(&self, peer: &str) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT INTO conversation_reads (peer, read_rowid)
+             VALUES (?1, COALESCE((SELECT MAX(rowid) FROM messages WHERE peer = ?1), 0))
+             ON CONFLICT(peer) DO UPDATE SET read_rowid = excluded.read_rowid",
+        )
+        .bind(peer)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Outgoing messages the server has not accepted yet, oldest first.

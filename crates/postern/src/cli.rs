@@ -92,6 +92,18 @@ gets through even a path that dies every few kilobytes.")]
     /// Start a local development network (server with embedded storage) and print how to
     /// create two accounts and chat.
     Dev(DevArgs),
+
+    /// Open the Postern app: a messenger in your browser for this profile (chats, the
+    /// connection banner, Settings → Proxy with the green tick).
+    #[command(after_help = "\
+Serves the app on loopback only and opens your browser (or prints the address to open).
+The address carries a key made for this run: only a browser given it gets in. Without an
+account the app starts with onboarding: import the network file, choose a username, and
+add a proxy there if the service is blocked where you are. Stop it with Ctrl-C.
+Examples:
+  postern app
+  postern --home /tmp/postern-alice app --no-browser --listen 127.0.0.1:8080")]
+    App(AppArgs),
 }
 
 impl Command {
@@ -234,6 +246,16 @@ pub struct ServerRunArgs {
     /// Messages waiting for one device before senders are told to retry later.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_queue_per_device: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// Loopback address to serve on (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Do not open a browser; only print the address to open.
+    #[arg(long)]
+    pub no_browser: bool,
 }
 
 #[derive(Debug, Args)]

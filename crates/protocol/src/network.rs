@@ -81,6 +81,20 @@ impl NetworkFile {
         decode_key(&self.server.public_key)
     }
 
+    /// A short, readable digest of the server key, for people to compare with what the
+    /// operator publishes: the first 16 bytes of its SHA-256, in groups of four hex digits.
+    pub fn key_fingerprint(&self) -> Result<String, String> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.server_key()?);
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(hex
+            .as_bytes()
+            .chunks(4)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
     /// The file's text, with a comment explaining it.
     pub fn to_toml(&self) -> String {
         format!(

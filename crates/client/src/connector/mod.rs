@@ -290,8 +290,11 @@ impl Connector {
         let outcomes: Vec<(&Route, &DialReport)> = routes.iter().zip(attempts).collect();
         self.note(&outcomes).await?;
         if let Ok(c) = &result {
+            let winner = routes.iter().find(|r| r.to_string() == c.report.route);
             let _ = self.events.send(Event::Connected {
                 via: c.report.route.clone(),
+                relay: c.report.via_relay,
+                tls: winner.is_some_and(Route::tls),
                 handshake_ms: c.conn.handshake_time.as_millis() as u64,
             });
         }
@@ -301,7 +304,16 @@ impl Connector {
     /// Runs the real path over `route` (TCP, TLS if set, the server handshake) without
     /// using the connection: the green tick.
     pub async fn check_route(&self, route: &Route) -> Result<DialReport, ClientError> {
-        let progress = Progress::new(route);
+        self.check_route_with(route, &Progress::new(route)).await
+    }
+
+    /// [`Connector::check_route`], recording each stage in `progress` as it completes (an
+    /// app watches it to show the check live).
+    pub async fn check_route_with(
+        &self,
+        route: &Route,
+        progress: &Progress,
+    ) -> Result<DialReport, ClientError> {
         match attempt(
             route.clone(),
             progress.clone(),
@@ -394,6 +406,7 @@ impl Connector {
         tokio::spawn(async move {
             let mut backoff = BACKOFF_MIN;
             loop {
+                let _ = self.events.send(Event::Connecting);
                 match self.connect(mode).await {
                     Ok(Connected { conn, pushes, .. }) => {
                         let since = Instant::now();
@@ -409,7 +422,24 @@ impl Connector {
                             continue;
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "no route worked"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no route worked");
+                        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                        let wait = backoff.mul_f64(jitter);
+                        let reason = e.to_string();
+                        let attempts = match e {
+                            ClientError::NoRoute { attempts, .. } => attempts,
+                            _ => Vec::new(),
+                        };
+                        let _ = self.events.send(Event::Unreachable {
+                            reason,
+                            attempts,
+                            retry_in_ms: wait.as_millis() as u64,
+                        });
+                        tokio::time::sleep(wait).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
                 }
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;

@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::connection::BoxStream;
 use crate::timeouts::{CONNECT_TIMEOUT, RESOLVE_TIMEOUT, TLS_TIMEOUT};
@@ -199,46 +201,52 @@ impl DialReport {
 }
 
 /// A [`DialReport`] being filled in by a running attempt, shared with whoever may
-/// abandon it.
+/// abandon it — and with whoever watches it: an app shows a check stage by stage as the
+/// stages complete ([`Progress::watch`]), rather than only the final report.
 #[derive(Debug, Clone)]
-pub struct Progress(Arc<Mutex<DialReport>>);
+pub struct Progress(Arc<watch::Sender<DialReport>>);
 
 impl Progress {
     pub fn new(route: &Route) -> Self {
-        Self(Arc::new(Mutex::new(DialReport::new(route))))
+        Self(Arc::new(watch::Sender::new(DialReport::new(route))))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, DialReport> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    /// Every change to the report, as it happens.
+    pub fn watch(&self) -> watch::Receiver<DialReport> {
+        self.0.subscribe()
     }
 
     /// Records that `stage`, started at `started`, completed.
     pub fn record(&self, stage: Stage, started: Instant) {
-        self.lock().stages.push(StageTime {
-            stage,
-            took: started.elapsed(),
+        self.0.send_modify(|r| {
+            r.stages.push(StageTime {
+                stage,
+                took: started.elapsed(),
+            })
         });
     }
 
     pub(crate) fn set_started(&self, offset: Duration) {
-        self.lock().started = offset;
+        self.0.send_modify(|r| r.started = offset);
     }
 
     pub(crate) fn fail(&self, stage: Stage, failure: Failure) {
-        self.lock().failed = Some((stage, failure));
+        self.0.send_modify(|r| r.failed = Some((stage, failure)));
     }
 
     pub(crate) fn abandon(&self, tls: bool) {
-        let mut r = self.lock();
-        if r.failed.is_none() {
-            let stage = r.next_stage(tls);
-            r.abandoned = Some(stage);
-        }
+        self.0.send_if_modified(|r| {
+            if r.failed.is_some() {
+                return false;
+            }
+            r.abandoned = Some(r.next_stage(tls));
+            true
+        });
     }
 
     /// A copy of the report as it stands.
     pub fn report(&self) -> DialReport {
-        self.lock().clone()
+        self.0.borrow().clone()
     }
 }
 

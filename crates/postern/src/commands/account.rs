@@ -50,6 +50,9 @@ pub async fn run(home: PathBuf, cmd: AccountCommand) -> anyhow::Result<()> {
             println!("device:   {}", client.device_id());
             println!("server:   {}", client.network().server.address);
             println!("server key: {}", client.network().server.public_key);
+            if let Ok(f) = client.network().key_fingerprint() {
+                println!("fingerprint: {f}   (compare it with the one the operator publishes)");
+            }
             println!("profile:  {}", home.display());
             client.close().await;
         }

@@ -115,5 +115,10 @@ Now as if the network blocked the server — through the relay only:
   {exe} --home /tmp/postern-bob status"
         );
     }
+    println!(
+        "
+Or use the app (a messenger in your browser; onboarding imports {n}):
+  {exe} --home /tmp/postern-carol app"
+    );
     println!("\nPress Ctrl-C to stop. Data stays in {data} for the next run.");
 }

@@ -135,12 +135,17 @@ async fn follow_inbox(
     let result = loop {
         tokio::select! {
             event = events.recv() => match event {
-                Ok(Event::Connected { via, handshake_ms }) => {
+                Ok(Event::Connected {
+                    via, handshake_ms, ..
+                }) => {
                     eprintln!("✓ connected via {via} ({handshake_ms} ms)");
                 }
                 Ok(Event::Disconnected { reason }) => eprintln!("disconnected: {reason}; reconnecting"),
                 Ok(Event::AttemptFailed { route, stage, reason, hostile }) => {
                     eprintln!("✗ {route} — {stage}: {reason}{}", if hostile { " (not used again)" } else { "" });
+                }
+                Ok(Event::Unreachable { retry_in_ms, .. }) => {
+                    eprintln!("no route worked; trying again in {:.1} s", retry_in_ms as f64 / 1000.0);
                 }
                 Ok(Event::Sent { message_id, to }) => eprintln!("✓ sent to {to} ({message_id})"),
                 Ok(event) => { print_event(&event, json); }

@@ -1,6 +1,7 @@
 //! One module per group of commands.
 
 mod account;
+mod app;
 mod dev;
 mod messaging;
 mod proxy;
@@ -30,6 +31,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(cmd) => postern_relay::cli::run(*cmd).await,
         Command::Server(cmd) => server::run(cmd).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::App(args) => app::run(profile_home(home)?, args).await,
     }
 }
 

@@ -1,0 +1,75 @@
+//! Chats: the conversation list, one conversation, sending, read markers.
+//!
+//! Sending never waits for the network: the message is stored as pending (so it shows
+//! at once, with …) and handed to the connection if there is one; otherwise the
+//! connection loop sends it as soon as a route works.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use postern_client::{ClientError, Conversation, HistoryEntry, MessageId};
+use serde::{Deserialize, Serialize};
+
+use super::{client, ApiResult};
+use crate::profile::Push;
+use crate::AppState;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/chats", get(list))
+        .route("/api/chats/{peer}", get(history))
+        .route("/api/chats/{peer}/read", post(read))
+        .route("/api/messages", post(send))
+}
+
+async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Conversation>> {
+    Ok(Json(client(&state).await?.conversations().await?))
+}
+
+async fn history(
+    State(state): State<Arc<AppState>>,
+    Path(peer): Path<String>,
+) -> ApiResult<Vec<HistoryEntry>> {
+    Ok(Json(client(&state).await?.history(&peer).await?))
+}
+
+async fn read(State(state): State<Arc<AppState>>, Path(peer): Path<String>) -> ApiResult<()> {
+    client(&state).await?.mark_read(&peer).await?;
+    Ok(Json(()))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Compose {
+    pub to: String,
+    pub text: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Queued {
+    pub message_id: MessageId,
+}
+
+async fn send(
+    State(state): State<Arc<AppState>>,
+    Json(compose): Json<Compose>,
+) -> ApiResult<Queued> {
+    let client = client(&state).await?;
+    let to = compose.to.trim().to_ascii_lowercase();
+    if compose.text.trim().is_empty() {
+        return Err(ClientError::InvalidInput("the message is empty".into()).into());
+    }
+    let message_id = client.queue(&to, &compose.text).await?;
+    state.push(Push::Queued {
+        message_id,
+        to: to.clone(),
+    });
+    tokio::spawn(async move {
+        match client.flush_pending().await {
+            Ok(_) | Err(ClientError::NotConnected) => {}
+            Err(e) => tracing::debug!(error = %e, "pending messages go out on the next connection"),
+        }
+    });
+    Ok(Json(Queued { message_id }))
+}

@@ -1,0 +1,283 @@
+//! The app (`postern app`) in a real browser: headless Chromium driven over WebDriver,
+//! against a real server and relay on loopback. Each test is what a person does:
+//! onboarding through a proxy when the service is blocked, two people chatting with the
+//! ticks updating live, and the Proxy screen's green tick and red cross.
+//!
+//! `POSTERN_APP_SCREENSHOTS=docs/app cargo test -p postern --test app` also saves the
+//! screenshots the README and docs/app.md show.
+
+#[path = "support/browser.rs"]
+mod browser;
+mod common;
+
+use browser::{AppProcess, Browser};
+use common::*;
+
+/// A proxy link to the relay's TLS listener, as `postern relay link` prints it.
+fn tls_link(relay: &TestRelay) -> String {
+    let addr = relay.addr("tls");
+    format!(
+        "postern://proxy?host={}&port={}&tls=1",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_through_a_proxy_when_the_direct_address_is_dead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    // The network file a censored user has: its direct address is blocked (nothing
+    // answers there), the key is the real server's.
+    let network = tmp.path().join("network.toml");
+    network_file_via(&server.data, closed_port(), &network);
+
+    let home = tmp.path().join("dana");
+    let app = AppProcess::start(&home);
+    let b = Browser::start().await;
+    b.client.goto(&app.url).await.unwrap();
+    b.find("[data-test=onboarding]").await;
+    // The token was traded for a cookie: it is gone from the address bar.
+    let url = b.client.current_url().await.unwrap();
+    assert!(!url.as_str().contains("token"), "{url}");
+
+    b.type_into("[data-test=network-path]", network.to_str().unwrap())
+        .await;
+    b.type_into("[data-test=username]", "Dana").await;
+    b.click("[data-test=create-account]").await;
+    let error = b
+        .text_until("[data-test=onboarding-error]", |t| !t.is_empty())
+        .await;
+    assert!(error.contains("username"), "{error}");
+
+    b.type_into("[data-test=username]", "dana").await;
+    b.click("[data-test=create-account]").await;
+    // Direct is dead: the error names the stage that failed, and the proxy box opens.
+    let error = b
+        .text_until("[data-test=onboarding-error]", |t| {
+            t.contains("Could not reach the service")
+        })
+        .await;
+    assert!(error.contains("Connect (TCP)"), "{error}");
+    assert!(error.contains("refused"), "{error}");
+    b.screenshot("onboarding-blocked").await;
+
+    b.type_into("[data-test=onboarding-proxy]", &tls_link(&relay))
+        .await;
+    b.click("[data-test=create-account]").await;
+    let banner = b
+        .text_until("[data-test=banner-text]", |t| t.starts_with("Connected"))
+        .await;
+    let relay_addr = relay.addr("tls").to_string();
+    assert_eq!(banner, format!("Connected via relay {relay_addr} (TLS)"));
+    assert_eq!(b.find("[data-test=me]").await.text().await.unwrap(), "dana");
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_chat_and_the_ticks_update_live() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice_home, bob_home) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice_home, "alice", &server);
+    account(&bob_home, "bob", &server);
+    let (alice_app, bob_app) = (AppProcess::start(&alice_home), AppProcess::start(&bob_home));
+    let (alice, bob) = tokio::join!(Browser::start(), Browser::start());
+    alice.client.goto(&alice_app.url).await.unwrap();
+    bob.client.goto(&bob_app.url).await.unwrap();
+    for b in [&alice, &bob] {
+        b.text_until("[data-test=banner-text]", |t| t == "Connected directly")
+            .await;
+    }
+
+    alice.click("[data-test=new-chat]").await;
+    alice.type_into("[data-test=new-chat-name]", "bob\n").await;
+    alice.type_into("[data-test=compose]", "hello bob\n").await;
+    // It shows at once (pending or already sent), then ✓✓ once bob's app has stored it.
+    alice.find("[data-test=message][data-status]").await;
+    let delivered = alice
+        .until_exists("[data-test=message][data-status=delivered]")
+        .await;
+    assert_eq!(
+        delivered
+            .find(fantoccini::Locator::Css("[data-test=marks]"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "✓✓"
+    );
+
+    // Bob's chat list shows the new message, unread.
+    let unread = bob.text_until("[data-test=unread]", |t| t == "1").await;
+    assert_eq!(unread, "1");
+    let preview = bob
+        .text_until("[data-test=chat]", |t| t.contains("hello bob"))
+        .await;
+    assert!(preview.contains("alice"), "{preview}");
+    bob.screenshot("chats-unread").await;
+    bob.click("[data-test=chat][data-peer=alice]").await;
+    bob.text_until("[data-test=message-text]", |t| t == "hello bob")
+        .await;
+    bob.type_into("[data-test=compose]", "hi alice!\n").await;
+    // Opening the chat read it: no unread badge any more.
+    let deadline = std::time::Instant::now() + browser::UI_TIMEOUT;
+    while bob
+        .client
+        .find(fantoccini::Locator::Css("[data-test=unread]"))
+        .await
+        .is_ok()
+    {
+        assert!(std::time::Instant::now() < deadline, "still unread");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Alice sees the reply arrive without reloading.
+    alice
+        .text_until("[data-test=messages]", |t| t.contains("hi alice!"))
+        .await;
+    bob.until_exists("[data-test=message][data-status=delivered]")
+        .await;
+    alice.screenshot("conversation").await;
+
+    // A message to nobody is kept, marked failed with the reason.
+    alice.click("[data-test=new-chat]").await;
+    alice
+        .type_into("[data-test=new-chat-name]", "nobody\n")
+        .await;
+    alice
+        .type_into("[data-test=compose]", "anyone there?\n")
+        .await;
+    let reason = alice
+        .text_until("[data-test=failure]", |t| !t.is_empty())
+        .await;
+    assert!(reason.contains("no user named"), "{reason}");
+    alice.close().await;
+    bob.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_typed_offline_show_as_pending_and_go_out_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    // The path to the server goes through a forwarder we can cut.
+    let path = Forwarder::start(server.addr, Tamper::None);
+    let network = tmp.path().join("network.toml");
+    network_file_via(&server.data, path.addr, &network);
+    let (alice_home, bob_home) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    ok(
+        &alice_home,
+        &[
+            "account",
+            "create",
+            "alice",
+            "--network",
+            network.to_str().unwrap(),
+        ],
+    );
+    account(&bob_home, "bob", &server);
+
+    path.set_tamper(Tamper::Drop);
+    let app = AppProcess::start(&alice_home);
+    let b = Browser::start().await;
+    b.client.goto(&app.url).await.unwrap();
+    let banner = b.find("[data-test=banner]").await;
+    b.text_until("[data-test=banner-text]", |t| {
+        t.starts_with("Not connected")
+    })
+    .await;
+    assert_eq!(
+        banner.attr("data-state").await.unwrap().as_deref(),
+        Some("offline")
+    );
+    b.find("[data-test=banner-proxy-settings]").await;
+    b.screenshot("offline").await;
+
+    b.click("[data-test=new-chat]").await;
+    b.type_into("[data-test=new-chat-name]", "bob\n").await;
+    b.type_into("[data-test=compose]", "written offline\n")
+        .await;
+    let pending = b
+        .until_exists("[data-test=message][data-status=pending]")
+        .await;
+    assert_eq!(
+        pending.text().await.unwrap().lines().next(),
+        Some("written offline")
+    );
+
+    path.set_tamper(Tamper::None);
+    b.text_until("[data-test=banner-text]", |t| t == "Connected directly")
+        .await;
+    b.until_exists("[data-test=message][data-status=sent]")
+        .await;
+    let inbox = ok(&bob_home, &["inbox"]);
+    assert!(inbox.contains("written offline"), "{inbox}");
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_screen_shows_a_green_tick_or_the_stage_that_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let relay = relay_for(&server);
+    let home = tmp.path().join("alice");
+    account(&home, "alice", &server);
+    let app = AppProcess::start(&home);
+    let b = Browser::start().await;
+    b.client.goto(&app.url).await.unwrap();
+    b.click("[data-test=settings]").await;
+    b.click("[data-test=settings-proxy]").await;
+    let crumbs = b.find("[data-test=crumbs]").await.text().await.unwrap();
+    assert_eq!(crumbs, "Settings → Storage and data → Proxy");
+
+    // A link pasted and saved: checked live, stage by stage, ending in the green tick.
+    let link = tls_link(&relay);
+    b.type_into("[data-test=proxy-address]", &link).await;
+    b.click("[data-test=proxy-save]").await;
+    b.find("[data-test=green-tick]").await;
+    for stage in ["resolve", "connect", "tls", "handshake"] {
+        let row = b
+            .find(&format!("[data-test=stage][data-stage={stage}]"))
+            .await;
+        assert_eq!(
+            row.attr("data-result").await.unwrap().as_deref(),
+            Some("ok")
+        );
+    }
+    let saved = b
+        .text_until("[data-test=proxy-list]", |t| t.contains("TLS"))
+        .await;
+    assert!(saved.contains(&relay.addr("tls").to_string()), "{saved}");
+    b.click("[data-test=proxy-qr]").await;
+    let shared = b.find("[data-test=proxy-link]").await.text().await.unwrap();
+    assert_eq!(shared, link);
+    b.screenshot("proxy-green-tick").await;
+
+    // A dead address: the red cross, with the stage and the advice.
+    let dead = closed_port();
+    b.type_into("[data-test=proxy-address]", &dead.to_string())
+        .await;
+    b.click("[data-test=proxy-save]").await;
+    b.find("[data-test=red-cross]").await;
+    let verdict = b.find("[data-test=verdict]").await.text().await.unwrap();
+    assert!(verdict.contains("Connect (TCP)"), "{verdict}");
+    assert!(verdict.contains("try another proxy address"), "{verdict}");
+    let failed = b.find("[data-test=stage][data-stage=connect]").await;
+    assert_eq!(
+        failed.attr("data-result").await.unwrap().as_deref(),
+        Some("bad")
+    );
+    b.screenshot("proxy-red-cross").await;
+
+    // "Use proxy": relays only. The connection moves to the relay.
+    b.click("[data-test=mode-on]").await;
+    b.text_until("[data-test=banner-text]", |t| {
+        t.starts_with("Connected via relay")
+    })
+    .await;
+    let mode = ok(&home, &["proxy", "list"]);
+    assert!(mode.contains("on"), "{mode}");
+    b.close().await;
+}

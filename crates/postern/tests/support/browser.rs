@@ -1,0 +1,235 @@
+//! Driving the real app in headless Chromium over WebDriver (chromedriver + fantoccini),
+//! and running `postern app` processes for it.
+//!
+//! Chromium and chromedriver come from Debian's `chromium` and `chromium-driver`
+//! packages; when they are missing the harness installs them if it runs as root (and says
+//! so), and otherwise fails with the command to run — a browser test that silently skips
+//! would pass without testing anything.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use fantoccini::elements::Element;
+use fantoccini::{Client, ClientBuilder, Locator};
+
+use super::common::{BIN, COMMAND_TIMEOUT};
+
+/// How long a page may take to show what a test waits for (route races included).
+pub const UI_TIMEOUT: Duration = Duration::from_secs(30);
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Makes sure Chromium and chromedriver are installed.
+fn ensure_browser() {
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists() {
+        return;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    assert!(
+        root,
+        "the app's browser tests need Chromium and chromedriver: \
+         sudo apt-get install -y chromium chromium-driver"
+    );
+    eprintln!("browser tests: installing chromium and chromium-driver (apt-get)");
+    let status = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "chromium",
+            "chromium-driver",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .expect("run apt-get");
+    assert!(
+        status.success(),
+        "apt-get install chromium chromium-driver failed"
+    );
+}
+
+/// One chromedriver with one headless Chromium session, each with its own empty profile.
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    pub async fn start() -> Browser {
+        ensure_browser();
+        // chromedriver has no "any free port" option: take one from the kernel.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let stdout = driver.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("started successfully") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(COMMAND_TIMEOUT)
+            .expect("chromedriver did not start");
+        let profile = tempfile::tempdir().expect("browser profile");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1200,780",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("WebDriver session with chromium");
+        Browser {
+            client,
+            driver,
+            _profile: profile,
+        }
+    }
+
+    /// The first element matching `css`, once there is one.
+    pub async fn find(&self, css: &str) -> Element {
+        self.client
+            .wait()
+            .at_most(UI_TIMEOUT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css} within {UI_TIMEOUT:?}: {e}"))
+    }
+
+    /// Waits until the text of the first element matching `css` satisfies `ok`; returns it.
+    pub async fn text_until(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + UI_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(el) = self.client.find(Locator::Css(css)).await {
+                if let Ok(t) = el.text().await {
+                    if ok(&t) {
+                        return t;
+                    }
+                    last = t;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{css} never showed the expected text; last: {last:?}")
+    }
+
+    /// Waits until an element matching `css` exists (e.g. `[data-status=delivered]`).
+    pub async fn until_exists(&self, css: &str) -> Element {
+        self.find(css).await
+    }
+
+    pub async fn type_into(&self, css: &str, text: &str) {
+        let el = self.find(css).await;
+        el.clear().await.ok();
+        el.send_keys(text).await.expect("type");
+    }
+
+    pub async fn click(&self, css: &str) {
+        self.find(css).await.click().await.expect("click");
+    }
+
+    /// Saves a screenshot as `NAME.png` in `$POSTERN_APP_SCREENSHOTS`, if set (the README's
+    /// pictures come from here: `POSTERN_APP_SCREENSHOTS=docs/app cargo test --test app`).
+    pub async fn screenshot(&self, name: &str) {
+        let Some(dir) = std::env::var_os("POSTERN_APP_SCREENSHOTS") else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let dir = if dir.is_relative() {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(dir)
+        } else {
+            dir
+        };
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        let png = self.client.screenshot().await.expect("screenshot");
+        std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
+    }
+
+    pub async fn close(self) {
+        let Browser {
+            client, mut driver, ..
+        } = self;
+        let _ = client.close().await;
+        let _ = driver.kill();
+        let _ = driver.wait();
+    }
+}
+
+/// A `postern app --no-browser` process for one profile.
+pub struct AppProcess {
+    child: Child,
+    /// The address it printed, with this run's token.
+    pub url: String,
+}
+
+impl AppProcess {
+    pub fn start(home: &Path) -> AppProcess {
+        let mut child = Command::new(BIN)
+            .arg("--home")
+            .arg(home)
+            .args(["app", "--no-browser", "--listen", "127.0.0.1:0"])
+            .env_remove("POSTERN_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn postern app");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("postern app ready: ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(COMMAND_TIMEOUT)
+            .expect("postern app did not print its address");
+        AppProcess { child, url }
+    }
+}
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
