@@ -22,7 +22,9 @@
 
 pub mod error;
 pub mod frame;
+pub mod fsutil;
 pub mod link;
+pub mod net;
 pub mod network;
 pub mod noise;
 pub mod proxy_header;

@@ -58,6 +58,11 @@ pub struct RelayConfig {
     /// and SNI-routed targets. Useful to pin addresses or to point a preset at test stand-ins.
     #[serde(default)]
     pub resolve: BTreeMap<String, SocketAddr>,
+    /// Load balancers whose PROXY headers are believed on `accept_proxy` listeners
+    /// (addresses or CIDR blocks). From any other peer a header is ignored and the peer's
+    /// own address is used for limits and logs. Empty by default: trust no one.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Timeouts and limits. Defaults follow the reference HAProxy relay.
@@ -312,8 +317,19 @@ impl RelayConfig {
         Ok(cfg)
     }
 
+    /// The parsed `trusted_proxies` list.
+    pub fn trusted(&self) -> Result<postern_protocol::net::TrustedProxies, ConfigError> {
+        let blocks = self
+            .trusted_proxies
+            .iter()
+            .map(|c| c.parse().map_err(|e| invalid(format!("trusted_proxies: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(postern_protocol::net::TrustedProxies::new(blocks))
+    }
+
     /// Checks references, addresses and limits for consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.trusted()?;
         let l = &self.limits;
         if l.maxconn == 0 {
             return Err(invalid("limits.maxconn must be at least 1"));

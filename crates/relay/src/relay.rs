@@ -103,6 +103,7 @@ impl Relay {
             limiter: ConnLimiter::new(limits.maxconn, limits.max_per_source),
             resolver: resolver.clone(),
             log_addresses: config.log_client_addresses,
+            trusted: config.trusted()?,
             cut: cut.clone(),
             tracker: tracker.clone(),
         });

@@ -100,6 +100,8 @@ pub struct ListenerStats {
     pub total: AtomicU64,
     /// Connections refused because `maxconn` was reached.
     pub refused: AtomicU64,
+    /// PROXY headers ignored because the peer is not in `trusted_proxies`.
+    pub proxy_untrusted: AtomicU64,
     /// Bytes from clients to upstreams.
     pub bytes_in: AtomicU64,
     /// Bytes from upstreams to clients.
@@ -117,6 +119,7 @@ impl ListenerStats {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            proxy_untrusted: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             failures: Default::default(),
@@ -228,7 +231,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
         type Getter = fn(&ListenerStats) -> &AtomicU64;
-        let per_listener: [(&str, &str, &str, Getter); 3] = [
+        let per_listener: [(&str, &str, &str, Getter); 4] = [
             (
                 "postern_relay_connections_active",
                 "gauge",
@@ -246,6 +249,12 @@ impl Metrics {
                 "counter",
                 "Connections refused because maxconn was reached.",
                 |l| &l.refused,
+            ),
+            (
+                "postern_relay_proxy_untrusted_total",
+                "counter",
+                "PROXY headers ignored because the peer is not a trusted proxy.",
+                |l| &l.proxy_untrusted,
             ),
         ];
         for (name, kind, help, get) in per_listener {

@@ -20,6 +20,7 @@
 
 mod connection;
 pub mod data_dir;
+pub mod disk;
 mod error;
 pub mod hub;
 pub mod limits;
@@ -44,6 +45,16 @@ pub(crate) struct Shared {
     pub keys: StaticKeypair,
     pub limits: Limits,
     pub registrations: limits::RegistrationLimiter,
+    /// Open connections per source address.
+    pub per_source: Arc<postern_protocol::net::PerSource>,
+    /// Messages per sending account per minute.
+    pub message_rate: limits::WindowLimiter<i64>,
+    /// Key claims per requesting account per minute.
+    pub claims_by_requester: limits::WindowLimiter<i64>,
+    /// One-time keys handed out per target username per minute.
+    pub claims_by_target: limits::WindowLimiter<String>,
+    pub disk: disk::DiskGuard,
+    pub refusals: limits::Refusals,
     pub log_client_addresses: bool,
     pub next_conn_id: AtomicU64,
 }
