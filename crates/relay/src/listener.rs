@@ -296,7 +296,9 @@ impl Listener {
                     SniError::NotTls => FailReason::NotTls,
                     SniError::Missing => FailReason::NoSni,
                     SniError::InvalidName => FailReason::SniInvalid,
-                    SniError::TooLarge | SniError::Malformed => FailReason::BadClientHello,
+                    SniError::TooLarge | SniError::Malformed | SniError::Ambiguous => {
+                        FailReason::BadClientHello
+                    }
                     SniError::Eof | SniError::Io(_) => FailReason::ClosedEarly,
                 })?;
                 if !allow.allows(&name) {
@@ -306,7 +308,7 @@ impl Listener {
                 let up = self
                     .shared
                     .resolver
-                    .connect(&target, limits.connect_timeout)
+                    .connect_absolute(&name, *port, limits.connect_timeout)
                     .await
                     .map_err(|_| FailReason::UpstreamUnavailable)?;
                 tracing::debug!(listener = %self.name, client = %self.who(client),

@@ -95,7 +95,7 @@ async fn run(
     // The buffer lets us peek at the first byte for PROXY detection without losing it.
     let mut stream = BufReader::with_capacity(2048, stream);
     let limit = shared.limits.handshake_timeout;
-    let (client_addr, handshake) = tokio::time::timeout(limit, async {
+    let (client_addr, via_proxy, handshake) = tokio::time::timeout(limit, async {
         let proxy = proxy_header::read_optional(&mut stream).await?;
         // Advisory, and only from a trusted proxy: from anyone else the header is ignored
         // (a client could otherwise claim any address and dodge every per-address limit).
@@ -132,13 +132,13 @@ async fn run(
             }
             other => other?,
         };
-        Ok::<_, ProtocolError>((client_addr, hs))
+        Ok::<_, ProtocolError>((client_addr, proxy.is_some(), hs))
     })
     .await
     .map_err(|_| ProtocolError::Timeout(limit))??;
     let _slot = slot;
     if shared.log_client_addresses {
-        debug!(peer = %peer, client = %client_addr, via_proxy = client_addr != peer, "handshake received");
+        debug!(peer = %peer, client = %client_addr, via_proxy, "handshake received");
     }
 
     let device = shared

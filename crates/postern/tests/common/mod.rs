@@ -226,6 +226,9 @@ pub fn relay_for(server: &TestServer) -> TestRelay {
         "127.0.0.1:0",
         "--stats",
         "127.0.0.1:0",
+        // The tests' load balancer (`proxy_header_forwarder`) runs on loopback.
+        "--trusted-proxy",
+        "127.0.0.1",
     ])
 }
 
