@@ -27,7 +27,9 @@ impl SourceKey {
             IpAddr::V4(v4) => SourceKey(IpAddr::V4(v4)),
             IpAddr::V6(v6) => {
                 let s = v6.segments();
-                SourceKey(IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)))
+                SourceKey(IpAddr::V6(Ipv6Addr::new(
+                    s[0], s[1], s[2], s[3], 0, 0, 0, 0,
+                )))
             }
         }
     }
@@ -61,7 +63,9 @@ pub fn unmap(ip: IpAddr) -> IpAddr {
 /// Why a CIDR block could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
-    #[error("{0:?} is not an IP address or CIDR block (examples: 10.0.0.5, 10.0.0.0/8, 2001:db8::/32)")]
+    #[error(
+        "{0:?} is not an IP address or CIDR block (examples: 10.0.0.5, 10.0.0.0/8, 2001:db8::/32)"
+    )]
     Address(String),
     #[error("{input:?}: prefix length must be 0-{max}")]
     Prefix { input: String, max: u8 },
@@ -115,7 +119,10 @@ impl FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s.trim(), None),
         };
-        let addr = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(addr);
+        let addr = addr
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .unwrap_or(addr);
         let ip: IpAddr = addr
             .parse()
             .map_err(|_| CidrError::Address(s.to_string()))?;
@@ -123,14 +130,15 @@ impl FromStr for Cidr {
         let max = if ip.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| CidrError::Prefix {
-                    input: s.to_string(),
-                    max,
-                })?,
+            Some(p) => {
+                p.parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| CidrError::Prefix {
+                        input: s.to_string(),
+                        max,
+                    })?
+            }
         };
         let network = match ip {
             IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask32(prefix))),
@@ -253,11 +261,26 @@ mod tests {
 
     #[test]
     fn ipv6_counts_by_64_and_mapped_ipv4_is_unmapped() {
-        assert_eq!(SourceKey::of(ip("2001:db8:1:2::1")), SourceKey::of(ip("2001:db8:1:2:ffff::9")));
-        assert_ne!(SourceKey::of(ip("2001:db8:1:2::1")), SourceKey::of(ip("2001:db8:1:3::1")));
-        assert_eq!(SourceKey::of(ip("::ffff:192.0.2.1")), SourceKey::of(ip("192.0.2.1")));
-        assert_ne!(SourceKey::of(ip("192.0.2.1")), SourceKey::of(ip("192.0.2.2")));
-        assert_eq!(SourceKey::of(ip("2001:db8::7")).to_string(), "2001:db8::/64");
+        assert_eq!(
+            SourceKey::of(ip("2001:db8:1:2::1")),
+            SourceKey::of(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            SourceKey::of(ip("2001:db8:1:2::1")),
+            SourceKey::of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            SourceKey::of(ip("::ffff:192.0.2.1")),
+            SourceKey::of(ip("192.0.2.1"))
+        );
+        assert_ne!(
+            SourceKey::of(ip("192.0.2.1")),
+            SourceKey::of(ip("192.0.2.2"))
+        );
+        assert_eq!(
+            SourceKey::of(ip("2001:db8::7")).to_string(),
+            "2001:db8::/64"
+        );
     }
 
     #[test]
@@ -266,7 +289,10 @@ mod tests {
         let a = l.try_acquire(ip("2001:db8::1")).unwrap();
         assert!(l.try_acquire(ip("2001:db8::2")).is_none(), "same /64");
         let _b = l.try_acquire(ip("192.0.2.1")).unwrap();
-        assert!(l.try_acquire(ip("::ffff:192.0.2.1")).is_none(), "mapped = IPv4");
+        assert!(
+            l.try_acquire(ip("::ffff:192.0.2.1")).is_none(),
+            "mapped = IPv4"
+        );
         drop(a);
         assert!(l.try_acquire(ip("2001:db8::2")).is_some());
         assert!(PerSource::new(0).try_acquire(ip("192.0.2.1")).is_some());
@@ -276,15 +302,24 @@ mod tests {
     fn cidr_blocks() {
         let c: Cidr = "10.1.0.0/16".parse().unwrap();
         assert!(c.contains(ip("10.1.200.3")) && !c.contains(ip("10.2.0.1")));
-        assert!(c.contains(ip("::ffff:10.1.0.9")), "mapped addresses match IPv4 blocks");
+        assert!(
+            c.contains(ip("::ffff:10.1.0.9")),
+            "mapped addresses match IPv4 blocks"
+        );
         let one: Cidr = "127.0.0.1".parse().unwrap();
         assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
         let v6: Cidr = "2001:db8::/32".parse().unwrap();
         assert!(v6.contains(ip("2001:db8:ffff::1")) && !v6.contains(ip("2001:db9::1")));
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("203.0.113.1")));
+        assert!("0.0.0.0/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains(ip("203.0.113.1")));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("example.org".parse::<Cidr>().is_err());
-        assert_eq!("10.1.2.3/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            "10.1.2.3/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
     }
 
     #[test]
@@ -295,6 +330,9 @@ mod tests {
         let stranger: SocketAddr = "127.0.0.2:5000".parse().unwrap();
         assert_eq!(t.client_address(relay, Some(claimed)), claimed);
         assert_eq!(t.client_address(stranger, Some(claimed)), stranger);
-        assert_eq!(TrustedProxies::default().client_address(relay, Some(claimed)), relay);
+        assert_eq!(
+            TrustedProxies::default().client_address(relay, Some(claimed)),
+            relay
+        );
     }
 }

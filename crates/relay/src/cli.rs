@@ -283,7 +283,8 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     if cli.log_client_addresses {
         cfg.log_client_addresses = true;
     }
-    cfg.trusted_proxies.extend(cli.trusted_proxy.iter().cloned());
+    cfg.trusted_proxies
+        .extend(cli.trusted_proxy.iter().cloned());
     cfg.validate()?;
     Ok(cfg)
 }

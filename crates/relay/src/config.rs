@@ -322,7 +322,10 @@ impl RelayConfig {
         let blocks = self
             .trusted_proxies
             .iter()
-            .map(|c| c.parse().map_err(|e| invalid(format!("trusted_proxies: {e}"))))
+            .map(|c| {
+                c.parse()
+                    .map_err(|e| invalid(format!("trusted_proxies: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(postern_protocol::net::TrustedProxies::new(blocks))
     }

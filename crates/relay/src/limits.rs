@@ -88,6 +88,9 @@ mod tests {
         let v4: IpAddr = "192.0.2.9".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
         let _v4 = l.try_source(v4).unwrap();
-        assert!(l.try_source(mapped).is_none(), "mapped IPv4 counts as the IPv4 address");
+        assert!(
+            l.try_source(mapped).is_none(),
+            "mapped IPv4 counts as the IPv4 address"
+        );
     }
 }

@@ -277,35 +277,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A minimal but valid TLS 1.2-style ClientHello handshake message with an optional SNI.
-    pub(crate) fn client_hello(sni: Option<&str>, padding: usize) -> Vec<u8> {
-        let mut ext = Vec::new();
+    use postern_test_kit::tls::{records, ClientHello};
+
+    /// A ClientHello handshake message with an optional SNI and padding.
+    fn client_hello(sni: Option<&str>, padding: usize) -> Vec<u8> {
+        let mut h = ClientHello::new();
         if let Some(name) = sni {
-            let n = name.as_bytes();
-            let list_len = 3 + n.len();
-            ext.extend_from_slice(&[0x00, 0x00]);
-            ext.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
-            ext.extend_from_slice(&(list_len as u16).to_be_bytes());
-            ext.push(0);
-            ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            ext.extend_from_slice(n);
+            h = h.sni(name);
         }
-        if padding > 0 {
-            ext.extend_from_slice(&[0x00, 0x15]);
-            ext.extend_from_slice(&(padding as u16).to_be_bytes());
-            ext.extend(std::iter::repeat_n(0u8, padding));
-        }
-        let mut body = vec![0x03, 0x03];
-        body.extend_from_slice(&[7u8; 32]);
-        body.push(0);
-        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
-        body.extend_from_slice(&[0x01, 0x00]);
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut msg = vec![0x01];
-        msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        msg.extend_from_slice(&body);
-        msg
+        h.padding(padding).handshake()
     }
 
     /// A reader that returns one segment per read.
@@ -326,16 +306,6 @@ mod tests {
             }
             std::task::Poll::Ready(Ok(()))
         }
-    }
-
-    pub(crate) fn records(msg: &[u8], per_record: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for c in msg.chunks(per_record) {
-            out.extend_from_slice(&[0x16, 0x03, 0x01]);
-            out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-            out.extend_from_slice(c);
-        }
-        out
     }
 
     #[test]
@@ -376,51 +346,32 @@ mod tests {
     /// Regression (issue 18, defect 8): the first of several names was routed.
     #[test]
     fn several_names_or_a_repeated_extension_are_refused() {
-        // One SNI extension listing two host names.
-        let mut list = Vec::new();
-        for n in ["allowed.example.net", "evil.example.org"] {
-            list.push(0u8);
-            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            list.extend_from_slice(n.as_bytes());
-        }
-        let mut sni = vec![0x00, 0x00];
-        sni.extend_from_slice(&((list.len() + 2) as u16).to_be_bytes());
-        sni.extend_from_slice(&(list.len() as u16).to_be_bytes());
-        sni.extend_from_slice(&list);
-        let raw = records(&hello_with_extensions(&sni), 16384);
-        assert_eq!(examine(&raw, 16384), Err(SniError::Ambiguous));
-
-        // Two SNI extensions of one name each.
-        let one = extension_block(&client_hello(Some("allowed.example.net"), 0));
-        let two = extension_block(&client_hello(Some("evil.example.org"), 0));
-        let raw = records(&hello_with_extensions(&[one, two].concat()), 16384);
-        assert_eq!(examine(&raw, 16384), Err(SniError::Ambiguous));
-
-        // Any other extension repeated.
-        let mut ext = extension_block(&client_hello(Some("allowed.example.net"), 0));
-        ext.extend_from_slice(&[0x00, 0x15, 0x00, 0x01, 0x00, 0x00, 0x15, 0x00, 0x01, 0x00]);
-        let raw = records(&hello_with_extensions(&ext), 16384);
-        assert_eq!(examine(&raw, 16384), Err(SniError::Ambiguous));
-    }
-
-    /// The extensions block of a ClientHello built by [`client_hello`].
-    fn extension_block(msg: &[u8]) -> Vec<u8> {
-        // type(1) len(3) version(2) random(32) session(1) suites(2+2) compression(2) ext_len(2)
-        msg[4 + 2 + 32 + 1 + 4 + 2 + 2..].to_vec()
-    }
-
-    fn hello_with_extensions(ext: &[u8]) -> Vec<u8> {
-        let mut body = vec![0x03, 0x03];
-        body.extend_from_slice(&[7u8; 32]);
-        body.push(0);
-        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
-        body.extend_from_slice(&[0x01, 0x00]);
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(ext);
-        let mut msg = vec![0x01];
-        msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        msg.extend_from_slice(&body);
-        msg
+        let two_names =
+            ClientHello::new().server_names(&["allowed.example.net", "evil.example.org"]);
+        assert_eq!(
+            examine(&two_names.records(16384), 16384),
+            Err(SniError::Ambiguous)
+        );
+        let two_sni = ClientHello::new()
+            .sni("allowed.example.net")
+            .sni("evil.example.org");
+        assert_eq!(
+            examine(&two_sni.records(16384), 16384),
+            Err(SniError::Ambiguous)
+        );
+        let repeated = ClientHello::new()
+            .sni("allowed.example.net")
+            .padding(1)
+            .padding(1);
+        assert_eq!(
+            examine(&repeated.records(16384), 16384),
+            Err(SniError::Ambiguous)
+        );
+        let fine = ClientHello::new().sni("allowed.example.net").padding(1);
+        assert_eq!(
+            examine(&fine.records(16384), 16384),
+            Ok(Progress::Done("allowed.example.net".into()))
+        );
     }
 
     #[test]

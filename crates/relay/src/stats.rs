@@ -535,8 +535,8 @@ pub async fn serve(
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 let _lane = lane;
-                let _ = tokio::time::timeout(FAST_LANE_TIMEOUT, fast_health(stream, &metrics))
-                    .await;
+                let _ =
+                    tokio::time::timeout(FAST_LANE_TIMEOUT, fast_health(stream, &metrics)).await;
             });
             continue;
         };

@@ -320,40 +320,8 @@ mod tls_client {
     }
 }
 
-/// A hand-built TLS ClientHello record with an optional SNI and padding extension.
-fn client_hello(sni: Option<&str>, padding: usize) -> Vec<u8> {
-    let mut ext = Vec::new();
-    if let Some(name) = sni {
-        let n = name.as_bytes();
-        ext.extend_from_slice(&[0, 0]);
-        ext.extend_from_slice(&((n.len() + 5) as u16).to_be_bytes());
-        ext.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-        ext.push(0);
-        ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        ext.extend_from_slice(n);
-    }
-    if padding > 0 {
-        ext.extend_from_slice(&[0x00, 0x15]);
-        ext.extend_from_slice(&(padding as u16).to_be_bytes());
-        ext.extend(std::iter::repeat_n(0u8, padding));
-    }
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut msg = vec![0x01];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend_from_slice(&body);
-    let mut out = Vec::new();
-    for c in msg.chunks(16384) {
-        out.extend_from_slice(&[0x16, 0x03, 0x01]);
-        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-        out.extend_from_slice(c);
-    }
-    out
-}
+// A TLS ClientHello record with an optional SNI and padding extension (shared builder).
+use postern_test_kit::tls::client_hello_record as client_hello;
 
 // ---------------------------------------------------------------- tests
 

@@ -35,8 +35,8 @@ use crate::push_window::PushWindow;
 use crate::store::{
     DeviceRecord, EnqueueLimits, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey,
 };
-use postern_protocol::net::SourceSlot;
 use crate::{ServerError, Shared};
+use postern_protocol::net::SourceSlot;
 
 /// Envelopes or receipts read from the database per round trip while pushing.
 const PUSH_BATCH: u32 = 64;

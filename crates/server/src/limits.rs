@@ -261,6 +261,9 @@ mod tests {
         assert!(!l.allow("2001:db8:0:1:ffff:ffff:ffff:ffff".parse().unwrap()));
         assert!(l.allow("2001:db8:0:2::1".parse().unwrap()));
         assert!(l.allow("192.0.2.1".parse().unwrap()));
-        assert!(!l.allow("::ffff:192.0.2.1".parse().unwrap()), "mapped = IPv4");
+        assert!(
+            !l.allow("::ffff:192.0.2.1".parse().unwrap()),
+            "mapped = IPv4"
+        );
     }
 }

@@ -12,12 +12,12 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::data_dir::DataDir;
-use crate::hub::Hub;
 use crate::disk::DiskGuard;
+use crate::hub::Hub;
 use crate::limits::{Limits, Refusals, RegistrationLimiter, WindowLimiter};
-use postern_protocol::net::PerSource;
 use crate::store::Store;
 use crate::{connection, ServerError, Shared};
+use postern_protocol::net::PerSource;
 
 /// How long connections get to finish after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -831,7 +831,9 @@ mod tests {
         for _ in 0..2 {
             // The retry with the same id is accepted without a duplicate.
             assert!(matches!(
-                s.enqueue(&alice, "bob", b"id-1", &ct, lim(10)).await.unwrap(),
+                s.enqueue(&alice, "bob", b"id-1", &ct, lim(10))
+                    .await
+                    .unwrap(),
                 EnqueueOutcome::Accepted { .. }
             ));
         }
@@ -935,8 +937,13 @@ mod tests {
             olm_type: 1,
             body: vec![7; 10],
         }];
-        s.enqueue(&alice, "bob", b"old", &ct, lim(10)).await.unwrap();
-        assert!(s.expire(0, 100).await.unwrap().is_empty(), "nothing that old");
+        s.enqueue(&alice, "bob", b"old", &ct, lim(10))
+            .await
+            .unwrap();
+        assert!(
+            s.expire(0, 100).await.unwrap().is_empty(),
+            "nothing that old"
+        );
         let wake = s.expire(u64::MAX / 2, 100).await.unwrap();
         assert_eq!(wake, vec![alice.device_id]);
         assert!(s.pending(bob.device_id, 0, 10).await.unwrap().is_empty());

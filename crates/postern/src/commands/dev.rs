@@ -21,10 +21,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     dir.init(&public)?;
     let mut config = ServerConfig::new(&args.data, args.listen);
     // The development relay runs on this machine: believe its PROXY headers.
-    config.limits.trusted_proxies = TrustedProxies::new(vec![
-        Cidr::from_str("127.0.0.0/8")?,
-        Cidr::from_str("::1")?,
-    ]);
+    config.limits.trusted_proxies =
+        TrustedProxies::new(vec![Cidr::from_str("127.0.0.0/8")?, Cidr::from_str("::1")?]);
     let server = Server::bind(config).await?;
     let addr = server.local_addr();
     if addr.port() != args.listen.port() {

@@ -1,0 +1,9 @@
+//! Scaffolding for Postern's tests and benchmarks (never shipped: `publish = false`, a
+//! dev-dependency of the crates that test, and a dependency of the benchmark tools only).
+//!
+//! * [`process`]: start a `postern` process and wait for the line that says it is ready,
+//!   keeping its output drained so it never blocks on a full pipe.
+//! * [`tls`]: TLS ClientHello bytes for SNI tests.
+
+pub mod process;
+pub mod tls;
