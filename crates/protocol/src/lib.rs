@@ -28,6 +28,8 @@ pub mod net;
 pub mod network;
 pub mod noise;
 pub mod proxy_header;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod username;
 
 /// Protobuf types generated from `proto/postern.proto`.

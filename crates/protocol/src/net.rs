@@ -60,6 +60,56 @@ pub fn unmap(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Why an address could not be split into host and port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    #[error("the address is empty")]
+    Empty,
+    #[error("{0:?}: '[' without a closing ']'")]
+    UnclosedBracket(String),
+    #[error("{0:?}: after \"]\" only \":PORT\" may follow")]
+    AfterBracket(String),
+    #[error(
+        "{0:?}: an IPv6 address with a port must be written in brackets, e.g. [2001:db8::1]:443"
+    )]
+    UnbracketedIpv6(String),
+}
+
+/// Splits `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address into the host
+/// (without brackets) and the port text, if any. The one host:port splitter of the
+/// project (network files, relay configuration, proxy addresses, links): callers check
+/// the host and port they need.
+pub fn split_host_port(input: &str) -> Result<(&str, Option<&str>), HostPortError> {
+    if input.is_empty() {
+        return Err(HostPortError::Empty);
+    }
+    if let Some(rest) = input.strip_prefix('[') {
+        let (host, tail) = rest
+            .split_once(']')
+            .ok_or_else(|| HostPortError::UnclosedBracket(input.to_string()))?;
+        return match tail {
+            "" => Ok((host, None)),
+            t => t
+                .strip_prefix(':')
+                .map(|p| (host, Some(p)))
+                .ok_or_else(|| HostPortError::AfterBracket(input.to_string())),
+        };
+    }
+    if input.parse::<Ipv6Addr>().is_ok() {
+        return Ok((input, None));
+    }
+    match input.rsplit_once(':') {
+        Some((h, _)) if h.contains(':') => Err(HostPortError::UnbracketedIpv6(input.to_string())),
+        Some((h, p)) => Ok((h, Some(p))),
+        None => Ok((input, None)),
+    }
+}
+
+/// A port number 1-65535.
+pub fn parse_port(text: &str) -> Option<u16> {
+    text.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
 /// Why a CIDR block could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
@@ -296,6 +346,33 @@ mod tests {
         drop(a);
         assert!(l.try_acquire(ip("2001:db8::2")).is_some());
         assert!(PerSource::new(0).try_acquire(ip("192.0.2.1")).is_some());
+    }
+
+    #[test]
+    fn host_port_splitting() {
+        assert_eq!(
+            split_host_port("a.example:80"),
+            Ok(("a.example", Some("80")))
+        );
+        assert_eq!(split_host_port("a.example"), Ok(("a.example", None)));
+        assert_eq!(split_host_port("[::1]:443"), Ok(("::1", Some("443"))));
+        assert_eq!(split_host_port("[::1]"), Ok(("::1", None)));
+        assert_eq!(split_host_port("2001:db8::1"), Ok(("2001:db8::1", None)));
+        assert!(matches!(
+            split_host_port("::1:443x"),
+            Err(HostPortError::UnbracketedIpv6(_))
+        ));
+        assert!(matches!(
+            split_host_port("[::1"),
+            Err(HostPortError::UnclosedBracket(_))
+        ));
+        assert!(matches!(
+            split_host_port("[::1]x"),
+            Err(HostPortError::AfterBracket(_))
+        ));
+        assert_eq!(split_host_port(""), Err(HostPortError::Empty));
+        assert_eq!(parse_port("0"), None);
+        assert_eq!(parse_port("65535"), Some(65535));
     }
 
     #[test]
