@@ -141,6 +141,18 @@ fn tampering_on_the_path_breaks_the_connection_without_delivering_junk() {
 use postern_protocol::schema::{client_frame, server_frame};
 use std::time::{Duration, Instant};
 
+/// A server started with `flags`, and the profiles of two accounts on it.
+fn alice_and_bob(
+    tmp: &std::path::Path,
+    flags: &[&str],
+) -> (TestServer, std::path::PathBuf, std::path::PathBuf) {
+    let server = TestServer::start_with(&tmp.join("server"), "127.0.0.1:0".parse().unwrap(), flags);
+    let (alice, bob) = (tmp.join("alice"), tmp.join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    (server, alice, bob)
+}
+
 /// Polls `f` every 50 ms until it holds, for at most `within`.
 fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -280,14 +292,7 @@ async fn one_address_cannot_hold_every_connection() {
 #[test]
 fn an_undelivered_message_expires_and_the_sender_is_told() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(
-        &tmp.path().join("server"),
-        "127.0.0.1:0".parse().unwrap(),
-        &["--queue-ttl", "1s"],
-    );
-    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
-    account(&alice, "alice", &server);
-    account(&bob, "bob", &server);
+    let (_server, alice, bob) = alice_and_bob(tmp.path(), &["--queue-ttl", "1s"]);
     ok(&alice, &["send", "bob", "this will wait too long"]);
     eventually(Duration::from_secs(15), "the expiry receipt", || {
         let out = ok(&alice, &["inbox"]);
@@ -334,14 +339,7 @@ fn below_the_disk_high_water_mark_messages_wait_and_nothing_is_lost() {
 #[test]
 fn an_account_over_its_message_rate_is_told_to_wait() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(
-        &tmp.path().join("server"),
-        "127.0.0.1:0".parse().unwrap(),
-        &["--messages-per-minute", "2"],
-    );
-    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
-    account(&alice, "alice", &server);
-    account(&bob, "bob", &server);
+    let (_server, alice, bob) = alice_and_bob(tmp.path(), &["--messages-per-minute", "2"]);
     ok(&alice, &["send", "bob", "one"]);
     ok(&alice, &["send", "bob", "two"]);
     let err = fails(&alice, &["send", "bob", "three"]);

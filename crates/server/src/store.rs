@@ -927,16 +927,25 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn expired_messages_leave_the_queue_and_tell_the_sender() {
-        let (_d, s) = store().await;
-        let alice = register(&s, "alice", 1, &[]).await;
-        let bob = register(&s, "bob", 2, &[]).await;
+    /// Alice and Bob registered, and a ciphertext of `len` bytes for Bob's device.
+    async fn alice_bob(
+        s: &Store,
+        len: usize,
+    ) -> (DeviceRecord, DeviceRecord, Vec<OutgoingCiphertext>) {
+        let alice = register(s, "alice", 1, &[]).await;
+        let bob = register(s, "bob", 2, &[]).await;
         let ct = vec![OutgoingCiphertext {
             device_id: bob.device_id,
             olm_type: 1,
-            body: vec![7; 10],
+            body: vec![7; len],
         }];
+        (alice, bob, ct)
+    }
+
+    #[tokio::test]
+    async fn expired_messages_leave_the_queue_and_tell_the_sender() {
+        let (_d, s) = store().await;
+        let (alice, bob, ct) = alice_bob(&s, 10).await;
         s.enqueue(&alice, "bob", b"old", &ct, lim(10))
             .await
             .unwrap();
@@ -957,13 +966,7 @@ mod tests {
     #[tokio::test]
     async fn a_sender_over_its_byte_quota_is_refused_but_retries_are_not() {
         let (_d, s) = store().await;
-        let alice = register(&s, "alice", 1, &[]).await;
-        let bob = register(&s, "bob", 2, &[]).await;
-        let ct = vec![OutgoingCiphertext {
-            device_id: bob.device_id,
-            olm_type: 1,
-            body: vec![7; 600],
-        }];
+        let (alice, bob, ct) = alice_bob(&s, 600).await;
         let l = EnqueueLimits {
             max_queue: 100,
             max_queued_bytes: 1000,
