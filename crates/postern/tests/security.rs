@@ -141,12 +141,38 @@ fn tampering_on_the_path_breaks_the_connection_without_delivering_junk() {
 use postern_protocol::schema::{client_frame, server_frame};
 use std::time::{Duration, Instant};
 
+/// `account create NAME` through a forwarder that claims the client is `claimed` in a
+/// PROXY header (as a relay or load balancer would).
+fn create_via_forwarder(
+    tmp: &std::path::Path,
+    server: &TestServer,
+    claimed: &str,
+    name: &str,
+) -> std::process::Output {
+    let lb = proxy_header_forwarder(server.addr, claimed);
+    let net = tmp.join(format!("{name}.toml"));
+    network_file_via(&server.data, lb, &net);
+    let args = [
+        "account",
+        "create",
+        name,
+        "--network",
+        net.to_str().unwrap(),
+    ];
+    postern(&tmp.join(name), &args)
+}
+
+/// A server in `data` on a random loopback port, started with `flags`.
+fn server_with(data: &std::path::Path, flags: &[&str]) -> TestServer {
+    TestServer::start_with(data, "127.0.0.1:0".parse().unwrap(), flags)
+}
+
 /// A server started with `flags`, and the profiles of two accounts on it.
 fn alice_and_bob(
     tmp: &std::path::Path,
     flags: &[&str],
 ) -> (TestServer, std::path::PathBuf, std::path::PathBuf) {
-    let server = TestServer::start_with(&tmp.join("server"), "127.0.0.1:0".parse().unwrap(), flags);
+    let server = server_with(&tmp.join("server"), flags);
     let (alice, bob) = (tmp.join("alice"), tmp.join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
@@ -167,27 +193,16 @@ fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn a_proxy_header_from_an_untrusted_peer_does_not_buy_registrations() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(
+    let server = server_with(
         &tmp.path().join("server"),
-        "127.0.0.1:0".parse().unwrap(),
         &["--registrations-per-minute", "1"],
     );
-    let via = |claimed: &str, name: &str| {
-        let lb = proxy_header_forwarder(server.addr, claimed);
-        let net = tmp.path().join(format!("{name}.toml"));
-        network_file_via(&server.data, lb, &net);
-        let home = tmp.path().join(name);
-        let args = [
-            "account",
-            "create",
-            name,
-            "--network",
-            net.to_str().unwrap(),
-        ];
-        postern(&home, &args)
-    };
-    assert!(via("198.51.100.1", "alice").status.success());
-    let second = via("198.51.100.2", "bob");
+    assert!(
+        create_via_forwarder(tmp.path(), &server, "198.51.100.1", "alice")
+            .status
+            .success()
+    );
+    let second = create_via_forwarder(tmp.path(), &server, "198.51.100.2", "bob");
     assert!(!second.status.success(), "a claimed address was believed");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("too many registrations"), "{err}");
@@ -198,9 +213,8 @@ fn a_proxy_header_from_an_untrusted_peer_does_not_buy_registrations() {
     });
 
     // A trusted relay's header is believed: its clients count separately.
-    let trusted = TestServer::start_with(
+    let trusted = server_with(
         &tmp.path().join("trusted"),
-        "127.0.0.1:0".parse().unwrap(),
         &[
             "--registrations-per-minute",
             "1",
@@ -209,18 +223,11 @@ fn a_proxy_header_from_an_untrusted_peer_does_not_buy_registrations() {
         ],
     );
     for (claimed, name) in [("198.51.100.1", "carol"), ("198.51.100.2", "dave")] {
-        let lb = proxy_header_forwarder(trusted.addr, claimed);
-        let net = tmp.path().join(format!("{name}.toml"));
-        network_file_via(&trusted.data, lb, &net);
-        ok(
-            &tmp.path().join(name),
-            &[
-                "account",
-                "create",
-                name,
-                "--network",
-                net.to_str().unwrap(),
-            ],
+        let out = create_via_forwarder(tmp.path(), &trusted, claimed, name);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 }
@@ -231,9 +238,8 @@ fn a_proxy_header_from_an_untrusted_peer_does_not_buy_registrations() {
 async fn one_address_cannot_hold_every_connection() {
     let tmp = tempfile::tempdir().unwrap();
     let server = tokio::task::block_in_place(|| {
-        TestServer::start_with(
+        server_with(
             &tmp.path().join("server"),
-            "127.0.0.1:0".parse().unwrap(),
             &[
                 "--max-connections-per-source",
                 "4",
@@ -339,7 +345,7 @@ fn below_the_disk_high_water_mark_messages_wait_and_nothing_is_lost() {
 #[test]
 fn an_account_over_its_message_rate_is_told_to_wait() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_server, alice, bob) = alice_and_bob(tmp.path(), &["--messages-per-minute", "2"]);
+    let (_server, alice, _bob) = alice_and_bob(tmp.path(), &["--messages-per-minute", "2"]);
     ok(&alice, &["send", "bob", "one"]);
     ok(&alice, &["send", "bob", "two"]);
     let err = fails(&alice, &["send", "bob", "three"]);
@@ -352,9 +358,8 @@ fn an_account_over_its_message_rate_is_told_to_wait() {
 async fn one_time_keys_cannot_be_drained() {
     let tmp = tempfile::tempdir().unwrap();
     let server = tokio::task::block_in_place(|| {
-        let s = TestServer::start_with(
+        let s = server_with(
             &tmp.path().join("server"),
-            "127.0.0.1:0".parse().unwrap(),
             &[
                 "--claims-per-user-per-minute",
                 "3",
