@@ -8,7 +8,10 @@
 //! * [`store`]: SQLite through sqlx, one transaction per operation; what is acknowledged
 //!   is on disk.
 //! * [`hub`]: which devices are online, to wake their connections.
-//! * [`limits`]: every bound (handshake time, idle time, queue length, registrations).
+//! * [`limits`]: every bound (handshake time, idle time, queue length, registrations,
+//!   connections per source, message rate, key claims), the bounded per-key limiter and the
+//!   refusal counters. Per-address limits count by `postern_protocol::net::SourceKey`.
+//! * [`disk`]: the free-space high-water mark below which new messages are refused.
 //! * `connection`: one client connection, from PROXY header to the request loop; its
 //!   reader task applies acknowledgements as they arrive.
 //! * `push_window`: how much a connection may push unacknowledged (so a path that

@@ -198,7 +198,7 @@ impl Refusals {
             source_full = self.source_full.load(Ordering::Relaxed),
             unregistered_timeout = self.unregistered_timeout.load(Ordering::Relaxed),
             untrusted_proxy_header = self.untrusted_proxy_header.load(Ordering::Relaxed),
-            "connections refused (totals since start)"
+            "abuse limits hit: connections refused or PROXY headers ignored (totals since start)"
         );
     }
 }

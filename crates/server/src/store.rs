@@ -452,13 +452,12 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if already.is_none() {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(SUM(LENGTH(q.ciphertext)), 0) FROM queue q
-                 JOIN devices d ON d.id = q.sender_device WHERE d.account_id = ?",
-            )
-            .bind(sender.account_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT bytes FROM queued_bytes WHERE account_id = ?")
+                    .bind(sender.account_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or(0);
             let adding: u64 = ciphertexts.iter().map(|c| c.body.len() as u64).sum();
             if waiting.max(0) as u64 + adding > limits.max_queued_bytes {
                 return Ok(EnqueueOutcome::OverQuota);
@@ -473,7 +472,7 @@ impl Store {
             if queued >= i64::from(limits.max_queue) {
                 return Ok(EnqueueOutcome::QueueFull);
             }
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT OR IGNORE INTO queue
                    (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext)
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -487,6 +486,9 @@ impl Store {
             .bind(&c.body)
             .execute(&mut *tx)
             .await?;
+            if inserted.rows_affected() > 0 {
+                add_queued_bytes(tx, sender.account_id, c.body.len() as i64).await?;
+            }
         }
         Ok(EnqueueOutcome::Accepted {
             server_time_ms: now as u64,
@@ -535,20 +537,23 @@ impl Store {
         message_id: &[u8],
     ) -> Result<Option<i64>, ServerError> {
         let (device, message_id) = (device.clone(), message_id.to_vec());
-        self.write(move |tx| Box::pin(async move {
-        let deleted = sqlx::query(
-            "DELETE FROM queue WHERE recipient_device = ? AND message_id = ? RETURNING sender_device",
-        )
-        .bind(device.device_id)
-        .bind(&message_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = deleted else {
-            return Ok(None);
-        };
-        let sender_device: i64 = row.get(0);
-        // The sender's device may have been deleted since; then there is no one to tell.
-        let res = sqlx::query(
+        self.write(move |tx| {
+            Box::pin(async move {
+                let deleted = sqlx::query(
+                    "DELETE FROM queue WHERE recipient_device = ? AND message_id = ?
+             RETURNING sender_device, LENGTH(ciphertext)",
+                )
+                .bind(device.device_id)
+                .bind(&message_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = deleted else {
+                    return Ok(None);
+                };
+                let sender_device: i64 = row.get(0);
+                release_queued_bytes(tx, sender_device, row.get(1)).await?;
+                // The sender's device may have been deleted since; then there is no one to tell.
+                let res = sqlx::query(
             "INSERT OR IGNORE INTO receipts (device_id, message_id, recipient, server_time_ms)
              SELECT id, ?, ?, ? FROM devices WHERE id = ?",
         )
@@ -558,8 +563,9 @@ impl Store {
         .bind(sender_device)
         .execute(&mut *tx)
         .await?;
-        Ok((res.rows_affected() > 0).then_some(sender_device))
-        }))
+                Ok((res.rows_affected() > 0).then_some(sender_device))
+            })
+        })
         .await
     }
 
@@ -599,7 +605,7 @@ impl Store {
                 let rows = sqlx::query(
                     "DELETE FROM queue WHERE seq IN
                        (SELECT seq FROM queue WHERE server_time_ms < ? ORDER BY server_time_ms LIMIT ?)
-                     RETURNING message_id, sender_device, recipient_device",
+                     RETURNING message_id, sender_device, recipient_device, LENGTH(ciphertext)",
                 )
                 .bind(before_ms as i64)
                 .bind(i64::from(limit))
@@ -611,6 +617,7 @@ impl Store {
                     let message_id: Vec<u8> = row.get(0);
                     let sender_device: i64 = row.get(1);
                     let recipient_device: i64 = row.get(2);
+                    release_queued_bytes(tx, sender_device, row.get(3)).await?;
                     let res = sqlx::query(
                         "INSERT OR IGNORE INTO receipts
                            (device_id, message_id, recipient, server_time_ms, expired)
@@ -648,6 +655,40 @@ impl Store {
         })
         .await
     }
+}
+
+/// Adds `bytes` to the account's undelivered bytes (the per-account quota).
+async fn add_queued_bytes(
+    tx: &mut SqliteConnection,
+    account_id: i64,
+    bytes: i64,
+) -> Result<(), ServerError> {
+    sqlx::query(
+        "INSERT INTO queued_bytes (account_id, bytes) VALUES (?, ?)
+         ON CONFLICT(account_id) DO UPDATE SET bytes = bytes + excluded.bytes",
+    )
+    .bind(account_id)
+    .bind(bytes)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// A message of `bytes` sent by `sender_device` left the queue (delivered or expired).
+async fn release_queued_bytes(
+    tx: &mut SqliteConnection,
+    sender_device: i64,
+    bytes: i64,
+) -> Result<(), ServerError> {
+    sqlx::query(
+        "UPDATE queued_bytes SET bytes = MAX(0, bytes - ?)
+         WHERE account_id = (SELECT account_id FROM devices WHERE id = ?)",
+    )
+    .bind(bytes)
+    .bind(sender_device)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn insert_keys(
@@ -987,6 +1028,16 @@ mod tests {
         s.ack_message(&bob, b"1").await.unwrap();
         assert!(matches!(
             s.enqueue(&alice, "bob", b"2", &ct, l).await.unwrap(),
+            EnqueueOutcome::Accepted { .. }
+        ));
+        // Expired messages free their bytes too.
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"3", &ct, l).await.unwrap(),
+            EnqueueOutcome::OverQuota
+        ));
+        s.expire(u64::MAX / 2, 100).await.unwrap();
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"3", &ct, l).await.unwrap(),
             EnqueueOutcome::Accepted { .. }
         ));
     }
