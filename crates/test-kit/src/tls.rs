@@ -2,16 +2,50 @@
 //! what a ClientHello looks like (and can build the malformed ones a censor or an attacker
 //! would send: several names, repeated extensions, odd record splits).
 
-/// Builds a minimal TLS 1.2-style ClientHello handshake message.
-#[derive(Debug, Clone, Default)]
+/// Builds a TLS ClientHello handshake message: by default a minimal TLS 1.2-style one
+/// (fixed random, no session id, one suite); [`ClientHello::random`],
+/// [`ClientHello::session_id`] and [`ClientHello::suites`] make it look like a browser's.
+#[derive(Debug, Clone)]
 pub struct ClientHello {
+    random: [u8; 32],
+    session_id: Vec<u8>,
+    suites: Vec<u16>,
     extensions: Vec<u8>,
+}
+
+impl Default for ClientHello {
+    fn default() -> Self {
+        Self {
+            random: [7; 32],
+            session_id: Vec::new(),
+            suites: vec![0x1301],
+            extensions: Vec::new(),
+        }
+    }
 }
 
 impl ClientHello {
     /// A ClientHello with no extensions yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The 32-byte client random.
+    pub fn random(mut self, random: [u8; 32]) -> Self {
+        self.random = random;
+        self
+    }
+
+    /// A legacy session id (TLS 1.3 clients send 32 random bytes).
+    pub fn session_id(mut self, id: &[u8]) -> Self {
+        self.session_id = id.to_vec();
+        self
+    }
+
+    /// The cipher suites offered.
+    pub fn suites(mut self, suites: &[u16]) -> Self {
+        self.suites = suites.to_vec();
+        self
     }
 
     /// One server_name extension listing `names` (usually exactly one).
@@ -52,9 +86,13 @@ impl ClientHello {
     /// The handshake message (type 1, 24-bit length, body), without a record header.
     pub fn handshake(&self) -> Vec<u8> {
         let mut body = vec![0x03, 0x03];
-        body.extend_from_slice(&[7u8; 32]); // random
-        body.push(0); // no session id
-        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]); // one suite
+        body.extend_from_slice(&self.random);
+        body.push(self.session_id.len() as u8);
+        body.extend_from_slice(&self.session_id);
+        body.extend_from_slice(&((self.suites.len() * 2) as u16).to_be_bytes());
+        for s in &self.suites {
+            body.extend_from_slice(&s.to_be_bytes());
+        }
         body.extend_from_slice(&[0x01, 0x00]); // null compression
         body.extend_from_slice(&(self.extensions.len() as u16).to_be_bytes());
         body.extend_from_slice(&self.extensions);
