@@ -1,10 +1,8 @@
 //! The server under test: a real `postern server run` process in a temporary data
 //! directory, killed when the guard is dropped (also on error paths and panics).
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -77,34 +75,23 @@ impl ServerProcess {
             network: NetworkFile::new("127.0.0.1:0", &[0; 32]),
             log,
         };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout);
-            let mut line = String::new();
-            let ready = lines.read_line(&mut line).map(|_| line);
-            let _ = tx.send(ready);
-            // Keep draining so the server never blocks on a full pipe.
-            let mut sink = Vec::new();
-            let _ = lines.read_to_end(&mut sink);
-        });
-        let line = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => return Err(e).context("cannot read the server's stdout"),
-            Err(_) => bail!(
-                "the server did not report that it is listening within {READY_TIMEOUT:?}; see {}",
+        // The shared ready-line wait (it keeps draining stdout afterwards).
+        let ready = postern_test_kit::process::wait_ready(
+            stdout,
+            |l| {
+                l.trim()
+                    .strip_prefix("postern server listening on ")
+                    .map(str::to_string)
+            },
+            READY_TIMEOUT,
+        );
+        let address = match ready {
+            Ok((address, _)) => address,
+            Err(e) => bail!(
+                "the server did not report that it is listening: {e}; see {}",
                 guard.log.display()
             ),
         };
-        let address = line
-            .trim()
-            .strip_prefix("postern server listening on ")
-            .with_context(|| {
-                format!(
-                    "unexpected first line from the server: {line:?}; see {}",
-                    guard.log.display()
-                )
-            })?
-            .to_string();
         let base = NetworkFile::load(&data.join("network.toml"))?;
         let key = base
             .server_key()

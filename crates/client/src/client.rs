@@ -132,7 +132,8 @@ impl Client {
         conn.shutdown().await;
         account.mark_keys_as_published();
 
-        std::fs::create_dir_all(home)
+        // Other users of this machine must not read the profile: directory 0700.
+        postern_protocol::fsutil::private_dir(home)
             .map_err(|e| ClientError::Profile(format!("cannot create {}: {e}", home.display())))?;
         dir.save_secrets(&secrets)?;
         let store = LocalStore::open(&dir.database_path(), secrets.pickle_key).await?;

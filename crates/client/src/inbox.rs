@@ -20,6 +20,9 @@ use crate::connector::connection::{Connection, Push};
 use crate::events::{Event, IncomingMessage, MessageId};
 use crate::sessions::{Decrypted, Sessions};
 use crate::store::{LocalStore, MessageStatus};
+
+/// The failure reason of a message the server deleted undelivered (queue time-to-live).
+pub const EXPIRED: &str = "expired";
 use crate::ClientError;
 
 /// What happened to one envelope.
@@ -190,13 +193,28 @@ impl Inbox {
     }
 
     async fn on_receipt(&self, conn: &Connection, r: Receipt) -> Result<(), ClientError> {
-        let peer = self.store.mark_delivered(&r.message_id).await?;
+        // An expired receipt: the server deleted the message undelivered (queue
+        // time-to-live); it stays in history, failed with the reason "expired".
+        let peer = if r.expired {
+            self.store.mark_expired(&r.message_id).await?
+        } else {
+            self.store.mark_delivered(&r.message_id).await?
+        };
         conn.notify(client_frame::Body::AckReceipt(AckReceipt {
             message_id: r.message_id.clone(),
         }))
         .await?;
         if let (Some(to), Ok(id)) = (peer, MessageId::try_from(&r.message_id[..])) {
-            let _ = self.events.send(Event::Delivered { message_id: id, to });
+            let event = if r.expired {
+                Event::Failed {
+                    message_id: id,
+                    to,
+                    reason: EXPIRED.to_string(),
+                }
+            } else {
+                Event::Delivered { message_id: id, to }
+            };
+            let _ = self.events.send(event);
         }
         Ok(())
     }

@@ -7,7 +7,6 @@
 //! ```
 //! `HOME` comes from `--home` or `POSTERN_HOME`, so several users can share a machine.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -121,24 +120,11 @@ impl ProfileDir {
     }
 }
 
-/// Writes atomically (temp file, fsync, rename) with the given Unix mode.
+/// Writes atomically (temp file, fsync, rename) with the given Unix mode (the shared
+/// private-file writer).
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), ClientError> {
-    let tmp = path.with_extension("tmp");
-    let fail =
-        |e: std::io::Error| ClientError::Profile(format!("cannot write {}: {e}", path.display()));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = opts.open(&tmp).map_err(fail)?;
-    f.write_all(contents.as_bytes()).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
+    postern_protocol::fsutil::write_atomic(path, contents.as_bytes(), mode)
+        .map_err(|e| ClientError::Profile(format!("cannot write {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -129,26 +129,15 @@ impl ProxyEntry {
         if input.is_empty() {
             return Err(ProxyParseError::Empty);
         }
-        let (host, port) = if let Some(rest) = input.strip_prefix('[') {
-            let (h, tail) = rest
-                .split_once(']')
-                .ok_or_else(|| ProxyParseError::UnclosedBracket(input.to_string()))?;
-            let port = match tail {
-                "" => None,
-                t => Some(
-                    t.strip_prefix(':')
-                        .ok_or_else(|| ProxyParseError::AfterBracket(input.to_string()))?,
-                ),
-            };
-            (h.to_string(), port)
-        } else if input.parse::<std::net::Ipv6Addr>().is_ok() {
-            (input.to_string(), None)
-        } else {
-            match input.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (input.to_string(), None),
+        let (host, port) = postern_protocol::net::split_host_port(input).map_err(|e| {
+            use postern_protocol::net::HostPortError as E;
+            match e {
+                E::UnclosedBracket(_) => ProxyParseError::UnclosedBracket(input.to_string()),
+                E::AfterBracket(_) => ProxyParseError::AfterBracket(input.to_string()),
+                E::Empty => ProxyParseError::Empty,
+                E::UnbracketedIpv6(_) => ProxyParseError::Host(input.to_string()),
             }
-        };
+        })?;
         let host = host.to_ascii_lowercase();
         if host.parse::<IpAddr>().is_err() && !is_valid_dns_name(&host) {
             return Err(ProxyParseError::Host(host));

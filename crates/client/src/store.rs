@@ -117,6 +117,21 @@ pub struct LocalStore {
 
 impl LocalStore {
     pub async fn open(path: &Path, pickle_key: [u8; 32]) -> Result<Self, ClientError> {
+        // History and sessions: readable by this user only. The profile directory is made
+        // 0700 too (also one created by an older version), and the database 0600 before
+        // SQLite opens it, which gives its -wal and -shm files the same mode.
+        let private = |e: std::io::Error| {
+            ClientError::Profile(format!("cannot make {} private: {e}", path.display()))
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            postern_protocol::fsutil::private_dir(dir).map_err(private)?;
+        }
+        postern_protocol::fsutil::create_private_file(path).map_err(private)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            postern_protocol::fsutil::restrict_file(Path::new(&side)).map_err(private)?;
+        }
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -534,6 +549,20 @@ impl LocalStore {
     pub async fn mark_delivered(&self, message_id: &[u8]) -> Result<Option<String>, ClientError> {
         let peer: Option<String> = sqlx::query_scalar(
             "UPDATE messages SET status = 'delivered' WHERE message_id = ? AND outgoing = 1 RETURNING peer",
+        )
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(peer)
+    }
+
+    /// Marks an outgoing message that the server deleted undelivered (its queue
+    /// time-to-live ran out) as failed with the reason "expired"; returns its peer.
+    pub async fn mark_expired(&self, message_id: &[u8]) -> Result<Option<String>, ClientError> {
+        let peer: Option<String> = sqlx::query_scalar(
+            "UPDATE messages SET status = 'failed', failure = 'expired'
+             WHERE message_id = ? AND outgoing = 1 AND status IN ('pending', 'sent')
+             RETURNING peer",
         )
         .bind(message_id)
         .fetch_optional(&self.pool)

@@ -246,6 +246,42 @@ pub struct ServerRunArgs {
     /// Messages waiting for one device before senders are told to retry later.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_queue_per_device: u32,
+    /// A relay or load balancer (address or CIDR block, repeatable) whose PROXY header is
+    /// believed, so its clients are counted by their own address. A header from anyone
+    /// else is ignored and the connection counts as the peer's address. Default: no one.
+    /// Example: --trusted-proxy 10.0.0.0/8 --trusted-proxy 2001:db8::/48
+    #[arg(long, value_name = "CIDR")]
+    pub trusted_proxy: Vec<postern_protocol::net::Cidr>,
+    /// Most concurrent connections from one address (IPv4 address or IPv6 /64; behind an
+    /// untrusted relay, the relay's address); more are closed at once. 0 = no limit.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_connections_per_source: usize,
+    /// Seconds a connection whose key is not a registered device gets to register before
+    /// it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub unregistered_timeout: u64,
+    /// Messages one account may send per minute (more get RATE_LIMITED and stay pending).
+    #[arg(long, value_name = "N", default_value_t = 600)]
+    pub messages_per_minute: u32,
+    /// MiB of undelivered messages one account may have waiting in queues (more get
+    /// STORAGE_FULL and stay pending until some are delivered).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub max_queued_mib_per_account: u64,
+    /// How long an undelivered message is kept (e.g. 30days, 12h, 90s); then it is
+    /// deleted and its sender sees it failed with the reason "expired".
+    #[arg(long, value_name = "DURATION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub queue_ttl: std::time::Duration,
+    /// New messages are refused (STORAGE_FULL, they stay pending on the sender) while the
+    /// data directory's disk has less than this many MiB free.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub min_free_disk_mib: u64,
+    /// Key claims (starting a session) one account may make per minute.
+    #[arg(long, value_name = "N", default_value_t = 120)]
+    pub claims_per_minute: u32,
+    /// One-time keys of one user handed out per minute; further claims get the user's
+    /// fallback key, so nobody can drain another user's one-time keys.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub claims_per_user_per_minute: u32,
 }
 
 #[derive(Debug, Args)]

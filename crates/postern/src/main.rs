@@ -39,7 +39,10 @@ fn init_logging(cli: &postern::Cli) {
     } else {
         "warn"
     };
-    let filter = EnvFilter::try_from_env("POSTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // POSTERN_LOG first, then the conventional RUST_LOG (docs/relay.md), then the default.
+    let filter = EnvFilter::try_from_env("POSTERN_LOG")
+        .or_else(|_| EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| EnvFilter::new(default));
     // Colours only on a terminal: logs redirected to files or journald stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

@@ -48,20 +48,10 @@ async fn handshake(
     server: std::net::SocketAddr,
     key: &[u8; 32],
     proxy: Option<Vec<u8>>,
-) -> (
-    noise::SecureReader<tokio::net::tcp::OwnedReadHalf>,
-    noise::SecureWriter<tokio::net::tcp::OwnedWriteHalf>,
-) {
-    let mut s = TcpStream::connect(server).await.unwrap();
-    if let Some(h) = proxy {
-        s.write_all(&h).await.unwrap();
-    }
-    let me = StaticKeypair::generate();
-    let (t, _) = noise::client_handshake(&mut s, &me, key, &hello(), T)
+) -> RawChannel {
+    raw_handshake(server, key, proxy, None)
         .await
-        .unwrap();
-    let (r, w) = s.into_split();
-    noise::split(t, r, w)
+        .expect("handshake")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,7 +10,8 @@ fn server_logging_addresses(dir: &Path) -> TestServer {
     TestServer::start_with(
         dir,
         "127.0.0.1:0".parse().unwrap(),
-        &["--log-client-addresses"],
+        // The test relays run on loopback: their PROXY headers are believed.
+        &["--log-client-addresses", "--trusted-proxy", "127.0.0.1"],
     )
 }
 

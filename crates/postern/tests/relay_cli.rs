@@ -244,44 +244,21 @@ fn a_sigterm_right_after_relay_ready_stops_the_relay_gracefully() {
     // The handlers are installed before "relay ready" is printed, so scripts may stop the
     // relay the moment they see it.
     for _ in 0..3 {
-        let mut child = postern()
-            .args([
-                "relay",
-                "--upstream",
-                "127.0.0.1:9",
-                "--plain",
-                "127.0.0.1:0",
-                "--tls",
-                "127.0.0.1:0",
-                "--no-stats",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            let line = lines.next().expect("relay exited").unwrap();
-            if line == "relay ready" {
-                break;
-            }
-        }
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "exit status {status}");
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "relay did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = postern();
+        cmd.args([
+            "relay",
+            "--upstream",
+            "127.0.0.1:9",
+            "--plain",
+            "127.0.0.1:0",
+            "--tls",
+            "127.0.0.1:0",
+            "--no-stats",
+        ]);
+        let relay = postern_test_kit::process::ReadyProcess::start(cmd, "relay ready");
+        assert!(
+            relay.terminate(),
+            "the relay did not stop cleanly on SIGTERM"
+        );
     }
 }

@@ -27,8 +27,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader.read_exact(&mut len[1..]).await?;
     let len = u16::from_be_bytes(len) as usize;
     buf.clear();
-    buf.resize(len, 0);
-    reader.read_exact(buf).await?;
+    // The buffer grows as bytes arrive: a peer that announces 64 KiB and sends nothing
+    // costs nothing, where allocating the announced length up front let stalled
+    // connections hold 64 KiB each.
+    let got = (&mut *reader).take(len as u64).read_to_end(buf).await?;
+    if got < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the peer closed in the middle of a {len}-byte frame"),
+        )
+        .into());
+    }
     Ok(())
 }
 
@@ -52,6 +61,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn round_trip_and_clean_close() {
@@ -90,6 +100,23 @@ mod tests {
             read_frame(&mut b, &mut buf).await,
             Err(ProtocolError::Io(_))
         ));
+    }
+
+    /// Regression (issue 18, defect 2): the announced length was allocated at once.
+    #[tokio::test]
+    async fn an_announced_frame_costs_only_the_bytes_that_arrived() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 17);
+        a.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        let mut buf = Vec::new();
+        let pending =
+            tokio::time::timeout(Duration::from_millis(50), read_frame(&mut b, &mut buf)).await;
+        assert!(pending.is_err(), "the frame is not complete");
+        assert!(
+            buf.capacity() < 4096,
+            "a stalled 64 KiB frame holds {} bytes",
+            buf.capacity()
+        );
+        drop(a);
     }
 
     proptest! {

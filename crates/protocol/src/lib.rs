@@ -22,10 +22,14 @@
 
 pub mod error;
 pub mod frame;
+pub mod fsutil;
 pub mod link;
+pub mod net;
 pub mod network;
 pub mod noise;
 pub mod proxy_header;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod username;
 
 /// Protobuf types generated from `proto/postern.proto`.

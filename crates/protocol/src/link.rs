@@ -94,22 +94,24 @@ fn parse_host(raw: &str) -> Result<String, LinkError> {
     if raw.is_empty() {
         return Err(LinkError::MissingHost);
     }
-    if let Some(inner) = raw.strip_prefix('[') {
-        let inner = inner
-            .strip_suffix(']')
-            .ok_or_else(|| LinkError::InvalidHost(raw.into()))?;
-        return inner
+    if !raw.starts_with('[') && raw.parse::<Ipv6Addr>().is_ok() {
+        return Err(LinkError::UnbracketedIpv6(raw.into()));
+    }
+    // The shared splitter removes brackets; a host parameter carries no port.
+    let host = match crate::net::split_host_port(raw) {
+        Ok((h, None)) => h,
+        _ => return Err(LinkError::InvalidHost(raw.into())),
+    };
+    if raw.starts_with('[') {
+        return host
             .parse::<Ipv6Addr>()
             .map(|a| a.to_string())
             .map_err(|_| LinkError::InvalidHost(raw.into()));
     }
-    if raw.parse::<Ipv6Addr>().is_ok() {
-        return Err(LinkError::UnbracketedIpv6(raw.into()));
-    }
-    if let Ok(ip) = raw.parse::<IpAddr>() {
+    if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(ip.to_string());
     }
-    let lower = raw.to_ascii_lowercase();
+    let lower = host.to_ascii_lowercase();
     let lower = lower.strip_suffix('.').unwrap_or(&lower).to_string();
     if is_valid_dns_name(&lower) && !lower.contains('_') {
         Ok(lower)
@@ -119,10 +121,7 @@ fn parse_host(raw: &str) -> Result<String, LinkError> {
 }
 
 fn parse_port(v: &str, what: &'static str) -> Result<u16, LinkError> {
-    v.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(LinkError::BadPort(what))
+    crate::net::parse_port(v).ok_or(LinkError::BadPort(what))
 }
 
 impl FromStr for ProxyLink {

@@ -298,6 +298,9 @@ pub fn split<R, W>(
     )
 }
 
+/// Buffer capacity a reader keeps between frames.
+const KEEP_BUFFER: usize = 4096;
+
 /// The receiving half: decrypts and decodes one protobuf message per frame.
 pub struct SecureReader<R> {
     reader: R,
@@ -318,7 +321,14 @@ impl<R: AsyncRead + Unpin> SecureReader<R> {
             .read_message(self.nonce, &self.frame, &mut self.plain)
             .map_err(|_| ProtocolError::Decrypt)?;
         self.nonce += 1;
-        Ok(M::decode(&self.plain[..n])?)
+        let msg = M::decode(&self.plain[..n]);
+        // Keep small buffers between frames: one large frame must not pin 64 KiB (twice)
+        // for the rest of an idle connection's life.
+        if self.frame.capacity() > KEEP_BUFFER {
+            self.frame = Vec::new();
+            self.plain = Vec::new();
+        }
+        Ok(msg?)
     }
 }
 

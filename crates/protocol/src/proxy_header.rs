@@ -10,6 +10,12 @@
 //!
 //! Anything else is not Postern traffic and the connection is closed. Parsing is done by
 //! the `ppp` crate; this module only bounds what is read and reports the addresses.
+//!
+//! This is the one PROXY header reader of the project: the server ([`read_optional`]), the
+//! relay's load-balancer listeners ([`read_required`]) and test upstreams ([`parse`]) all
+//! use it. Whether a header is *believed* is decided by the caller with
+//! [`crate::net::TrustedProxies`]: only peers listed with `--trusted-proxy` may set the
+//! client address.
 
 use std::net::SocketAddr;
 
@@ -44,11 +50,97 @@ pub async fn read_optional<S: AsyncBufRead + Unpin>(
     };
     match first {
         b'P' => read_v1(stream).await.map(Some),
-        b'\r' => read_v2(stream).await.map(Some),
+        b'\r' => read_v2(stream, V2_MAX_LEN).await.map(Some),
         0x00..=0x03 => Ok(None),
         other => Err(ProtocolError::ProxyHeader(format!(
             "unexpected first byte 0x{other:02x}: neither a PROXY header nor a Postern handshake"
         ))),
+    }
+}
+
+/// Reads the PROXY header a load balancer must send first (v1, or v2 of at most `max`
+/// bytes). Reads exactly the header: whatever follows stays in `stream`.
+pub async fn read_required<S: AsyncBufRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> Result<ProxyHeader, ProtocolError> {
+    let first = match stream.fill_buf().await?.first() {
+        Some(b) => *b,
+        None => return Err(ProtocolError::Closed),
+    };
+    match first {
+        b'P' => read_v1(stream).await,
+        b'\r' => read_v2(stream, max).await,
+        other => Err(ProtocolError::ProxyHeader(format!(
+            "expected a PROXY header, got first byte 0x{other:02x}"
+        ))),
+    }
+}
+
+/// Outcome of [`parse`] on the first bytes of a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Need more bytes.
+    Incomplete,
+    /// A complete header of this many bytes.
+    Complete(ProxyHeader, usize),
+}
+
+/// Parses a header at the start of `buf` (which may hold bytes after it), without I/O.
+pub fn parse(buf: &[u8]) -> Result<Parsed, ProtocolError> {
+    if buf.is_empty() {
+        return Ok(Parsed::Incomplete);
+    }
+    let bad = |m: &str| ProtocolError::ProxyHeader(m.to_string());
+    match signature(buf) {
+        Signature::No => return Err(bad("not a PROXY header")),
+        Signature::Maybe => return Ok(Parsed::Incomplete),
+        Signature::Yes => {}
+    }
+    if buf[0] == b'P' {
+        // Only the complete line is handed to the parser, so a bad line is an error.
+        let window = &buf[..buf.len().min(V1_MAX_LEN)];
+        return match window.windows(2).position(|w| w == b"\r\n") {
+            Some(end) => parse_v1(&buf[..end + 2]).map(|h| Parsed::Complete(h, end + 2)),
+            None if buf.len() >= V1_MAX_LEN => Err(bad("v1 header longer than 107 bytes")),
+            None => Ok(Parsed::Incomplete),
+        };
+    }
+    if buf.len() < 16 {
+        return Ok(Parsed::Incomplete);
+    }
+    let len = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
+    if buf.len() < len {
+        return Ok(Parsed::Incomplete);
+    }
+    parse_v2(&buf[..len]).map(|h| Parsed::Complete(h, len))
+}
+
+/// Whether a stream starting with `buf` is (or may yet be) a PROXY header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signature {
+    /// Not a PROXY header.
+    No,
+    /// A prefix of a signature; more bytes decide.
+    Maybe,
+    /// Starts with a PROXY v1 or v2 signature.
+    Yes,
+}
+
+/// The v1 prefix.
+pub const V1_PREFIX: &[u8] = b"PROXY ";
+
+/// Classifies the start of a stream (the relay refuses PROXY headers inside a client's
+/// own stream, so a client cannot spoof its address towards the server).
+pub fn signature(buf: &[u8]) -> Signature {
+    let v1 = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())]);
+    let v2 = V2_SIGNATURE.starts_with(&buf[..buf.len().min(V2_SIGNATURE.len())]);
+    if (v1 && buf.len() >= V1_PREFIX.len()) || (v2 && buf.len() >= V2_SIGNATURE.len()) {
+        Signature::Yes
+    } else if v1 || v2 {
+        Signature::Maybe
+    } else {
+        Signature::No
     }
 }
 
@@ -98,16 +190,19 @@ pub fn addresses_v1(header: &ppp::v1::Header<'_>) -> (Option<SocketAddr>, Option
     }
 }
 
-async fn read_v2<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProtocolError> {
+async fn read_v2<S: AsyncBufRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> Result<ProxyHeader, ProtocolError> {
     let mut buf = vec![0u8; 16];
     stream.read_exact(&mut buf).await?;
     if buf[..12] != V2_SIGNATURE {
         return Err(ProtocolError::ProxyHeader("bad v2 signature".into()));
     }
     let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
-    if 16 + len > V2_MAX_LEN {
+    if 16 + len > max {
         return Err(ProtocolError::ProxyHeader(format!(
-            "v2 header of {} bytes exceeds the {V2_MAX_LEN}-byte limit",
+            "v2 header of {} bytes exceeds the {max}-byte limit",
             16 + len
         )));
     }

@@ -3,7 +3,6 @@
 //! reading their memory and CPU from `/proc`.
 
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -297,16 +296,15 @@ impl Running {
                     .stderr(log);
                 let mut child = c.spawn().context("postern binary")?;
                 let out = child.stdout.take().context("stdout")?;
-                let mut lines = BufReader::new(out).lines();
-                loop {
-                    match lines.next() {
-                        Some(Ok(l)) if l.trim() == "relay ready" => break,
-                        Some(Ok(_)) => continue,
-                        _ => bail!("postern relay exited before `relay ready`"),
-                    }
+                // The shared ready-line wait; it keeps draining stdout afterwards.
+                if let Err(e) = postern_test_kit::process::wait_ready(
+                    out,
+                    |l| (l.trim() == "relay ready").then_some(()),
+                    postern_test_kit::process::READY_TIMEOUT,
+                ) {
+                    let _ = child.kill();
+                    bail!("postern relay did not get ready: {e}");
                 }
-                // Keep draining stdout so the relay never blocks on it.
-                std::thread::spawn(move || for _ in lines {});
                 child
             }
         };

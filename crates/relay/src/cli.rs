@@ -119,6 +119,13 @@ pub struct RelayCli {
     /// Write client IP addresses into logs. Off by default to protect users.
     #[arg(long)]
     pub log_client_addresses: bool,
+
+    /// A load balancer (address or CIDR block, repeatable) whose PROXY headers are
+    /// believed on the --accept-proxy listeners. From anyone else a header is ignored and
+    /// the connection counts as the peer's own address. Default: trust no one.
+    /// Example: --trusted-proxy 10.0.0.0/8
+    #[arg(long, value_name = "CIDR")]
+    pub trusted_proxy: Vec<String>,
 }
 
 /// Subcommands of `postern relay`.
@@ -276,6 +283,8 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     if cli.log_client_addresses {
         cfg.log_client_addresses = true;
     }
+    cfg.trusted_proxies
+        .extend(cli.trusted_proxy.iter().cloned());
     cfg.validate()?;
     Ok(cfg)
 }

@@ -58,6 +58,11 @@ pub struct RelayConfig {
     /// and SNI-routed targets. Useful to pin addresses or to point a preset at test stand-ins.
     #[serde(default)]
     pub resolve: BTreeMap<String, SocketAddr>,
+    /// Load balancers whose PROXY headers are believed on `accept_proxy` listeners
+    /// (addresses or CIDR blocks). From any other peer a header is ignored and the peer's
+    /// own address is used for limits and logs. Empty by default: trust no one.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Timeouts and limits. Defaults follow the reference HAProxy relay.
@@ -261,37 +266,26 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     }
 }
 
-/// Splits `"host:port"` / `"[v6]:port"` into host and port.
+/// Splits `"host:port"` / `"[v6]:port"` into host and port (the shared splitter, plus the
+/// relay's rule that a port is required and the host is an address or a DNS name).
 pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} must be HOST:PORT"))?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{s:?}: port must be 1-65535"))?;
-    let host = if let Some(inner) = host.strip_prefix('[') {
-        let inner = inner
-            .strip_suffix(']')
-            .ok_or_else(|| format!("{s:?}: unbalanced '['"))?;
-        inner
-            .parse::<std::net::Ipv6Addr>()
-            .map_err(|_| format!("{s:?}: invalid IPv6 address"))?;
-        inner.to_string()
-    } else {
-        if host.contains(':') {
-            return Err(format!("{s:?}: IPv6 addresses must be in brackets"));
-        }
-        host.to_string()
-    };
+    use postern_protocol::net::{parse_port, split_host_port as split, HostPortError};
+    let (host, port) = split(s).map_err(|e| match e {
+        HostPortError::UnbracketedIpv6(_) => format!("{s:?}: IPv6 addresses must be in brackets"),
+        other => other.to_string(),
+    })?;
+    let port = port.ok_or_else(|| format!("{s:?} must be HOST:PORT"))?;
+    let port = parse_port(port).ok_or_else(|| format!("{s:?}: port must be 1-65535"))?;
     if host.is_empty() {
         return Err(format!("{s:?}: empty host"));
     }
-    if host.parse::<IpAddr>().is_err() && !crate::sni::is_valid_dns_name(&host) {
+    if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!("{s:?}: invalid IPv6 address"));
+    }
+    if host.parse::<IpAddr>().is_err() && !crate::sni::is_valid_dns_name(host) {
         return Err(format!("{s:?}: invalid host name"));
     }
-    Ok((host, port))
+    Ok((host.to_string(), port))
 }
 
 impl RelayConfig {
@@ -312,8 +306,22 @@ impl RelayConfig {
         Ok(cfg)
     }
 
+    /// The parsed `trusted_proxies` list.
+    pub fn trusted(&self) -> Result<postern_protocol::net::TrustedProxies, ConfigError> {
+        let blocks = self
+            .trusted_proxies
+            .iter()
+            .map(|c| {
+                c.parse()
+                    .map_err(|e| invalid(format!("trusted_proxies: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(postern_protocol::net::TrustedProxies::new(blocks))
+    }
+
     /// Checks references, addresses and limits for consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.trusted()?;
         let l = &self.limits;
         if l.maxconn == 0 {
             return Err(invalid("limits.maxconn must be at least 1"));

@@ -1,18 +1,17 @@
 //! Connection limits: the global `maxconn` and the per-source-address concurrent limit.
 //! Slots are RAII guards, released when the connection ends.
 
-use std::collections::HashMap;
+use postern_protocol::net::PerSource;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Shared counters for both limits.
 #[derive(Debug)]
 pub struct ConnLimiter {
     max: usize,
-    per_source: usize,
     total: AtomicUsize,
-    sources: Mutex<HashMap<IpAddr, usize>>,
+    sources: Arc<PerSource>,
 }
 
 /// One slot of `maxconn`.
@@ -25,46 +24,17 @@ impl Drop for GlobalSlot {
     }
 }
 
-/// One slot of a source address's allowance.
-#[derive(Debug)]
-pub struct SourceSlot(Arc<ConnLimiter>, Option<IpAddr>);
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        if let Some(key) = self.1 {
-            let mut map = self.0.sources.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = map.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&key);
-                }
-            }
-        }
-    }
-}
-
-/// IPv4 addresses count individually; IPv6 addresses by /64 (one subscriber's prefix).
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
+/// One slot of a source address's allowance (the shared implementation, which counts
+/// IPv4-mapped addresses as IPv4 and IPv6 by /64).
+pub use postern_protocol::net::SourceSlot;
 
 impl ConnLimiter {
     /// `per_source == 0` disables the per-source limit.
     pub fn new(max: usize, per_source: usize) -> Arc<Self> {
         Arc::new(ConnLimiter {
             max,
-            per_source,
             total: AtomicUsize::new(0),
-            sources: Mutex::new(HashMap::new()),
+            sources: PerSource::new(per_source),
         })
     }
 
@@ -87,17 +57,7 @@ impl ConnLimiter {
 
     /// Takes a slot for `ip`, or `None` when that source already has its maximum open.
     pub fn try_source(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        if self.per_source == 0 {
-            return Some(SourceSlot(self.clone(), None));
-        }
-        let key = source_key(ip);
-        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(key).or_insert(0);
-        if *n >= self.per_source {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(self.clone(), Some(key)))
+        self.sources.try_acquire(ip)
     }
 
     /// Connections currently open.
@@ -125,5 +85,12 @@ mod tests {
         assert!(l.try_source("192.0.2.1".parse().unwrap()).is_some());
         drop(s);
         assert!(l.try_source(same64).is_some());
+        let v4: IpAddr = "192.0.2.9".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        let _v4 = l.try_source(v4).unwrap();
+        assert!(
+            l.try_source(mapped).is_none(),
+            "mapped IPv4 counts as the IPv4 address"
+        );
     }
 }

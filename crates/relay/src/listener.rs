@@ -5,13 +5,14 @@
 use crate::config::{Limits, SendProxy};
 use crate::copy::{CopyParams, End, Relay};
 use crate::limits::{ConnLimiter, GlobalSlot, SourceSlot};
-use crate::proxy_header::{self, ProxyHeaderError};
+use crate::proxy_header;
 use crate::sni::{self, AllowList, SniError};
 use crate::stats::{FailReason, ListenerStats};
 use crate::stream::{BoxIo, Prefixed};
 use crate::tls_stream::TlsAcceptor;
 use crate::upstream::{ActiveGuard, Pool, Resolver};
 use futures::FutureExt;
+use postern_protocol::ProtocolError;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -75,6 +76,9 @@ pub struct Shared {
     pub resolver: Arc<Resolver>,
     /// Log client addresses.
     pub log_addresses: bool,
+    /// Peers whose PROXY headers are believed (load balancers); from anyone else a
+    /// header is read and ignored, and the peer's own address is used.
+    pub trusted: postern_protocol::net::TrustedProxies,
     /// Cancelled to cut open connections.
     pub cut: CancellationToken,
     /// Tracks connection tasks for graceful shutdown.
@@ -208,23 +212,35 @@ impl Listener {
         let deadline = Instant::now() + limits.handshake_timeout;
         let local = tcp.local_addr().unwrap_or(peer);
 
-        // 1. PROXY header from a load balancer.
+        // 1. PROXY header from a load balancer. Read exactly the header through a small
+        //    buffer, then hand on the bytes that came with it and the bare socket.
         let (client, dest, leftover) = if self.kind.proxy_expected {
-            let (addrs, rest) = timeout_at(
+            let mut reader = tokio::io::BufReader::with_capacity(512, tcp);
+            let header = timeout_at(
                 deadline,
-                proxy_header::read_header(&mut tcp, MAX_PROXY_HEADER),
+                proxy_header::read_required(&mut reader, MAX_PROXY_HEADER),
             )
             .await
             .map_err(|_| FailReason::Timeout)?
             .map_err(|e| match e {
-                ProxyHeaderError::Eof | ProxyHeaderError::Io(_) => FailReason::ClosedEarly,
+                ProtocolError::Closed | ProtocolError::Io(_) => FailReason::ClosedEarly,
                 _ => FailReason::ProxyHeader,
             })?;
-            (
-                addrs.source.unwrap_or(peer),
-                addrs.destination.unwrap_or(local),
-                rest,
-            )
+            let rest = reader.buffer().to_vec();
+            tcp = reader.into_inner();
+            // Only a trusted load balancer may say who the client is.
+            if header.source.is_some() && !self.shared.trusted.trusts(peer.ip()) {
+                self.stats.proxy_untrusted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(listener = %self.name, peer = %self.who(peer),
+                    "PROXY header from a peer not in trusted_proxies: ignored");
+            }
+            let client = self.shared.trusted.client_address(peer, header.source);
+            let dest = if client == peer {
+                local
+            } else {
+                header.destination.unwrap_or(local)
+            };
+            (client, dest, rest)
         } else {
             (peer, local, Vec::new())
         };
@@ -280,7 +296,9 @@ impl Listener {
                     SniError::NotTls => FailReason::NotTls,
                     SniError::Missing => FailReason::NoSni,
                     SniError::InvalidName => FailReason::SniInvalid,
-                    SniError::TooLarge | SniError::Malformed => FailReason::BadClientHello,
+                    SniError::TooLarge | SniError::Malformed | SniError::Ambiguous => {
+                        FailReason::BadClientHello
+                    }
                     SniError::Eof | SniError::Io(_) => FailReason::ClosedEarly,
                 })?;
                 if !allow.allows(&name) {
@@ -290,7 +308,7 @@ impl Listener {
                 let up = self
                     .shared
                     .resolver
-                    .connect(&target, limits.connect_timeout)
+                    .connect_absolute(&name, *port, limits.connect_timeout)
                     .await
                     .map_err(|_| FailReason::UpstreamUnavailable)?;
                 tracing::debug!(listener = %self.name, client = %self.who(client),

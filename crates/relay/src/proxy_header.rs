@@ -1,163 +1,16 @@
-//! PROXY protocol: reading a v1/v2 header from a load balancer in front of the relay, and
-//! building the header the relay sends to its upstreams. Parsing and encoding use the `ppp`
-//! crate; this module only handles framing (how many bytes to read) and address mapping.
+//! PROXY protocol for the relay: the one implementation lives in the protocol crate
+//! (`postern_protocol::proxy_header`), shared with the server so the two always agree on
+//! what a header is; this module re-exports it.
 
-use postern_protocol::proxy_header::{addresses_v1, addresses_v2};
-use ppp::{HeaderResult, PartialResult};
-use std::net::SocketAddr;
-use tokio::io::{AsyncRead, AsyncReadExt};
-
-/// v2 signature (12 bytes).
-pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
-/// Longest v1 header, CRLF included.
-const V1_MAX: usize = 107;
-/// v1 prefix.
-pub const V1_PREFIX: &[u8] = b"PROXY ";
-
-/// Why a PROXY header was rejected.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyHeaderError {
-    /// The bytes are not a valid PROXY header.
-    #[error("invalid PROXY header")]
-    Invalid,
-    /// The header is larger than allowed.
-    #[error("PROXY header too large")]
-    TooLarge,
-    /// The peer closed before the header was complete.
-    #[error("connection closed during PROXY header")]
-    Eof,
-    /// Reading failed.
-    #[error("read error: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Addresses carried by a received PROXY header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProxiedAddrs {
-    /// The original client, or `None` for LOCAL / UNKNOWN headers (health checks of the load
-    /// balancer itself).
-    pub source: Option<SocketAddr>,
-    /// The address the client connected to, if carried.
-    pub destination: Option<SocketAddr>,
-}
-
-/// Result of looking at the first bytes of a stream.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
-    /// Need more bytes.
-    Incomplete,
-    /// A complete header of this many bytes.
-    Complete(ProxiedAddrs, usize),
-}
-
-/// Parses a header at the start of `buf` (which may contain bytes after it).
-pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
-    if buf.is_empty() {
-        return Ok(Parsed::Incomplete);
-    }
-    let looks_v2 = V2_SIGNATURE.starts_with(&buf[..buf.len().min(12)]);
-    let looks_v1 = V1_PREFIX.starts_with(&buf[..buf.len().min(6)]);
-    if !looks_v1 && !looks_v2 {
-        return Err(ProxyHeaderError::Invalid);
-    }
-    let res = if looks_v1 {
-        // v1 framing: the header is one line of at most 107 bytes ending in CRLF. Only the
-        // complete line is handed to the parser, so a bad line is an error, not "need more".
-        let window = &buf[..buf.len().min(V1_MAX)];
-        match window.windows(2).position(|w| w == b"\r\n") {
-            Some(end) => HeaderResult::V1(ppp::v1::Header::try_from(&buf[..end + 2])),
-            None if buf.len() >= V1_MAX => return Err(ProxyHeaderError::Invalid),
-            None => return Ok(Parsed::Incomplete),
-        }
-    } else {
-        HeaderResult::parse(buf)
-    };
-    if res.is_incomplete() {
-        if looks_v1 {
-            return Err(ProxyHeaderError::Invalid);
-        }
-        return Ok(Parsed::Incomplete);
-    }
-    match res {
-        HeaderResult::V1(Ok(h)) => {
-            let (source, destination) = addresses_v1(&h);
-            Ok(Parsed::Complete(
-                ProxiedAddrs {
-                    source,
-                    destination,
-                },
-                h.header.len(),
-            ))
-        }
-        HeaderResult::V2(Ok(h)) => {
-            let (source, destination) = addresses_v2(&h);
-            Ok(Parsed::Complete(
-                ProxiedAddrs {
-                    source,
-                    destination,
-                },
-                h.len(),
-            ))
-        }
-        _ => Err(ProxyHeaderError::Invalid),
-    }
-}
-
-/// Reads a PROXY header from the start of `io`. Returns the addresses and the bytes read after
-/// the header (they belong to the client's stream). The caller bounds the time.
-pub async fn read_header<R: AsyncRead + Unpin>(
-    io: &mut R,
-    max: usize,
-) -> Result<(ProxiedAddrs, Vec<u8>), ProxyHeaderError> {
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
-    loop {
-        if let Parsed::Complete(addrs, len) = parse(&buf)? {
-            return Ok((addrs, buf.split_off(len)));
-        }
-        if buf.len() >= max {
-            return Err(ProxyHeaderError::TooLarge);
-        }
-        let want = (max - buf.len()).min(chunk.len());
-        let n = io.read(&mut chunk[..want]).await?;
-        if n == 0 {
-            return Err(ProxyHeaderError::Eof);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// Whether a stream starting with `buf` may be (or is) a PROXY header.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Signature {
-    /// Not a PROXY header.
-    No,
-    /// A prefix of a signature; more bytes decide.
-    Maybe,
-    /// Starts with a PROXY v1 or v2 signature.
-    Yes,
-}
-
-/// Classifies the start of a stream (used to refuse PROXY headers where none is expected,
-/// so a client cannot spoof its address towards an upstream that auto-detects them).
-pub fn signature(buf: &[u8]) -> Signature {
-    let v1 = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())]);
-    let v2 = V2_SIGNATURE.starts_with(&buf[..buf.len().min(V2_SIGNATURE.len())]);
-    if (v1 && buf.len() >= V1_PREFIX.len()) || (v2 && buf.len() >= V2_SIGNATURE.len()) {
-        Signature::Yes
-    } else if v1 || v2 {
-        Signature::Maybe
-    } else {
-        Signature::No
-    }
-}
-
-// Encoding lives with the server's parser in the protocol crate, so the two always agree.
-pub use postern_protocol::proxy_header::{encode_v1, encode_v2};
+pub use postern_protocol::proxy_header::{
+    encode_v1, encode_v2, parse, read_required, signature, Parsed, ProxyHeader, Signature,
+    V1_PREFIX, V2_SIGNATURE,
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn v2_known_vector() {
@@ -174,7 +27,8 @@ mod tests {
         assert_eq!(
             parse(&with_data).unwrap(),
             Parsed::Complete(
-                ProxiedAddrs {
+                ProxyHeader {
+                    version: 2,
                     source: Some(src),
                     destination: Some(dst)
                 },
@@ -194,7 +48,8 @@ mod tests {
         assert_eq!(
             parse(&h).unwrap(),
             Parsed::Complete(
-                ProxiedAddrs {
+                ProxyHeader {
+                    version: 2,
                     source: Some(src),
                     destination: Some(mapped)
                 },

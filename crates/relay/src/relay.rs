@@ -98,11 +98,20 @@ impl Relay {
             .map(|(name, cfg)| (name.clone(), Pool::new(name, cfg)))
             .collect();
 
+        let trusted = config.trusted()?;
+        if trusted.is_empty() && config.listeners.iter().any(|l| l.enabled && l.accept_proxy) {
+            tracing::warn!(
+                "a listener expects PROXY headers but no load balancer is trusted: their \
+                 headers are ignored and every connection counts as the balancer's address \
+                 (set --trusted-proxy / trusted_proxies)"
+            );
+        }
         let shared = Arc::new(Shared {
             limits: limits.clone(),
             limiter: ConnLimiter::new(limits.maxconn, limits.max_per_source),
             resolver: resolver.clone(),
             log_addresses: config.log_client_addresses,
+            trusted,
             cut: cut.clone(),
             tracker: tracker.clone(),
         });

@@ -29,6 +29,10 @@ pub enum SniError {
     /// The server name is an IP literal or not a valid DNS name.
     #[error("server name is not a valid DNS name")]
     InvalidName,
+    /// More than one host name, or an extension repeated: which name a server would use
+    /// is ambiguous, so the relay routes none.
+    #[error("ambiguous ClientHello: several server names or a repeated extension")]
+    Ambiguous,
     /// The peer closed before sending a full ClientHello.
     #[error("connection closed during ClientHello")]
     Eof,
@@ -125,22 +129,52 @@ fn extract(msg: &[u8]) -> Result<String, SniError> {
         return Err(SniError::Malformed);
     };
     let ext = hello.ext.ok_or(SniError::Missing)?;
+    refuse_repeated_extensions(ext)?;
     let (_, exts) = parse_tls_client_hello_extensions(ext).map_err(|_| SniError::Malformed)?;
+    let mut found = None;
     for e in exts {
         if let TlsExtension::SNI(names) = e {
             for (kind, name) in names {
-                if kind == SNIType::HostName {
-                    let name = std::str::from_utf8(name).map_err(|_| SniError::InvalidName)?;
-                    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-                    if name.parse::<IpAddr>().is_ok() || !is_valid_dns_name(&name) {
-                        return Err(SniError::InvalidName);
-                    }
-                    return Ok(name);
+                if kind != SNIType::HostName {
+                    continue;
                 }
+                // RFC 6066: at most one name of each type. Taking the first of several
+                // would let the name checked here differ from the one a server uses.
+                if found.is_some() {
+                    return Err(SniError::Ambiguous);
+                }
+                let name = std::str::from_utf8(name).map_err(|_| SniError::InvalidName)?;
+                let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+                if name.parse::<IpAddr>().is_ok() || !is_valid_dns_name(&name) {
+                    return Err(SniError::InvalidName);
+                }
+                found = Some(name);
             }
         }
     }
-    Err(SniError::Missing)
+    found.ok_or(SniError::Missing)
+}
+
+/// Refuses an extensions block in which any extension type appears twice (RFC 8446
+/// §4.2 forbids it; parsers that keep the first and those that keep the last disagree).
+fn refuse_repeated_extensions(mut ext: &[u8]) -> Result<(), SniError> {
+    let mut seen: Vec<u16> = Vec::new();
+    while !ext.is_empty() {
+        if ext.len() < 4 {
+            return Err(SniError::Malformed);
+        }
+        let kind = u16::from_be_bytes([ext[0], ext[1]]);
+        let len = u16::from_be_bytes([ext[2], ext[3]]) as usize;
+        if ext.len() < 4 + len {
+            return Err(SniError::Malformed);
+        }
+        if seen.contains(&kind) {
+            return Err(SniError::Ambiguous);
+        }
+        seen.push(kind);
+        ext = &ext[4 + len..];
+    }
+    Ok(())
 }
 
 /// Reads from `io` until a complete ClientHello is buffered. Returns the server name and every
@@ -243,35 +277,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A minimal but valid TLS 1.2-style ClientHello handshake message with an optional SNI.
-    pub(crate) fn client_hello(sni: Option<&str>, padding: usize) -> Vec<u8> {
-        let mut ext = Vec::new();
+    use postern_test_kit::tls::{records, ClientHello};
+
+    /// A ClientHello handshake message with an optional SNI and padding.
+    fn client_hello(sni: Option<&str>, padding: usize) -> Vec<u8> {
+        let mut h = ClientHello::new();
         if let Some(name) = sni {
-            let n = name.as_bytes();
-            let list_len = 3 + n.len();
-            ext.extend_from_slice(&[0x00, 0x00]);
-            ext.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
-            ext.extend_from_slice(&(list_len as u16).to_be_bytes());
-            ext.push(0);
-            ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            ext.extend_from_slice(n);
+            h = h.sni(name);
         }
-        if padding > 0 {
-            ext.extend_from_slice(&[0x00, 0x15]);
-            ext.extend_from_slice(&(padding as u16).to_be_bytes());
-            ext.extend(std::iter::repeat_n(0u8, padding));
-        }
-        let mut body = vec![0x03, 0x03];
-        body.extend_from_slice(&[7u8; 32]);
-        body.push(0);
-        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
-        body.extend_from_slice(&[0x01, 0x00]);
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut msg = vec![0x01];
-        msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        msg.extend_from_slice(&body);
-        msg
+        h.padding(padding).handshake()
     }
 
     /// A reader that returns one segment per read.
@@ -292,16 +306,6 @@ mod tests {
             }
             std::task::Poll::Ready(Ok(()))
         }
-    }
-
-    pub(crate) fn records(msg: &[u8], per_record: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for c in msg.chunks(per_record) {
-            out.extend_from_slice(&[0x16, 0x03, 0x01]);
-            out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-            out.extend_from_slice(c);
-        }
-        out
     }
 
     #[test]
@@ -337,6 +341,37 @@ mod tests {
         assert_eq!(examine(&raw, 16384), Err(SniError::InvalidName));
         let raw = records(&client_hello(Some("a.example.org"), 20000), 16000);
         assert_eq!(examine(&raw, 16384), Err(SniError::TooLarge));
+    }
+
+    /// Regression (issue 18, defect 8): the first of several names was routed.
+    #[test]
+    fn several_names_or_a_repeated_extension_are_refused() {
+        let two_names =
+            ClientHello::new().server_names(&["allowed.example.net", "evil.example.org"]);
+        assert_eq!(
+            examine(&two_names.records(16384), 16384),
+            Err(SniError::Ambiguous)
+        );
+        let two_sni = ClientHello::new()
+            .sni("allowed.example.net")
+            .sni("evil.example.org");
+        assert_eq!(
+            examine(&two_sni.records(16384), 16384),
+            Err(SniError::Ambiguous)
+        );
+        let repeated = ClientHello::new()
+            .sni("allowed.example.net")
+            .padding(1)
+            .padding(1);
+        assert_eq!(
+            examine(&repeated.records(16384), 16384),
+            Err(SniError::Ambiguous)
+        );
+        let fine = ClientHello::new().sni("allowed.example.net").padding(1);
+        assert_eq!(
+            examine(&fine.records(16384), 16384),
+            Ok(Progress::Done("allowed.example.net".into()))
+        );
     }
 
     #[test]

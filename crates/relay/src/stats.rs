@@ -100,6 +100,8 @@ pub struct ListenerStats {
     pub total: AtomicU64,
     /// Connections refused because `maxconn` was reached.
     pub refused: AtomicU64,
+    /// PROXY headers ignored because the peer is not in `trusted_proxies`.
+    pub proxy_untrusted: AtomicU64,
     /// Bytes from clients to upstreams.
     pub bytes_in: AtomicU64,
     /// Bytes from upstreams to clients.
@@ -117,6 +119,7 @@ impl ListenerStats {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            proxy_untrusted: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             failures: Default::default(),
@@ -228,7 +231,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
         type Getter = fn(&ListenerStats) -> &AtomicU64;
-        let per_listener: [(&str, &str, &str, Getter); 3] = [
+        let per_listener: [(&str, &str, &str, Getter); 4] = [
             (
                 "postern_relay_connections_active",
                 "gauge",
@@ -246,6 +249,12 @@ impl Metrics {
                 "counter",
                 "Connections refused because maxconn was reached.",
                 |l| &l.refused,
+            ),
+            (
+                "postern_relay_proxy_untrusted_total",
+                "counter",
+                "PROXY headers ignored because the peer is not a trusted proxy.",
+                |l| &l.proxy_untrusted,
             ),
         ];
         for (name, kind, help, get) in per_listener {
@@ -390,6 +399,35 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The health fast lane: one request line, `/healthz` answered, anything else 503.
+async fn fast_health(mut stream: tokio::net::TcpStream, m: &Metrics) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 1024 {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let health = buf.starts_with(b"GET /healthz ") || buf.starts_with(b"HEAD /healthz ");
+    let (status, body) = match (health, m.healthy()) {
+        (true, true) => ("200 OK", "ok\n"),
+        (true, false) => (
+            "503 Service Unavailable",
+            "no healthy upstream in at least one pool\n",
+        ),
+        (false, _) => ("503 Service Unavailable", "busy: try again\n"),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
+}
+
 fn respond(m: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/metrics" => (
@@ -433,8 +471,25 @@ fn respond(m: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Concurrent connections served by the stats listener.
 pub const MAX_STATS_CONNECTIONS: usize = 64;
+/// Concurrent stats connections from one address (IPv4 address or IPv6 /64).
+pub const MAX_STATS_PER_SOURCE: usize = 4;
+/// Connections answered by the health fast lane at once (see [`serve`]).
+pub const MAX_FAST_LANE: usize = 256;
+/// How long a stats connection may take to send its request headers.
+pub const STATS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest a stats connection lives.
+pub const STATS_CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// How long the fast lane waits for a request line.
+const FAST_LANE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves the stats listener until `stop`; samples history every `every`.
+///
+/// The stats port may be public, and an orchestrator restarts a relay whose `/healthz`
+/// does not answer, so idle connections must not be able to starve it: each address gets
+/// at most [`MAX_STATS_PER_SOURCE`] connections, one request each (no keep-alive) with
+/// [`STATS_HEADER_TIMEOUT`] to send it; and a connection that finds no slot (all taken,
+/// or its address's taken) goes to a *fast lane* that reads one request line within a
+/// second and answers `/healthz` (anything else: 503, try again) and closes.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -454,10 +509,11 @@ pub async fn serve(
             }
         })
     };
-    // The stats port may be public: bound the number of concurrent HTTP connections.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STATS_CONNECTIONS));
+    let fast_lane = Arc::new(tokio::sync::Semaphore::new(MAX_FAST_LANE));
+    let per_source = postern_protocol::net::PerSource::new(MAX_STATS_PER_SOURCE);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -468,26 +524,39 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            drop(stream);
+        let full = per_source
+            .try_acquire(peer.ip())
+            .and_then(|source| Some((source, slots.clone().try_acquire_owned().ok()?)));
+        let Some((source, permit)) = full else {
+            let Ok(lane) = fast_lane.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let _lane = lane;
+                let _ =
+                    tokio::time::timeout(FAST_LANE_TIMEOUT, fast_health(stream, &metrics)).await;
+            });
             continue;
         };
         let metrics = metrics.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, source);
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let r = respond(&metrics, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(STATS_HEADER_TIMEOUT)
+                .keep_alive(false)
                 .max_buf_size(16 * 1024)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::select! {
                 _ = stop.cancelled() => {}
-                r = tokio::time::timeout(Duration::from_secs(30), conn) => { let _ = r; }
+                r = tokio::time::timeout(STATS_CONNECTION_LIFETIME, conn) => { let _ = r; }
             }
         });
     }

@@ -24,10 +24,34 @@ impl Resolver {
 
     /// Opens a TCP connection to `target` within `timeout`, with TCP_NODELAY set.
     pub async fn connect(&self, target: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+        self.connect_via(target, target.to_string(), timeout).await
+    }
+
+    /// Connects to the DNS name `name` (from a client's SNI) as a fully qualified name:
+    /// resolved as `name.`, so the resolver's search domains are never appended (a client
+    /// naming `intranet.example` must not reach `intranet.example.corp.local`).
+    /// Overrides are looked up under `name:port`.
+    pub async fn connect_absolute(
+        &self,
+        name: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
+        let key = format!("{name}:{port}");
+        self.connect_via(&key, format!("{}:{port}", absolute_name(name)), timeout)
+            .await
+    }
+
+    async fn connect_via(
+        &self,
+        key: &str,
+        lookup: String,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
         let fut = async {
-            match self.overrides.get(target) {
+            match self.overrides.get(key) {
                 Some(addr) => TcpStream::connect(*addr).await,
-                None => TcpStream::connect(target).await,
+                None => TcpStream::connect(lookup.as_str()).await,
             }
         };
         let stream = tokio::time::timeout(timeout, fut)
@@ -35,6 +59,15 @@ impl Resolver {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+/// `name` with a trailing dot (a fully qualified name); IP literals are left alone.
+pub fn absolute_name(name: &str) -> String {
+    if name.ends_with('.') || name.parse::<std::net::IpAddr>().is_ok() {
+        name.to_string()
+    } else {
+        format!("{name}.")
     }
 }
 
@@ -234,6 +267,25 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 18, defect 8): SNI names were looked up as relative names, so
+    /// the resolver's search domains could turn them into other hosts.
+    #[test]
+    fn sni_targets_are_looked_up_as_fully_qualified_names() {
+        assert_eq!(absolute_name("media.example.net"), "media.example.net.");
+        assert_eq!(absolute_name("media.example.net."), "media.example.net.");
+        assert_eq!(absolute_name("192.0.2.1"), "192.0.2.1");
+    }
+
+    #[tokio::test]
+    async fn absolute_connects_use_overrides_by_name() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let r = Resolver::new([("a.example.net:443".to_string(), addr)].into());
+        r.connect_absolute("a.example.net", 443, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
 
     fn pool(balance: Balance) -> Arc<Pool> {
         Pool::new(

@@ -238,70 +238,18 @@ fn addr(r: &RunningRelay, name: &str) -> SocketAddr {
 // ---------------------------------------------------------------- TLS client helpers
 
 mod tls_client {
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    use rustls::pki_types::{CertificateDer, ServerName};
+
     use std::sync::Arc;
-
-    /// The Postern client does not validate the relay's certificate (Noise authenticates the
-    /// server end to end); this verifier does the same.
-    #[derive(Debug)]
-    pub struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
+    /// What the Postern client does: any relay certificate (the shared verifier).
     pub fn insecure() -> tokio_rustls::TlsConnector {
-        let cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert(provider())))
-            .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        tokio_rustls::TlsConnector::from(Arc::new(postern_protocol::tls::relay_client_config()))
     }
 
     pub fn trusting(cert: CertificateDer<'static>) -> tokio_rustls::TlsConnector {
@@ -320,40 +268,8 @@ mod tls_client {
     }
 }
 
-/// A hand-built TLS ClientHello record with an optional SNI and padding extension.
-fn client_hello(sni: Option<&str>, padding: usize) -> Vec<u8> {
-    let mut ext = Vec::new();
-    if let Some(name) = sni {
-        let n = name.as_bytes();
-        ext.extend_from_slice(&[0, 0]);
-        ext.extend_from_slice(&((n.len() + 5) as u16).to_be_bytes());
-        ext.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-        ext.push(0);
-        ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        ext.extend_from_slice(n);
-    }
-    if padding > 0 {
-        ext.extend_from_slice(&[0x00, 0x15]);
-        ext.extend_from_slice(&(padding as u16).to_be_bytes());
-        ext.extend(std::iter::repeat_n(0u8, padding));
-    }
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut msg = vec![0x01];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend_from_slice(&body);
-    let mut out = Vec::new();
-    for c in msg.chunks(16384) {
-        out.extend_from_slice(&[0x16, 0x03, 0x01]);
-        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-        out.extend_from_slice(c);
-    }
-    out
-}
+// A TLS ClientHello record with an optional SNI and padding extension (shared builder).
+use postern_test_kit::tls::client_hello_record as client_hello;
 
 // ---------------------------------------------------------------- tests
 
@@ -473,7 +389,7 @@ async fn proxy_header_sent_upstream_matches_known_vectors() {
         &[listener("plain", ""), listener("lb", "accept_proxy = true")].concat(),
         &[up.addr],
         "v2",
-        "",
+        "trusted_proxies = [\"127.0.0.1\"]",
     );
     let relay = Relay::start(cfg).await.unwrap();
 
@@ -521,6 +437,90 @@ async fn proxy_header_sent_upstream_matches_known_vectors() {
         v2_in,
         "forwarded header equals the received one"
     );
+    relay.shutdown().await;
+}
+
+/// Regression (issue 18, defect 1): a load-balancer listener believed a PROXY header from
+/// anyone, so a client reaching it directly could claim any address (and dodge the
+/// per-source limit). Only `trusted_proxies` may set the address now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_header_from_an_untrusted_peer_is_ignored() {
+    let up = Upstream::start(Mode::Echo, true).await;
+    let cfg = pool_config(
+        &listener("lb", "accept_proxy = true"),
+        &[up.addr],
+        "v2",
+        "trusted_proxies = [\"192.0.2.0/24\"]\n[limits]\nmax_per_source = 1\n",
+    );
+    let relay = Relay::start(cfg).await.unwrap();
+    let lb = addr(&relay, "lb");
+    let mut first = TcpStream::connect(lb).await.unwrap();
+    let port = first.local_addr().unwrap().port();
+    first
+        .write_all(b"PROXY TCP4 198.51.100.22 203.0.113.1 35646 80\r\nping")
+        .await
+        .unwrap();
+    let mut b = [0u8; 4];
+    first.read_exact(&mut b).await.unwrap();
+    // Forwarded as what it is: a connection from 127.0.0.1, not from 198.51.100.22.
+    let h = up.seen.headers.lock().unwrap()[0].clone();
+    let mut expected = V2_SIGNATURE.to_vec();
+    expected.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c, 127, 0, 0, 1, 127, 0, 0, 1]);
+    expected.extend_from_slice(&port.to_be_bytes());
+    expected.extend_from_slice(&lb.port().to_be_bytes());
+    assert_eq!(h, expected);
+    // Claiming another address does not buy a second connection from the same peer.
+    let mut second = TcpStream::connect(lb).await.unwrap();
+    second
+        .write_all(b"PROXY TCP4 198.51.100.23 203.0.113.1 35647 80\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut second, Duration::from_secs(2)).await);
+    let metrics = relay.metrics().prometheus();
+    assert!(metrics.contains("reason=\"source_limit\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("postern_relay_proxy_untrusted_total{listener=\"lb\"} 2"),
+        "{metrics}"
+    );
+    relay.shutdown().await;
+}
+
+/// Regression (issue 18, defect 7): 64 idle connections took every stats slot, so
+/// `/healthz` stopped answering and an orchestrator would restart the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_the_health_endpoint() {
+    let up = Upstream::start(Mode::Echo, false).await;
+    let cfg = pool_config(&listener("plain", ""), &[up.addr], "none", "");
+    let relay = Relay::start(cfg).await.unwrap();
+    let stats = relay.stats_addr().unwrap();
+    let m = relay.metrics();
+    wait_until("upstream healthy", move || m.healthy()).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(stats).await.unwrap());
+    }
+    let t0 = Instant::now();
+    let (status, body) = http_get(stats, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "answered promptly");
+    // From another address the full pages still work.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(stats).await.unwrap();
+    other
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    tokio::time::timeout(T, other.read_to_string(&mut page))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    // And the idle connections are closed within seconds.
+    for s in idle.iter_mut().take(8) {
+        assert!(closed_within(s, Duration::from_secs(5)).await);
+    }
     relay.shutdown().await;
 }
 

@@ -32,8 +32,11 @@ use tracing::{debug, info, warn};
 
 use crate::hub::Presence;
 use crate::push_window::PushWindow;
-use crate::store::{DeviceRecord, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey};
+use crate::store::{
+    DeviceRecord, EnqueueLimits, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey,
+};
 use crate::{ServerError, Shared};
+use postern_protocol::net::SourceSlot;
 
 /// Envelopes or receipts read from the database per round trip while pushing.
 const PUSH_BATCH: u32 = 64;
@@ -60,6 +63,7 @@ enum ConnError {
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: Option<SourceSlot>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -69,7 +73,8 @@ pub(crate) async fn serve(
     } else {
         tracing::debug_span!("conn", id = conn_id)
     };
-    let result = tracing::Instrument::instrument(run(stream, peer, shared, shutdown), span).await;
+    let result =
+        tracing::Instrument::instrument(run(stream, peer, slot, shared, shutdown), span).await;
     match result {
         Ok(()) => debug!("connection closed"),
         Err(ConnError::Protocol(ProtocolError::Closed)) => debug!("client disconnected"),
@@ -81,15 +86,43 @@ pub(crate) async fn serve(
 async fn run(
     stream: TcpStream,
     peer: SocketAddr,
+    mut slot: Option<SourceSlot>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
     // The buffer lets us peek at the first byte for PROXY detection without losing it.
     let mut stream = BufReader::with_capacity(2048, stream);
     let limit = shared.limits.handshake_timeout;
-    let (proxy, handshake) = tokio::time::timeout(limit, async {
+    let (client_addr, via_proxy, handshake) = tokio::time::timeout(limit, async {
         let proxy = proxy_header::read_optional(&mut stream).await?;
+        // Advisory, and only from a trusted proxy: from anyone else the header is ignored
+        // (a client could otherwise claim any address and dodge every per-address limit).
+        let claimed = proxy.and_then(|p| p.source);
+        let trusted = shared.limits.trusted_proxies.trusts(peer.ip());
+        if claimed.is_some() && !trusted {
+            shared.refusals.count(
+                &shared.refusals.untrusted_proxy_header,
+                "PROXY header from a peer not in --trusted-proxy (ignored)",
+            );
+        }
+        let client_addr = shared.limits.trusted_proxies.client_address(peer, claimed);
+        if slot.is_none() {
+            // Through a trusted proxy: the per-source limit counts the real client.
+            match shared.per_source.try_acquire(client_addr.ip()) {
+                Some(s) => slot = Some(s),
+                None => {
+                    shared.refusals.count(
+                        &shared.refusals.source_full,
+                        "too many connections from one address",
+                    );
+                    return Err(ProtocolError::Violation(
+                        "too many connections from this address".into(),
+                    ));
+                }
+            }
+        }
         let hs = match ServerHandshake::read_first(&mut stream, &shared.keys, limit).await {
             Err(ProtocolError::HandshakeUndecryptable) => {
                 // Made for another key, or altered on the way: answer so the client
@@ -99,14 +132,13 @@ async fn run(
             }
             other => other?,
         };
-        Ok::<_, ProtocolError>((proxy, hs))
+        Ok::<_, ProtocolError>((client_addr, proxy.is_some(), hs))
     })
     .await
     .map_err(|_| ProtocolError::Timeout(limit))??;
-    // Advisory only: used for per-address limits, never to authorise anything.
-    let client_addr = proxy.and_then(|p| p.source).unwrap_or(peer);
+    let _slot = slot;
     if shared.log_client_addresses {
-        debug!(peer = %peer, client = %client_addr, via_proxy = proxy.is_some(), "handshake received");
+        debug!(peer = %peer, client = %client_addr, via_proxy, "handshake received");
     }
 
     let device = shared
@@ -163,6 +195,7 @@ async fn run(
             }
         }
     });
+    let shared_unregistered = shared.limits.unregistered_timeout;
     let mut session = Session {
         shared,
         writer,
@@ -176,6 +209,7 @@ async fn run(
         presence: None,
         envelope_cursor: 0,
         receipt_cursor: 0,
+        register_by: accepted + shared_unregistered,
     };
     let result = session.run(frames_rx, shutdown).await;
     reader_task.abort();
@@ -238,6 +272,8 @@ struct Session<W> {
     presence: Option<Presence>,
     envelope_cursor: i64,
     receipt_cursor: i64,
+    /// A connection without a registered device is closed at this instant.
+    register_by: Instant,
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
@@ -271,6 +307,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     debug!("idle timeout");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(self.register_by), if self.device.is_none() => {
+                    // Not an account and not becoming one: it only holds a slot.
+                    self.shared.refusals.count(
+                        &self.shared.refusals.unregistered_timeout,
+                        "connection closed: not registered in time",
+                    );
                     return Ok(());
                 }
                 _ = shutdown.changed() => {
@@ -363,6 +407,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     message_id: r.message_id,
                     recipient: r.recipient,
                     server_time_ms: r.server_time_ms,
+                    expired: r.expired,
                 });
                 self.reply(0, body).await?;
             }
@@ -396,7 +441,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 ),
                 Some(device) => match other {
                     Body::UploadKeys(u) => self.upload_keys(&device, u).await?,
-                    Body::ClaimKeys(c) => self.claim_keys(c).await?,
+                    Body::ClaimKeys(c) => self.claim_keys(&device, c).await?,
                     Body::Send(s) => self.send(&device, s).await?,
                     // Normally applied by the reader task; never answered.
                     Body::AckMessage(_) | Body::AckReceipt(_) => {
@@ -522,12 +567,22 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     async fn claim_keys(
         &mut self,
+        device: &DeviceRecord,
         c: postern_protocol::schema::ClaimKeys,
     ) -> Result<server_frame::Body, ConnError> {
         if username::validate(&c.username).is_err() {
             return Ok(error_body(ErrorCode::UnknownUser, "no such user"));
         }
-        let Some(bundles) = self.shared.store.claim_keys(&c.username).await? else {
+        if !self.shared.claims_by_requester.allow(device.account_id) {
+            return Ok(error_body(
+                ErrorCode::RateLimited,
+                "too many key requests from this account: wait a minute and try again",
+            ));
+        }
+        // Past the per-target rate, claims get the fallback key: a user's one-time keys
+        // cannot be drained, and sessions with them can still start.
+        let one_time = self.shared.claims_by_target.allow(c.username.clone());
+        let Some(bundles) = self.shared.store.claim_keys(&c.username, one_time).await? else {
             return Ok(error_body(
                 ErrorCode::UnknownUser,
                 format!("there is no user {:?} on this server", c.username),
@@ -580,6 +635,18 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         if username::validate(&s.recipient).is_err() {
             return Ok(error_body(ErrorCode::UnknownUser, "no such user"));
         }
+        if !self.shared.disk.has_room() {
+            return Ok(error_body(
+                ErrorCode::StorageFull,
+                "the server is short of disk space: the message stays pending, try again later",
+            ));
+        }
+        if !self.shared.message_rate.allow(device.account_id) {
+            return Ok(error_body(
+                ErrorCode::RateLimited,
+                "too many messages from this account: wait a minute and try again",
+            ));
+        }
         let ciphertexts: Vec<OutgoingCiphertext> = s
             .ciphertexts
             .into_iter()
@@ -597,7 +664,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 &s.recipient,
                 &s.message_id,
                 &ciphertexts,
-                self.shared.limits.max_queue_per_device,
+                EnqueueLimits {
+                    max_queue: self.shared.limits.max_queue_per_device,
+                    max_queued_bytes: self.shared.limits.max_queued_bytes_per_account,
+                },
             )
             .await?;
         Ok(match outcome {
@@ -624,6 +694,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             EnqueueOutcome::QueueFull => error_body(
                 ErrorCode::QueueFull,
                 "the recipient has too many undelivered messages: try again later",
+            ),
+            EnqueueOutcome::OverQuota => error_body(
+                ErrorCode::StorageFull,
+                "this account has too much undelivered data waiting: try again once some is delivered",
             ),
         })
     }

@@ -3,10 +3,11 @@
 //! ```text
 //! DIR/server.key     Noise static key pair (mode 0600) — the server's identity
 //! DIR/network.toml   what clients import: address + public key
-//! DIR/postern.db     SQLite database (+ -wal/-shm files)
+//! DIR/postern.db     SQLite database (+ -wal/-shm files), mode 0600
 //! ```
+//!
+//! The directory itself is 0700: it holds the server's identity and every queued message.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use postern_protocol::network::NetworkFile;
@@ -57,10 +58,7 @@ impl DataDir {
     /// Creates the directory and server key if missing and (re)writes `network.toml` with
     /// `public_address`. An existing key is never replaced: clients have pinned it.
     pub fn init(&self, public_address: &str) -> Result<InitReport, ServerError> {
-        std::fs::create_dir_all(&self.root).map_err(ServerError::io(format!(
-            "cannot create {}",
-            self.root.display()
-        )))?;
+        self.make_private()?;
         let (keys, created_key) = match self.load_key() {
             Ok(k) => (k, false),
             Err(_) if !self.key_path().exists() => {
@@ -79,6 +77,15 @@ impl DataDir {
             public_key: keys.public_base64(),
             created_key,
         })
+    }
+
+    /// Creates the directory if needed and makes it 0700 (also one made by an older
+    /// version, or by hand, with looser permissions).
+    pub fn make_private(&self) -> Result<(), ServerError> {
+        postern_protocol::fsutil::private_dir(&self.root).map_err(ServerError::io(format!(
+            "cannot create {} (readable by its owner only)",
+            self.root.display()
+        )))
     }
 
     /// Loads the server's key pair.
@@ -105,22 +112,12 @@ impl DataDir {
 
 /// Writes a file readable only by its owner, atomically (temp file + rename).
 pub fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let err = ServerError::io(format!("cannot write {}", path.display()));
-    let mut f = opts
-        .open(&tmp)
-        .map_err(ServerError::io(format!("cannot write {}", tmp.display())))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(err)
+    postern_protocol::fsutil::write_atomic(
+        path,
+        contents.as_bytes(),
+        postern_protocol::fsutil::FILE_MODE,
+    )
+    .map_err(ServerError::io(format!("cannot write {}", path.display())))
 }
 
 #[cfg(test)]
@@ -141,6 +138,8 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+            let dir_mode = std::fs::metadata(d.root()).unwrap().permissions().mode();
+            assert_eq!(dir_mode & 0o777, 0o700, "the data directory is private");
         }
         let second = d.init("example.org:443").unwrap();
         assert!(!second.created_key);

@@ -8,7 +8,10 @@
 //! * [`store`]: SQLite through sqlx, one transaction per operation; what is acknowledged
 //!   is on disk.
 //! * [`hub`]: which devices are online, to wake their connections.
-//! * [`limits`]: every bound (handshake time, idle time, queue length, registrations).
+//! * [`limits`]: every bound (handshake time, idle time, queue length, registrations,
+//!   connections per source, message rate, key claims), the bounded per-key limiter and the
+//!   refusal counters. Per-address limits count by `postern_protocol::net::SourceKey`.
+//! * [`disk`]: the free-space high-water mark below which new messages are refused.
 //! * `connection`: one client connection, from PROXY header to the request loop; its
 //!   reader task applies acknowledgements as they arrive.
 //! * `push_window`: how much a connection may push unacknowledged (so a path that
@@ -20,6 +23,7 @@
 
 mod connection;
 pub mod data_dir;
+pub mod disk;
 mod error;
 pub mod hub;
 pub mod limits;
@@ -44,6 +48,16 @@ pub(crate) struct Shared {
     pub keys: StaticKeypair,
     pub limits: Limits,
     pub registrations: limits::RegistrationLimiter,
+    /// Open connections per source address.
+    pub per_source: Arc<postern_protocol::net::PerSource>,
+    /// Messages per sending account per minute.
+    pub message_rate: limits::WindowLimiter<i64>,
+    /// Key claims per requesting account per minute.
+    pub claims_by_requester: limits::WindowLimiter<i64>,
+    /// One-time keys handed out per target username per minute.
+    pub claims_by_target: limits::WindowLimiter<String>,
+    pub disk: disk::DiskGuard,
+    pub refusals: limits::Refusals,
     pub log_client_addresses: bool,
     pub next_conn_id: AtomicU64,
 }

@@ -12,13 +12,18 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::data_dir::DataDir;
+use crate::disk::DiskGuard;
 use crate::hub::Hub;
-use crate::limits::{Limits, RegistrationLimiter};
+use crate::limits::{Limits, Refusals, RegistrationLimiter, WindowLimiter};
 use crate::store::Store;
 use crate::{connection, ServerError, Shared};
+use postern_protocol::net::PerSource;
 
 /// How long connections get to finish after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const MINUTE: Duration = Duration::from_secs(60);
+/// Queued messages expired per database write (the sweep repeats while there are more).
+const EXPIRE_BATCH: u32 = 500;
 
 /// What the server needs to run.
 #[derive(Debug, Clone)]
@@ -52,6 +57,7 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let dir = DataDir::new(&config.data_dir);
         let keys = dir.load_key()?;
+        dir.make_private()?;
         let store = Store::open(&dir.database_path()).await?;
         let listener = TcpListener::bind(config.listen).await.map_err(ServerError::io(
             format!(
@@ -64,6 +70,18 @@ impl Server {
             hub: Arc::new(Hub::default()),
             keys,
             registrations: RegistrationLimiter::new(config.limits.registrations_per_minute),
+            per_source: PerSource::new(config.limits.max_connections_per_source),
+            message_rate: WindowLimiter::new(config.limits.messages_per_minute, MINUTE),
+            claims_by_requester: WindowLimiter::new(
+                config.limits.claims_per_requester_per_minute,
+                MINUTE,
+            ),
+            claims_by_target: WindowLimiter::new(
+                config.limits.claims_per_target_per_minute,
+                MINUTE,
+            ),
+            disk: DiskGuard::new(config.data_dir.clone(), config.limits.min_free_disk),
+            refusals: Refusals::default(),
             limits: config.limits,
             log_client_addresses: config.log_client_addresses,
             next_conn_id: Default::default(),
@@ -89,6 +107,7 @@ impl Server {
         let slots = Arc::new(Semaphore::new(self.shared.limits.max_connections));
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
+        let housekeeping = tokio::spawn(housekeeping(self.shared.clone()));
         info!(listen = %self.local_addr(), "server ready");
         loop {
             tokio::select! {
@@ -106,12 +125,28 @@ impl Server {
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
                         // Full: close at once so the client can try elsewhere.
                         drop(stream);
+                        self.shared.refusals.count(&self.shared.refusals.server_full, "server full");
                         continue;
+                    };
+                    // A peer that is not a trusted proxy is the client itself: count it
+                    // now, before it costs a task. (Through a trusted proxy the client is
+                    // known only after the PROXY header; `connection` counts it then.)
+                    let slot = if self.shared.limits.trusted_proxies.trusts(peer.ip()) {
+                        None
+                    } else {
+                        match self.shared.per_source.try_acquire(peer.ip()) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                drop(stream);
+                                self.shared.refusals.count(&self.shared.refusals.source_full, "too many connections from one address");
+                                continue;
+                            }
+                        }
                     };
                     let shared = self.shared.clone();
                     let stop = stop_rx.clone();
                     tasks.spawn(async move {
-                        connection::serve(stream, peer, shared, stop).await;
+                        connection::serve(stream, peer, slot, shared, stop).await;
                         drop(permit);
                     });
                 }
@@ -119,6 +154,7 @@ impl Server {
             }
         }
         info!(connections = tasks.len(), "shutting down");
+        housekeeping.abort();
         drop(self.listener);
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -131,5 +167,46 @@ impl Server {
         self.shared.store.close().await;
         info!("server stopped");
         Ok(())
+    }
+}
+
+/// Timers: sweeps the limiters' ended windows, and expires queued messages older than the
+/// queue time-to-live (telling their senders).
+async fn housekeeping(shared: Arc<Shared>) {
+    let ttl = shared.limits.queue_ttl;
+    let every = (ttl / 4).clamp(Duration::from_millis(100), MINUTE);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if last_sweep.elapsed() >= MINUTE {
+            last_sweep = tokio::time::Instant::now();
+            shared.registrations.sweep();
+            shared.message_rate.sweep();
+            shared.claims_by_requester.sweep();
+            shared.claims_by_target.sweep();
+        }
+        let cutoff = postern_protocol::now_ms().saturating_sub(ttl.as_millis() as u64);
+        loop {
+            match shared.store.expire(cutoff, EXPIRE_BATCH).await {
+                Ok(woken) => {
+                    if !woken.is_empty() {
+                        info!(messages = woken.len(), "expired undelivered messages");
+                    }
+                    let more = woken.len() == EXPIRE_BATCH as usize;
+                    for d in woken {
+                        shared.hub.wake_receipts(d);
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not expire old messages");
+                    break;
+                }
+            }
+        }
     }
 }

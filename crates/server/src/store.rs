@@ -78,6 +78,8 @@ pub struct QueuedReceipt {
     pub message_id: Vec<u8>,
     pub recipient: String,
     pub server_time_ms: u64,
+    /// The message was deleted undelivered (queue time-to-live), not delivered.
+    pub expired: bool,
 }
 
 /// Result of registering an account.
@@ -100,6 +102,17 @@ pub enum EnqueueOutcome {
     /// The ciphertexts do not match the recipient's current device list.
     DevicesChanged,
     QueueFull,
+    /// The sender's account already has its byte quota waiting in queues.
+    OverQuota,
+}
+
+/// Per-sender bounds checked inside the enqueue transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct EnqueueLimits {
+    /// Messages waiting for one device.
+    pub max_queue: u32,
+    /// Bytes of ciphertext the sender's account may have waiting in all queues.
+    pub max_queued_bytes: u64,
 }
 
 /// Writes committed together at most.
@@ -127,6 +140,21 @@ impl Store {
     /// Opens (creating if needed) the database file, applies pending migrations and starts
     /// the writer task.
     pub async fn open(path: &Path) -> Result<Self, ServerError> {
+        // The database holds every queued message: readable by the server's user only.
+        // SQLite gives the -wal and -shm files the database's mode, so creating it 0600
+        // first makes them private too; files left looser by older versions are tightened.
+        let private = |e: std::io::Error| {
+            ServerError::Config(format!(
+                "cannot make the database {} private: {e}",
+                path.display()
+            ))
+        };
+        postern_protocol::fsutil::create_private_file(path).map_err(private)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            postern_protocol::fsutil::restrict_file(Path::new(&side)).map_err(private)?;
+        }
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -308,9 +336,13 @@ impl Store {
 
     /// Hands out one key per device of `username`: a one-time key (deleted as it is handed
     /// out) or, when none is left, the fallback key. `None` if the user does not exist.
+    ///
+    /// With `one_time == false` (the claim rate for this user is exhausted) every device's
+    /// fallback key is handed out and no one-time key is used up.
     pub async fn claim_keys(
         &self,
         username: &str,
+        one_time: bool,
     ) -> Result<Option<Vec<DeviceBundle>>, ServerError> {
         let username = username.to_string();
         self.write(move |tx| {
@@ -328,14 +360,18 @@ impl Store {
                 let mut bundles = Vec::with_capacity(rows.len());
                 for row in rows {
                     let device_id: i64 = row.get(0);
-                    let otk = sqlx::query(
-                        "DELETE FROM one_time_keys WHERE id =
+                    let otk = if one_time {
+                        sqlx::query(
+                            "DELETE FROM one_time_keys WHERE id =
                    (SELECT id FROM one_time_keys WHERE device_id = ? ORDER BY id LIMIT 1)
                  RETURNING public_key, signature",
-                    )
-                    .bind(device_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                        )
+                        .bind(device_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    } else {
+                        None
+                    };
                     let (key, is_fallback) = match otk {
                         Some(r) => (
                             Some(SignedKey {
@@ -382,7 +418,7 @@ impl Store {
         recipient: &str,
         message_id: &[u8],
         ciphertexts: &[OutgoingCiphertext],
-        max_queue: u32,
+        limits: EnqueueLimits,
     ) -> Result<EnqueueOutcome, ServerError> {
         let (sender, recipient, message_id, ciphertexts) = (
             sender.clone(),
@@ -408,16 +444,35 @@ impl Store {
             return Ok(EnqueueOutcome::DevicesChanged);
         }
         let now = now_ms();
+        let already: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM queue WHERE recipient_device = ? AND message_id = ? LIMIT 1",
+        )
+        .bind(addressed[0])
+        .bind(&message_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if already.is_none() {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT bytes FROM queued_bytes WHERE account_id = ?")
+                    .bind(sender.account_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or(0);
+            let adding: u64 = ciphertexts.iter().map(|c| c.body.len() as u64).sum();
+            if waiting.max(0) as u64 + adding > limits.max_queued_bytes {
+                return Ok(EnqueueOutcome::OverQuota);
+            }
+        }
         for c in &ciphertexts {
             let queued: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE recipient_device = ?")
                     .bind(c.device_id)
                     .fetch_one(&mut *tx)
                     .await?;
-            if queued >= i64::from(max_queue) {
+            if queued >= i64::from(limits.max_queue) {
                 return Ok(EnqueueOutcome::QueueFull);
             }
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT OR IGNORE INTO queue
                    (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext)
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -431,6 +486,9 @@ impl Store {
             .bind(&c.body)
             .execute(&mut *tx)
             .await?;
+            if inserted.rows_affected() > 0 {
+                add_queued_bytes(tx, sender.account_id, c.body.len() as i64).await?;
+            }
         }
         Ok(EnqueueOutcome::Accepted {
             server_time_ms: now as u64,
@@ -479,20 +537,23 @@ impl Store {
         message_id: &[u8],
     ) -> Result<Option<i64>, ServerError> {
         let (device, message_id) = (device.clone(), message_id.to_vec());
-        self.write(move |tx| Box::pin(async move {
-        let deleted = sqlx::query(
-            "DELETE FROM queue WHERE recipient_device = ? AND message_id = ? RETURNING sender_device",
-        )
-        .bind(device.device_id)
-        .bind(&message_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = deleted else {
-            return Ok(None);
-        };
-        let sender_device: i64 = row.get(0);
-        // The sender's device may have been deleted since; then there is no one to tell.
-        let res = sqlx::query(
+        self.write(move |tx| {
+            Box::pin(async move {
+                let deleted = sqlx::query(
+                    "DELETE FROM queue WHERE recipient_device = ? AND message_id = ?
+             RETURNING sender_device, LENGTH(ciphertext)",
+                )
+                .bind(device.device_id)
+                .bind(&message_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = deleted else {
+                    return Ok(None);
+                };
+                let sender_device: i64 = row.get(0);
+                release_queued_bytes(tx, sender_device, row.get(1)).await?;
+                // The sender's device may have been deleted since; then there is no one to tell.
+                let res = sqlx::query(
             "INSERT OR IGNORE INTO receipts (device_id, message_id, recipient, server_time_ms)
              SELECT id, ?, ?, ? FROM devices WHERE id = ?",
         )
@@ -502,8 +563,9 @@ impl Store {
         .bind(sender_device)
         .execute(&mut *tx)
         .await?;
-        Ok((res.rows_affected() > 0).then_some(sender_device))
-        }))
+                Ok((res.rows_affected() > 0).then_some(sender_device))
+            })
+        })
         .await
     }
 
@@ -514,7 +576,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<QueuedReceipt>, ServerError> {
         let rows = sqlx::query(
-            "SELECT seq, message_id, recipient, server_time_ms FROM receipts
+            "SELECT seq, message_id, recipient, server_time_ms, expired FROM receipts
              WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(device_id)
@@ -529,8 +591,54 @@ impl Store {
                 message_id: r.get(1),
                 recipient: r.get(2),
                 server_time_ms: r.get::<i64, _>(3) as u64,
+                expired: r.get::<i64, _>(4) != 0,
             })
             .collect())
+    }
+
+    /// Deletes up to `limit` queued messages older than `before_ms` (the queue
+    /// time-to-live) and queues an `expired` receipt for each sender's device. Returns the
+    /// sender devices to wake (one entry per expired message, possibly repeated).
+    pub async fn expire(&self, before_ms: u64, limit: u32) -> Result<Vec<i64>, ServerError> {
+        self.write(move |tx| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "DELETE FROM queue WHERE seq IN
+                       (SELECT seq FROM queue WHERE server_time_ms < ? ORDER BY server_time_ms LIMIT ?)
+                     RETURNING message_id, sender_device, recipient_device, LENGTH(ciphertext)",
+                )
+                .bind(before_ms as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                let now = now_ms();
+                let mut wake = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let message_id: Vec<u8> = row.get(0);
+                    let sender_device: i64 = row.get(1);
+                    let recipient_device: i64 = row.get(2);
+                    release_queued_bytes(tx, sender_device, row.get(3)).await?;
+                    let res = sqlx::query(
+                        "INSERT OR IGNORE INTO receipts
+                           (device_id, message_id, recipient, server_time_ms, expired)
+                         SELECT s.id, ?, a.username, ?, 1 FROM devices s, devices r
+                           JOIN accounts a ON a.id = r.account_id
+                         WHERE s.id = ? AND r.id = ?",
+                    )
+                    .bind(&message_id)
+                    .bind(now)
+                    .bind(sender_device)
+                    .bind(recipient_device)
+                    .execute(&mut *tx)
+                    .await?;
+                    if res.rows_affected() > 0 {
+                        wake.push(sender_device);
+                    }
+                }
+                Ok(wake)
+            })
+        })
+        .await
     }
 
     pub async fn ack_receipt(&self, device_id: i64, message_id: &[u8]) -> Result<(), ServerError> {
@@ -547,6 +655,40 @@ impl Store {
         })
         .await
     }
+}
+
+/// Adds `bytes` to the account's undelivered bytes (the per-account quota).
+async fn add_queued_bytes(
+    tx: &mut SqliteConnection,
+    account_id: i64,
+    bytes: i64,
+) -> Result<(), ServerError> {
+    sqlx::query(
+        "INSERT INTO queued_bytes (account_id, bytes) VALUES (?, ?)
+         ON CONFLICT(account_id) DO UPDATE SET bytes = bytes + excluded.bytes",
+    )
+    .bind(account_id)
+    .bind(bytes)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// A message of `bytes` sent by `sender_device` left the queue (delivered or expired).
+async fn release_queued_bytes(
+    tx: &mut SqliteConnection,
+    sender_device: i64,
+    bytes: i64,
+) -> Result<(), ServerError> {
+    sqlx::query(
+        "UPDATE queued_bytes SET bytes = MAX(0, bytes - ?)
+         WHERE account_id = (SELECT account_id FROM devices WHERE id = ?)",
+    )
+    .bind(bytes)
+    .bind(sender_device)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn insert_keys(
@@ -637,6 +779,13 @@ async fn write_loop(mut conn: SqliteConnection, mut jobs: mpsc::Receiver<WriteJo
 mod tests {
     use super::*;
 
+    fn lim(max_queue: u32) -> EnqueueLimits {
+        EnqueueLimits {
+            max_queue,
+            max_queued_bytes: u64::MAX,
+        }
+    }
+
     fn key(b: u8) -> SignedKey {
         SignedKey {
             public_key: vec![b; 32],
@@ -685,17 +834,17 @@ mod tests {
         let bob = register(&s, "bob", 1, &[key(10), key(11)]).await;
         let mut seen = Vec::new();
         for _ in 0..2 {
-            let b = s.claim_keys("bob").await.unwrap().unwrap();
+            let b = s.claim_keys("bob", true).await.unwrap().unwrap();
             assert!(!b[0].is_fallback);
             seen.push(b[0].key.clone().unwrap().public_key);
         }
         seen.sort();
         assert_eq!(seen, vec![vec![10; 32], vec![11; 32]]);
-        let b = s.claim_keys("bob").await.unwrap().unwrap();
+        let b = s.claim_keys("bob", true).await.unwrap().unwrap();
         assert!(b[0].is_fallback);
         assert_eq!(b[0].key.as_ref().unwrap().public_key, vec![99; 32]);
         assert_eq!(s.one_time_key_count(bob.device_id).await.unwrap(), 0);
-        assert!(s.claim_keys("nobody").await.unwrap().is_none());
+        assert!(s.claim_keys("nobody", true).await.unwrap().is_none());
         assert_eq!(
             s.upload_keys(bob.device_id, &[key(12)], None, 1)
                 .await
@@ -723,7 +872,9 @@ mod tests {
         for _ in 0..2 {
             // The retry with the same id is accepted without a duplicate.
             assert!(matches!(
-                s.enqueue(&alice, "bob", b"id-1", &ct, 10).await.unwrap(),
+                s.enqueue(&alice, "bob", b"id-1", &ct, lim(10))
+                    .await
+                    .unwrap(),
                 EnqueueOutcome::Accepted { .. }
             ));
         }
@@ -761,7 +912,7 @@ mod tests {
                 body: i.to_be_bytes().to_vec(),
             }];
             tasks.push(tokio::spawn(async move {
-                s.enqueue(&alice, "bob", &i.to_be_bytes(), &ct, 10_000)
+                s.enqueue(&alice, "bob", &i.to_be_bytes(), &ct, lim(10_000))
                     .await
             }));
         }
@@ -795,25 +946,99 @@ mod tests {
             }]
         };
         assert!(matches!(
-            s.enqueue(&alice, "carol", b"x", &ct(bob.device_id), 10)
+            s.enqueue(&alice, "carol", b"x", &ct(bob.device_id), lim(10))
                 .await
                 .unwrap(),
             EnqueueOutcome::UnknownRecipient
         ));
         assert!(matches!(
-            s.enqueue(&alice, "bob", b"x", &ct(alice.device_id), 10)
+            s.enqueue(&alice, "bob", b"x", &ct(alice.device_id), lim(10))
                 .await
                 .unwrap(),
             EnqueueOutcome::DevicesChanged
         ));
-        s.enqueue(&alice, "bob", b"1", &ct(bob.device_id), 1)
+        s.enqueue(&alice, "bob", b"1", &ct(bob.device_id), lim(1))
             .await
             .unwrap();
         assert!(matches!(
-            s.enqueue(&alice, "bob", b"2", &ct(bob.device_id), 1)
+            s.enqueue(&alice, "bob", b"2", &ct(bob.device_id), lim(1))
                 .await
                 .unwrap(),
             EnqueueOutcome::QueueFull
+        ));
+    }
+
+    /// Alice and Bob registered, and a ciphertext of `len` bytes for Bob's device.
+    async fn alice_bob(
+        s: &Store,
+        len: usize,
+    ) -> (DeviceRecord, DeviceRecord, Vec<OutgoingCiphertext>) {
+        let alice = register(s, "alice", 1, &[]).await;
+        let bob = register(s, "bob", 2, &[]).await;
+        let ct = vec![OutgoingCiphertext {
+            device_id: bob.device_id,
+            olm_type: 1,
+            body: vec![7; len],
+        }];
+        (alice, bob, ct)
+    }
+
+    #[tokio::test]
+    async fn expired_messages_leave_the_queue_and_tell_the_sender() {
+        let (_d, s) = store().await;
+        let (alice, bob, ct) = alice_bob(&s, 10).await;
+        s.enqueue(&alice, "bob", b"old", &ct, lim(10))
+            .await
+            .unwrap();
+        assert!(
+            s.expire(0, 100).await.unwrap().is_empty(),
+            "nothing that old"
+        );
+        let wake = s.expire(u64::MAX / 2, 100).await.unwrap();
+        assert_eq!(wake, vec![alice.device_id]);
+        assert!(s.pending(bob.device_id, 0, 10).await.unwrap().is_empty());
+        let r = s.pending_receipts(alice.device_id, 0, 10).await.unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].expired);
+        assert_eq!(r[0].recipient, "bob");
+        assert_eq!(r[0].message_id, b"old");
+    }
+
+    #[tokio::test]
+    async fn a_sender_over_its_byte_quota_is_refused_but_retries_are_not() {
+        let (_d, s) = store().await;
+        let (alice, bob, ct) = alice_bob(&s, 600).await;
+        let l = EnqueueLimits {
+            max_queue: 100,
+            max_queued_bytes: 1000,
+        };
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"1", &ct, l).await.unwrap(),
+            EnqueueOutcome::Accepted { .. }
+        ));
+        // The same message again (a retry after a lost answer) is still accepted.
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"1", &ct, l).await.unwrap(),
+            EnqueueOutcome::Accepted { .. }
+        ));
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"2", &ct, l).await.unwrap(),
+            EnqueueOutcome::OverQuota
+        ));
+        s.ack_message(&bob, b"1").await.unwrap();
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"2", &ct, l).await.unwrap(),
+            EnqueueOutcome::Accepted { .. }
+        ));
+        // Expired messages free their bytes too.
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"3", &ct, l).await.unwrap(),
+            EnqueueOutcome::OverQuota
+        ));
+        s.expire(u64::MAX / 2, 100).await.unwrap();
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"3", &ct, l).await.unwrap(),
+            EnqueueOutcome::Accepted { .. }
         ));
     }
 }

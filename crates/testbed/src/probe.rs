@@ -1,5 +1,6 @@
 //! Probe payloads for the active prober.
 
+use postern_test_kit::tls::ClientHello;
 use rand::Rng;
 
 /// The probes, in the order they are reported.
@@ -34,56 +35,27 @@ pub fn payload(probe: &str, host: &str) -> Vec<u8> {
     }
 }
 
-fn u16be(v: usize) -> [u8; 2] {
-    (v as u16).to_be_bytes()
-}
-
-fn extension(kind: u16, body: &[u8]) -> Vec<u8> {
-    let mut e = kind.to_be_bytes().to_vec();
-    e.extend(u16be(body.len()));
-    e.extend(body);
-    e
-}
-
 /// A TLS 1.3 ClientHello (in a TLS record) offering x25519 and common suites, with `sni`
-/// as its server name and a random key share.
+/// as its server name and a random key share (built with the shared ClientHello builder).
 pub fn client_hello(sni: &str) -> Vec<u8> {
     let mut rng = rand::rng();
-    let mut body = vec![0x03, 0x03];
-    body.extend((0..32).map(|_| rng.random::<u8>()));
-    body.push(32);
-    body.extend((0..32).map(|_| rng.random::<u8>()));
-    let suites: [u16; 6] = [0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xcca8];
-    body.extend(u16be(suites.len() * 2));
-    suites.iter().for_each(|s| body.extend(s.to_be_bytes()));
-    body.extend([1, 0]); // compression: null
-    let mut exts = Vec::new();
-    let name = sni.as_bytes();
-    let mut sn = u16be(name.len() + 3).to_vec();
-    sn.push(0);
-    sn.extend(u16be(name.len()));
-    sn.extend(name);
-    exts.extend(extension(0x0000, &sn));
-    exts.extend(extension(0x000a, &[0, 4, 0x00, 0x1d, 0x00, 0x17])); // groups
-    exts.extend(extension(
-        0x000d,
-        &[0, 8, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01, 0x08, 0x07],
-    )); // signature algorithms
-    exts.extend(extension(0x002b, &[4, 0x03, 0x04, 0x03, 0x03])); // versions
-    let mut ks = u16be(36).to_vec();
-    ks.extend([0x00, 0x1d, 0x00, 0x20]);
-    ks.extend((0..32).map(|_| rng.random::<u8>()));
-    exts.extend(extension(0x0033, &ks)); // key share
-    exts.extend(extension(0x002d, &[1, 1])); // psk modes
-    body.extend(u16be(exts.len()));
-    body.extend(exts);
-    let mut hs = vec![0x01, 0];
-    hs.extend(u16be(body.len()));
-    hs.extend(body);
-    let mut rec = vec![0x16, 0x03, 0x01];
-    rec.extend(u16be(hs.len()));
-    rec.extend(hs);
-    rec
+    let mut key_share = vec![0, 36, 0x00, 0x1d, 0x00, 0x20];
+    key_share.extend((0..32).map(|_| rng.random::<u8>()));
+    let session: Vec<u8> = (0..32).map(|_| rng.random::<u8>()).collect();
+    ClientHello::new()
+        .random(rng.random())
+        .session_id(&session)
+        .suites(&[0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xcca8])
+        .sni(sni)
+        .extension(0x000a, &[0, 4, 0x00, 0x1d, 0x00, 0x17]) // groups
+        .extension(
+            0x000d,
+            &[0, 8, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01, 0x08, 0x07],
+        ) // signature algorithms
+        .extension(0x002b, &[4, 0x03, 0x04, 0x03, 0x03]) // versions
+        .extension(0x0033, &key_share)
+        .extension(0x002d, &[1, 1]) // psk modes
+        .records(16384)
 }
 
 #[cfg(test)]

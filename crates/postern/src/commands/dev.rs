@@ -1,7 +1,10 @@
 //! `postern dev`: a whole local network in one command — a server with embedded storage
 //! and a relay in front of it — with instructions to try both paths.
 
+use std::str::FromStr;
+
 use postern_protocol::link::ProxyLink;
+use postern_protocol::net::{Cidr, TrustedProxies};
 use postern_relay::Relay;
 use postern_server::{DataDir, Server, ServerConfig};
 use tokio::sync::watch;
@@ -16,7 +19,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.listen.to_string()
     };
     dir.init(&public)?;
-    let server = Server::bind(ServerConfig::new(&args.data, args.listen)).await?;
+    let mut config = ServerConfig::new(&args.data, args.listen);
+    // The development relay runs on this machine: believe its PROXY headers.
+    config.limits.trusted_proxies =
+        TrustedProxies::new(vec![Cidr::from_str("127.0.0.0/8")?, Cidr::from_str("::1")?]);
+    let server = Server::bind(config).await?;
     let addr = server.local_addr();
     if addr.port() != args.listen.port() {
         // Port 0 was asked for: tell clients the real one.

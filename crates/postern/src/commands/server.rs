@@ -1,5 +1,8 @@
 //! `postern server init` and `postern server run`.
 
+use std::time::Duration;
+
+use postern_protocol::net::TrustedProxies;
 use postern_server::{DataDir, Limits, Server, ServerConfig};
 
 use crate::cli::{ServerCommand, ServerRunArgs};
@@ -31,15 +34,26 @@ pub async fn run(cmd: ServerCommand) -> anyhow::Result<()> {
     }
 }
 
+const MIB: u64 = 1024 * 1024;
+
 pub(crate) fn config(args: &ServerRunArgs) -> ServerConfig {
     let mut config = ServerConfig::new(&args.data, args.listen);
     config.log_client_addresses = args.log_client_addresses;
     config.limits = Limits {
         max_connections: args.max_connections,
         registrations_per_minute: args.registrations_per_minute,
-        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout.max(1)),
-        idle_timeout: std::time::Duration::from_secs(args.idle_timeout.max(1)),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         max_queue_per_device: args.max_queue_per_device,
+        trusted_proxies: TrustedProxies::new(args.trusted_proxy.clone()),
+        max_connections_per_source: args.max_connections_per_source,
+        unregistered_timeout: Duration::from_secs(args.unregistered_timeout.max(1)),
+        messages_per_minute: args.messages_per_minute,
+        max_queued_bytes_per_account: args.max_queued_mib_per_account.saturating_mul(MIB),
+        queue_ttl: args.queue_ttl.max(Duration::from_secs(1)),
+        min_free_disk: args.min_free_disk_mib.saturating_mul(MIB),
+        claims_per_requester_per_minute: args.claims_per_minute,
+        claims_per_target_per_minute: args.claims_per_user_per_minute,
         ..Limits::default()
     };
     config

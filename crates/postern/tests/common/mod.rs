@@ -11,6 +11,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use postern_test_kit::process::ReadyProcess;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
 /// Upper bound for any single command; generous for a loaded CI machine.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,7 +73,7 @@ pub fn fails(home: &Path, args: &[&str]) -> String {
 
 /// A `postern server run` process.
 pub struct TestServer {
-    child: Child,
+    process: ReadyProcess,
     pub addr: SocketAddr,
     pub data: PathBuf,
     /// Everything the server wrote to stderr (its logs), line by line.
@@ -94,61 +96,30 @@ impl TestServer {
         let mut init = Command::new(BIN);
         init.args(["server", "init", "--data"]).arg(data);
         assert!(run(init).status.success());
-        let mut child = Command::new(BIN)
-            .args(["server", "run", "--data"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "run", "--data"])
             .arg(data)
             .args(["--listen", &listen.to_string()])
             .args(extra)
-            .env("POSTERN_LOG", "info,postern_server=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn server");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("postern server listening on ") {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr: SocketAddr = rx
-            .recv_timeout(COMMAND_TIMEOUT)
-            .expect("server did not become ready")
-            .parse()
-            .expect("address");
+            .env("POSTERN_LOG", "info,postern_server=debug");
+        let process = ReadyProcess::start(cmd, "postern server listening on ");
+        let addr: SocketAddr = process.ready.parse().expect("address");
         let mut init = Command::new(BIN);
         init.args(["server", "init", "--data"])
             .arg(data)
             .args(["--public-address", &addr.to_string()]);
         assert!(run(init).status.success());
         Self {
-            child,
+            log: process.stderr.clone(),
+            process,
             addr,
             data: data.to_path_buf(),
-            log,
         }
     }
 
     /// Log lines containing `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .cloned()
-            .collect()
+        self.process.stderr_lines(needle)
     }
 
     pub fn network_file(&self) -> PathBuf {
@@ -156,44 +127,21 @@ impl TestServer {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.process.pid() as i32
     }
 
     /// SIGKILL: the process gets no chance to flush anything.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill(self) {
+        self.process.kill()
     }
 
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
-    pub fn terminate(mut self) -> bool {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("signal");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.success();
-            }
-            assert!(
-                started.elapsed() < COMMAND_TIMEOUT,
-                "server ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    pub fn terminate(self) -> bool {
+        self.process.terminate()
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.is_running()
     }
 }
 
@@ -226,6 +174,9 @@ pub fn relay_for(server: &TestServer) -> TestRelay {
         "127.0.0.1:0",
         "--stats",
         "127.0.0.1:0",
+        // The tests' load balancer (`proxy_header_forwarder`) runs on loopback.
+        "--trusted-proxy",
+        "127.0.0.1",
     ])
 }
 
@@ -515,7 +466,7 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// A `postern relay` process.
 pub struct TestRelay {
-    child: Child,
+    process: ReadyProcess,
     /// (name, kind, address) of each listener, as the relay printed them.
     pub listeners: Vec<(String, String, SocketAddr)>,
 }
@@ -523,58 +474,26 @@ pub struct TestRelay {
 impl TestRelay {
     /// Starts `postern relay ARGS...` and waits until it has printed its listeners.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("relay")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn relay");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut listeners = Vec::new();
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|e| {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "relay did not report its listeners ({e}); its stderr:\n{}",
-                    log.lock().unwrap()
-                )
-            });
-            if let Some(rest) = line.strip_prefix("listening: ") {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("relay").args(args);
+        let process = ReadyProcess::start(cmd, "relay ready");
+        let listeners = process
+            .before
+            .iter()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("listening: ")?;
                 let parts: Vec<&str> = rest.split_whitespace().collect();
-                if let [name, kind, addr] = parts[..] {
-                    listeners.push((
+                match parts[..] {
+                    [name, kind, addr] => Some((
                         name.to_string(),
                         kind.to_string(),
                         addr.parse().expect("address"),
-                    ));
+                    )),
+                    _ => None,
                 }
-            } else if line == "relay ready" {
-                break;
-            }
-        }
-        Self { child, listeners }
+            })
+            .collect();
+        Self { process, listeners }
     }
 
     /// The first listener of this kind (`plain`, `tls`, `plain+proxy`, `tls+proxy`).
@@ -586,16 +505,8 @@ impl TestRelay {
             .unwrap_or_else(|| panic!("no {kind} listener in {:?}", self.listeners))
     }
 
-    pub fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for TestRelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn stop(self) {
+        self.process.kill()
     }
 }
 
@@ -651,4 +562,79 @@ pub fn proxy_header_forwarder(target: SocketAddr, client: &str) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A raw protocol channel to a server (for tests that speak frames themselves).
+pub type RawChannel = (
+    postern_protocol::noise::SecureReader<tokio::net::tcp::OwnedReadHalf>,
+    postern_protocol::noise::SecureWriter<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+/// The pinned key of the server in `data`.
+pub fn server_key(server: &TestServer) -> [u8; 32] {
+    postern_protocol::network::NetworkFile::load(&server.network_file())
+        .expect("network file")
+        .server_key()
+        .expect("server key")
+}
+
+/// Connects to `server` (from `from`, a loopback address, when given), sends `proxy`
+/// first if given, and completes a Noise handshake with a fresh device key. `None` when
+/// the server closed instead of answering.
+pub async fn raw_handshake(
+    server: SocketAddr,
+    key: &[u8; 32],
+    proxy: Option<Vec<u8>>,
+    from: Option<std::net::IpAddr>,
+) -> Option<RawChannel> {
+    use postern_protocol::noise::{self, StaticKeypair};
+    use tokio::io::AsyncWriteExt;
+    let mut s = match from {
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(server).await.unwrap()
+        }
+        None => tokio::net::TcpStream::connect(server).await.unwrap(),
+    };
+    if let Some(h) = proxy {
+        s.write_all(&h).await.ok()?;
+    }
+    let me = StaticKeypair::generate();
+    let hello = postern_protocol::schema::ClientHello {
+        protocol_version: 1,
+        software: "raw-test".into(),
+        send_only: false,
+    };
+    let (t, _) = noise::client_handshake(&mut s, &me, key, &hello, Duration::from_secs(10))
+        .await
+        .ok()?;
+    let (r, w) = s.into_split();
+    Some(noise::split(t, r, w))
+}
+
+/// Sends one request on a raw channel and returns the answer's body.
+pub async fn raw_request(
+    channel: &mut RawChannel,
+    request_id: u64,
+    body: postern_protocol::schema::client_frame::Body,
+) -> postern_protocol::schema::server_frame::Body {
+    use postern_protocol::schema::{ClientFrame, ServerFrame};
+    channel
+        .1
+        .send(&ClientFrame {
+            request_id,
+            body: Some(body),
+        })
+        .await
+        .expect("send request");
+    loop {
+        let f: ServerFrame = tokio::time::timeout(Duration::from_secs(10), channel.0.recv())
+            .await
+            .expect("answer in time")
+            .expect("answer");
+        if f.request_id == request_id {
+            return f.body.expect("a body");
+        }
+    }
 }
