@@ -7,17 +7,16 @@
 //! would pass without testing anything.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 
-use super::common::{BIN, COMMAND_TIMEOUT};
+use super::common::{ReadyProcess, BIN};
 
 /// How long a page may take to show what a test waits for (route races included).
 pub const UI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,7 +62,7 @@ fn ensure_browser() {
 /// One chromedriver with one headless Chromium session, each with its own empty profile.
 pub struct Browser {
     pub client: Client,
-    driver: Child,
+    driver: ReadyProcess,
     _profile: tempfile::TempDir,
 }
 
@@ -75,24 +74,12 @@ impl Browser {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let mut driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let stdout = driver.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("started successfully") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(COMMAND_TIMEOUT)
-            .expect("chromedriver did not start");
+        let mut cmd = Command::new(CHROMEDRIVER);
+        cmd.arg(format!("--port={port}"));
+        let driver = ReadyProcess::try_start(cmd, |l| {
+            l.contains("started successfully").then(String::new)
+        })
+        .unwrap_or_else(|(e, stderr)| panic!("chromedriver: {e}\n{}", stderr.join("\n")));
         let profile = tempfile::tempdir().expect("browser profile");
         let mut caps = serde_json::Map::new();
         caps.insert(
@@ -183,53 +170,30 @@ impl Browser {
     }
 
     pub async fn close(self) {
-        let Browser {
-            client, mut driver, ..
-        } = self;
+        let Browser { client, driver, .. } = self;
         let _ = client.close().await;
-        let _ = driver.kill();
-        let _ = driver.wait();
+        driver.kill();
     }
 }
 
-/// A `postern app --no-browser` process for one profile.
+/// A `postern app --no-browser` process for one profile (killed when dropped).
 pub struct AppProcess {
-    child: Child,
+    _process: ReadyProcess,
     /// The address it printed, with this run's token.
     pub url: String,
 }
 
 impl AppProcess {
     pub fn start(home: &Path) -> AppProcess {
-        let mut child = Command::new(BIN)
-            .arg("--home")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--home")
             .arg(home)
             .args(["app", "--no-browser", "--listen", "127.0.0.1:0"])
-            .env_remove("POSTERN_HOME")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn postern app");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("postern app ready: ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(COMMAND_TIMEOUT)
-            .expect("postern app did not print its address");
-        AppProcess { child, url }
-    }
-}
-
-impl Drop for AppProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .env_remove("POSTERN_HOME");
+        let process = ReadyProcess::start(cmd, "postern app ready: ");
+        AppProcess {
+            url: process.ready.clone(),
+            _process: process,
+        }
     }
 }
