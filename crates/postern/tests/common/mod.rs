@@ -518,6 +518,8 @@ pub struct TestRelay {
     child: Child,
     /// (name, kind, address) of each listener, as the relay printed them.
     pub listeners: Vec<(String, String, SocketAddr)>,
+    /// The stats listener's address, if it has one.
+    pub stats: Option<SocketAddr>,
 }
 
 impl TestRelay {
@@ -551,6 +553,7 @@ impl TestRelay {
             }
         });
         let mut listeners = Vec::new();
+        let mut stats = None;
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -570,11 +573,17 @@ impl TestRelay {
                         addr.parse().expect("address"),
                     ));
                 }
+            } else if let Some(url) = line.strip_prefix("status page: http://") {
+                stats = url.trim_end_matches('/').parse().ok();
             } else if line == "relay ready" {
                 break;
             }
         }
-        Self { child, listeners }
+        Self {
+            child,
+            listeners,
+            stats,
+        }
     }
 
     /// The first listener of this kind (`plain`, `tls`, `plain+proxy`, `tls+proxy`).
