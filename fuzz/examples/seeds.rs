@@ -50,7 +50,9 @@ fn proxy_headers() -> Vec<(&'static str, Vec<u8>)> {
     let mut local = V2_SIGNATURE.to_vec();
     local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
     let mut tlv = V2_SIGNATURE.to_vec();
-    tlv.extend_from_slice(&[0x21, 0x11, 0x00, 0x13, 127, 0, 0, 1, 127, 0, 0, 2, 0, 1, 0, 2]);
+    tlv.extend_from_slice(&[
+        0x21, 0x11, 0x00, 0x13, 127, 0, 0, 1, 127, 0, 0, 2, 0, 1, 0, 2,
+    ]);
     tlv.extend_from_slice(&[0x04, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef]);
     vec![
         ("v1-tcp4", encode_v1(v4.0, v4.1)),
@@ -231,11 +233,7 @@ fn main() {
     for (name, seg, bytes) in [
         ("rustls-media-whatsapp", 255u8, real.clone()),
         ("rustls-one-byte-segments", 1, real.clone()),
-        (
-            "rustls-signal",
-            200,
-            rustls_client_hello("chat.signal.org"),
-        ),
+        ("rustls-signal", 200, rustls_client_hello("chat.signal.org")),
         (
             "fragmented-records",
             16,
@@ -244,7 +242,10 @@ fn main() {
         (
             "two-names",
             255,
-            records(&client_hello(&[b"a.example.org", b"b.example.org"], 0), 16384),
+            records(
+                &client_hello(&[b"a.example.org", b"b.example.org"], 0),
+                16384,
+            ),
         ),
         (
             "ip-literal",
@@ -301,7 +302,10 @@ fn main() {
         deploy.join("presets/signal.toml"),
     ] {
         let text = std::fs::read(&path).expect("deploy file");
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("config");
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("config");
         seed("relay_config", name, &text);
     }
     seed(

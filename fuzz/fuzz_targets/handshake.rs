@@ -91,7 +91,11 @@ fn client_hello(payload: &[u8]) {
             assert_eq!(server.client_static(), &k.client_public);
             assert!(r.is_empty(), "read past message 1");
             let again = ClientHello::decode(expected.encode_to_vec().as_slice());
-            assert_eq!(again.as_ref().ok(), Some(&expected), "re-encoding round-trips");
+            assert_eq!(
+                again.as_ref().ok(),
+                Some(&expected),
+                "re-encoding round-trips"
+            );
             let hello = ServerHello {
                 protocol_version: 1,
                 device: None,
@@ -117,8 +121,7 @@ fn client_hello(payload: &[u8]) {
 /// One completed handshake per process: the client's and the server's transport states
 /// (stateless, nonces explicit, so every input starts again from nonce 0).
 fn transports() -> &'static (StatelessTransportState, Arc<StatelessTransportState>) {
-    static T: OnceLock<(StatelessTransportState, Arc<StatelessTransportState>)> =
-        OnceLock::new();
+    static T: OnceLock<(StatelessTransportState, Arc<StatelessTransportState>)> = OnceLock::new();
     T.get_or_init(|| {
         let k = keys();
         let mut hs = initiator();
@@ -153,7 +156,10 @@ fn transport(rest: &[u8]) {
     }
     let (mut reader, _writer) = noise::split(server_t.clone(), &wire[..], Vec::<u8>::new());
     for p in &payloads {
-        match (block_on(reader.recv::<ClientFrame>()), ClientFrame::decode(*p)) {
+        match (
+            block_on(reader.recv::<ClientFrame>()),
+            ClientFrame::decode(*p),
+        ) {
             (Ok(frame), Ok(expected)) => {
                 assert_eq!(frame, expected);
                 let again = ClientFrame::decode(frame.encode_to_vec().as_slice());

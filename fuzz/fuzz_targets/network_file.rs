@@ -23,5 +23,10 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|e| panic!("written file does not parse: {e}\n{written}"));
     assert_eq!(back, file);
     assert_eq!(back.server_key().ok(), Some(key));
-    assert_eq!(NetworkFile::new(&file.server.address, &key).server_key().ok(), Some(key));
+    assert_eq!(
+        NetworkFile::new(&file.server.address, &key)
+            .server_key()
+            .ok(),
+        Some(key)
+    );
 });

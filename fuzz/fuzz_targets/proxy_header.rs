@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let consumed = data.len() - stream.buffer().len() - stream.get_ref().len();
     let header = match result {
         Ok(None) => {
-            assert!(data[0] <= 0x03, "no header reported for first byte {}", data[0]);
+            assert!(
+                data[0] <= 0x03,
+                "no header reported for first byte {}",
+                data[0]
+            );
             assert_eq!(consumed, 0, "a stream without header is left untouched");
             return;
         }
@@ -56,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
     };
     match relay::parse(data) {
         Ok(Parsed::Complete(a, len)) => {
-            assert_eq!((a, len), (addrs, consumed), "the relay reads the same header");
+            assert_eq!(
+                (a, len),
+                (addrs, consumed),
+                "the relay reads the same header"
+            );
         }
         other => panic!("the server read {header:?} ({consumed} bytes), the relay: {other:?}"),
     }

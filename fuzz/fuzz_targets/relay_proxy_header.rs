@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
     let whole = parse(stream);
     if let Ok(Parsed::Complete(_, len)) = &whole {
         assert!(*len <= stream.len());
-        assert_eq!(postern_relay::proxy_header::signature(stream), Signature::Yes);
+        assert_eq!(
+            postern_relay::proxy_header::signature(stream),
+            Signature::Yes
+        );
     }
 
     // Prefixes (up to the first 700 bytes: headers are at most a few hundred).

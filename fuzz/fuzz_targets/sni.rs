@@ -35,7 +35,11 @@ fn check(stream: &[u8], seg: u8, max: usize) {
     match &whole {
         Ok(Progress::Done(name)) => check_name(name),
         Ok(Progress::NeedMore(n)) => {
-            assert!(*n > stream.len(), "NeedMore({n}) for {} bytes", stream.len());
+            assert!(
+                *n > stream.len(),
+                "NeedMore({n}) for {} bytes",
+                stream.len()
+            );
         }
         Err(_) => {}
     }
@@ -62,14 +66,20 @@ fn check(stream: &[u8], seg: u8, max: usize) {
             }
         }
         for cut in [done_at, (done_at + stream.len()) / 2] {
-            assert_eq!(examine(&stream[..cut], max).as_ref(), Ok(&Progress::Done(name.clone())));
+            assert_eq!(
+                examine(&stream[..cut], max).as_ref(),
+                Ok(&Progress::Done(name.clone()))
+            );
         }
     }
 
     let mut reader = Segments::new(stream, &[seg]);
     match (block_on(read_client_hello(&mut reader, max)), &whole) {
         (Ok((name, bytes)), _) => {
-            assert!(stream.starts_with(&bytes), "forwarded bytes are the client's");
+            assert!(
+                stream.starts_with(&bytes),
+                "forwarded bytes are the client's"
+            );
             assert_eq!(examine(&bytes, max), Ok(Progress::Done(name)));
             assert!(bytes.len() <= max.max(stream.len()));
         }
@@ -85,7 +95,10 @@ fn check_name(name: &str) {
     assert_eq!(name, name.to_ascii_lowercase(), "lower case");
     assert!(!name.ends_with('.'), "no trailing dot");
     assert!(is_valid_dns_name(name), "valid DNS name: {name:?}");
-    assert!(name.parse::<IpAddr>().is_err(), "not an IP literal: {name:?}");
+    assert!(
+        name.parse::<IpAddr>().is_err(),
+        "not an IP literal: {name:?}"
+    );
     assert!(AllowList::new(&[name.to_string()]).allows(name));
     let other = AllowList::new(&["*.postern-fuzz.invalid".to_string()]);
     assert_eq!(other.allows(name), name.ends_with(".postern-fuzz.invalid"));

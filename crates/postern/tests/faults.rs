@@ -152,7 +152,10 @@ fn a_relay_killed_mid_transfer_costs_nothing_and_the_second_relay_takes_over() {
         sent.acknowledged.lock().unwrap().len(),
         sent.failed.load(Ordering::SeqCst)
     );
-    assert!(recovery < Duration::from_secs(10), "recovery took {recovery:?}");
+    assert!(
+        recovery < Duration::from_secs(10),
+        "recovery took {recovery:?}"
+    );
 
     // Anything whose send was cut before ✓ is still pending; the next command sends it.
     ok(&alice, &["inbox"]);
@@ -219,7 +222,10 @@ fn the_server_dying_behind_a_relay_loses_nothing_acknowledged() {
         sent.acknowledged.lock().unwrap().len(),
         sent.failed.load(Ordering::SeqCst)
     );
-    assert!(recovery < Duration::from_secs(20), "recovery took {recovery:?}");
+    assert!(
+        recovery < Duration::from_secs(20),
+        "recovery took {recovery:?}"
+    );
 
     ok(&alice, &["inbox"]);
     let history = outgoing_ids(&alice, "bob");
@@ -294,9 +300,12 @@ fn a_full_disk_refuses_new_messages_cleanly_and_loses_nothing_acknowledged() {
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
-    let before = ok(&alice, &["send", "bob", "acknowledged before the disk filled"])
-        .trim()
-        .to_string();
+    let before = ok(
+        &alice,
+        &["send", "bob", "acknowledged before the disk filled"],
+    )
+    .trim()
+    .to_string();
 
     let filler = disk.0.join("filler");
     let filled = fill(&filler);
@@ -306,7 +315,10 @@ fn a_full_disk_refuses_new_messages_cleanly_and_loses_nothing_acknowledged() {
     let started = Instant::now();
     let err = fails(&alice, &["send", "bob", "sent while the disk is full"]);
     let refused_in = started.elapsed();
-    eprintln!("send on a full disk refused in {refused_in:?}: {}", err.trim());
+    eprintln!(
+        "send on a full disk refused in {refused_in:?}: {}",
+        err.trim()
+    );
     assert!(
         refused_in < Duration::from_secs(15),
         "refusal took {refused_in:?}"
@@ -333,10 +345,7 @@ fn a_full_disk_refuses_new_messages_cleanly_and_loses_nothing_acknowledged() {
     std::fs::remove_file(&filler).unwrap();
     ok(&alice, &["inbox"]);
     let statuses = outgoing_ids(&alice, "bob");
-    assert!(
-        statuses.iter().all(|(_, s)| s != "pending"),
-        "{statuses:?}"
-    );
+    assert!(statuses.iter().all(|(_, s)| s != "pending"), "{statuses:?}");
     assert!(statuses.iter().any(|(id, _)| *id == before));
     ok(&bob, &["inbox"]);
     let history = ok(&bob, &["history", "alice"]);
@@ -348,7 +357,9 @@ fn a_full_disk_refuses_new_messages_cleanly_and_loses_nothing_acknowledged() {
         "{history}"
     );
     assert_eq!(
-        history.matches("alice: sent while the disk is full").count(),
+        history
+            .matches("alice: sent while the disk is full")
+            .count(),
         1,
         "{history}"
     );
@@ -451,7 +462,10 @@ fn slowloris_against_server_and_relay_listeners_does_not_keep_real_clients_out()
     // measured is the floods' cost, not that cap turning them away.
     const EACH: usize = 150;
     let floods = [
-        ("server, trickling", Slowloris::start(server.addr, EACH, TRICKLE_PLAIN)),
+        (
+            "server, trickling",
+            Slowloris::start(server.addr, EACH, TRICKLE_PLAIN),
+        ),
         ("server, idle", Slowloris::start(server.addr, EACH, b"")),
         (
             "relay plain, trickling",
@@ -461,10 +475,17 @@ fn slowloris_against_server_and_relay_listeners_does_not_keep_real_clients_out()
             "relay TLS, trickling",
             Slowloris::start(relay.addr("tls"), EACH, TRICKLE_TLS),
         ),
-        ("relay TLS, idle", Slowloris::start(relay.addr("tls"), EACH, b"")),
+        (
+            "relay TLS, idle",
+            Slowloris::start(relay.addr("tls"), EACH, b""),
+        ),
     ];
     for (name, f) in &floods {
-        assert!(f.open() >= EACH / 2, "{name}: only {} connections", f.open());
+        assert!(
+            f.open() >= EACH / 2,
+            "{name}: only {} connections",
+            f.open()
+        );
     }
 
     // Real clients, timed while the floods hold their connections.
@@ -479,7 +500,10 @@ fn slowloris_against_server_and_relay_listeners_does_not_keep_real_clients_out()
         .next(Duration::from_secs(10))
         .map(|_| started.elapsed());
     let started = Instant::now();
-    let check = ok(&bob, &["proxy", "check", &relay.addr("tls").to_string(), "--tls"]);
+    let check = ok(
+        &bob,
+        &["proxy", "check", &relay.addr("tls").to_string(), "--tls"],
+    );
     let checked_in = started.elapsed();
     for (name, f) in &floods {
         eprintln!("{name}: {} connections held", f.open());
@@ -496,16 +520,23 @@ fn slowloris_against_server_and_relay_listeners_does_not_keep_real_clients_out()
         delivered_in < Duration::from_secs(8),
         "delivery took {delivered_in:?}"
     );
-    assert!(checked_in < Duration::from_secs(5), "check took {checked_in:?}");
+    assert!(
+        checked_in < Duration::from_secs(5),
+        "check took {checked_in:?}"
+    );
     received.assert_exactly_once(&[id]);
 }
 
 /// `GET path` on the stats listener with a deadline; the status line, or why not.
 fn http_get(addr: SocketAddr, path: &str, within: Duration) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, within).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(within)).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+    s.set_read_timeout(Some(within))
         .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&answer);
