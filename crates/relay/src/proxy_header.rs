@@ -60,12 +60,17 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     if !looks_v1 && !looks_v2 {
         return Err(ProxyHeaderError::Invalid);
     }
+    // v1: the length of the line, which is the header's length whatever the parser thinks.
+    let mut v1_len = 0;
     let res = if looks_v1 {
         // v1 framing: the header is one line of at most 107 bytes ending in CRLF. Only the
         // complete line is handed to the parser, so a bad line is an error, not "need more".
         let window = &buf[..buf.len().min(V1_MAX)];
         match window.windows(2).position(|w| w == b"\r\n") {
-            Some(end) => HeaderResult::V1(ppp::v1::Header::try_from(&buf[..end + 2])),
+            Some(end) => {
+                v1_len = end + 2;
+                HeaderResult::V1(ppp::v1::Header::try_from(&buf[..v1_len]))
+            }
             None if buf.len() >= V1_MAX => return Err(ProxyHeaderError::Invalid),
             None => return Ok(Parsed::Incomplete),
         }
@@ -81,12 +86,15 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     match res {
         HeaderResult::V1(Ok(h)) => {
             let (source, destination) = addresses_v1(&h);
+            // Not `h.header.len()`: for an UNKNOWN line `ppp` may stop at an earlier LF,
+            // and the rest of the line would be forwarded as the client's bytes (the
+            // server, which reads to the CRLF, would disagree on where the stream starts).
             Ok(Parsed::Complete(
                 ProxiedAddrs {
                     source,
                     destination,
                 },
-                h.header.len(),
+                v1_len,
             ))
         }
         HeaderResult::V2(Ok(h)) => {
@@ -220,6 +228,20 @@ mod tests {
             );
         }
         assert!(matches!(parse(text).unwrap(), Parsed::Complete(_, 45)));
+    }
+
+    /// Found by the `proxy_header` fuzz target: `ppp` reported 18 bytes for this 20-byte
+    /// line, so the relay forwarded "\r\n" of the header as the client's stream.
+    #[test]
+    fn v1_unknown_header_ends_at_its_crlf() {
+        let input = b"PROXY UNKNOWN  \n\r:\r\n\x00";
+        let none = ProxiedAddrs {
+            source: None,
+            destination: None,
+        };
+        assert_eq!(parse(input).unwrap(), Parsed::Complete(none, 20));
+        let server = postern_protocol::proxy_header::parse_v1(&input[..20]).unwrap();
+        assert_eq!((server.source, server.destination), (None, None));
     }
 
     #[test]
