@@ -343,12 +343,18 @@ impl RelayConfig {
             }
         }
         let checks = self.pools.iter().map(|(name, p)| {
-            (format!("pool {name:?}: health_check_interval"), p.health_check_interval)
+            (
+                format!("pool {name:?}: health_check_interval"),
+                p.health_check_interval,
+            )
         });
         for (name, d) in [
             ("limits.connect_timeout".to_string(), l.connect_timeout),
             ("limits.idle_timeout".to_string(), l.idle_timeout),
-            ("limits.half_close_timeout".to_string(), l.half_close_timeout),
+            (
+                "limits.half_close_timeout".to_string(),
+                l.half_close_timeout,
+            ),
             ("limits.handshake_timeout".to_string(), l.handshake_timeout),
             ("limits.shutdown_grace".to_string(), l.shutdown_grace),
         ]
