@@ -139,9 +139,13 @@ impl ProxyEntry {
             }
         })?;
         let host = host.to_ascii_lowercase();
-        if host.parse::<IpAddr>().is_err() && !is_valid_dns_name(&host) {
-            return Err(ProxyParseError::Host(host));
-        }
+        // Written as the link reader writes it (IP addresses canonical, no '_' in names),
+        // so a saved relay always survives being shared as a link.
+        let host = match host.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) if is_valid_dns_name(&host) && !host.contains('_') => host,
+            Err(_) => return Err(ProxyParseError::Host(host)),
+        };
         let port = match port {
             None => 443,
             Some(p) => p
@@ -177,6 +181,24 @@ impl fmt::Display for ProxyEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `link` fuzz target: `proxy add` took a host the link reader refuses,
+    /// so the relay's link (`to_link`) could not be imported again.
+    #[test]
+    fn hosts_are_only_those_a_link_can_carry() {
+        assert_eq!(
+            ProxyEntry::parse("________re.mmlPaxorg"),
+            Err(ProxyParseError::Host("________re.mmlpaxorg".into()))
+        );
+        let p = ProxyEntry::parse("[2001:0DB8:0::1]:5222").unwrap();
+        assert_eq!(p.host, "2001:db8::1");
+        for input in ["[2001:0DB8:0::1]:5222", "relay.example.org", "192.0.2.1:80"] {
+            let p = ProxyEntry::parse(input).unwrap();
+            assert_eq!(ProxyEntry::parse(&p.to_link().to_string()), Ok(p.clone()));
+            let again = ProxyEntry::parse(&p.address()).unwrap();
+            assert_eq!((again.host, again.port), (p.host, p.port));
+        }
+    }
 
     #[test]
     fn host_alone_means_443_with_tls() {

@@ -291,6 +291,20 @@ pub fn encode_v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `proxy_header` fuzz target: `ppp` alone ends this UNKNOWN line at its
+    /// first LF (18 bytes), which would forward the header's last bytes as client data.
+    #[test]
+    fn v1_unknown_header_ends_at_its_crlf() {
+        let input = b"PROXY UNKNOWN  \n\r:\r\n\x00";
+        match super::parse(input).unwrap() {
+            super::Parsed::Complete(h, len) => {
+                assert_eq!(len, 20);
+                assert_eq!((h.source, h.destination), (None, None));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
     use tokio::io::BufReader;

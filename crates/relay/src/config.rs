@@ -235,6 +235,10 @@ fn default_fall() -> u32 {
     3
 }
 
+/// The longest duration a configuration may set: the relay adds them to the clock for
+/// deadlines, which would overflow (and panic) for absurd values such as `"99999999999999h"`.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Parses durations such as `"5s"`, `"200ms"`, `"2m"`, `"1h"`; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -344,6 +348,29 @@ impl RelayConfig {
         ] {
             if d.is_zero() {
                 return Err(invalid(format!("limits.{name} must be greater than zero")));
+            }
+        }
+        let checks = self.pools.iter().map(|(name, p)| {
+            (
+                format!("pool {name:?}: health_check_interval"),
+                p.health_check_interval,
+            )
+        });
+        for (name, d) in [
+            ("limits.connect_timeout".to_string(), l.connect_timeout),
+            ("limits.idle_timeout".to_string(), l.idle_timeout),
+            (
+                "limits.half_close_timeout".to_string(),
+                l.half_close_timeout,
+            ),
+            ("limits.handshake_timeout".to_string(), l.handshake_timeout),
+            ("limits.shutdown_grace".to_string(), l.shutdown_grace),
+        ]
+        .into_iter()
+        .chain(checks)
+        {
+            if d > MAX_DURATION {
+                return Err(invalid(format!("{name} must be at most 365 days")));
             }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
@@ -476,6 +503,31 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    /// Review, with the property the `relay_config` fuzz target asserts: every deadline
+    /// the relay computes from a validated configuration fits the clock. Before, this
+    /// configuration validated and every connection's handshake task panicked on
+    /// `Instant::now() + handshake_timeout`.
+    #[test]
+    fn durations_that_overflow_a_deadline_are_refused() {
+        let text = |limit: &str| {
+            format!(
+                "[limits]\n{limit}\n[[listener]]\nname = \"chat\"\nlisten = \"127.0.0.1:0\"\n\
+                 pool = \"chat\"\n[pool.chat]\nservers = [\"127.0.0.1:5222\"]\n"
+            )
+        };
+        for limit in [
+            "handshake_timeout = \"99999999999999999h\"",
+            "idle_timeout = 9223372036854775807",
+            "shutdown_grace = \"8761h\"",
+        ] {
+            let cfg = RelayConfig::from_toml_str(&text(limit)).unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains("at most 365 days"), "{limit}: {e}");
+        }
+        let ok = RelayConfig::from_toml_str(&text("idle_timeout = \"8760h\"")).unwrap();
+        ok.validate().unwrap();
     }
 
     #[test]

@@ -469,6 +469,8 @@ pub struct TestRelay {
     process: ReadyProcess,
     /// (name, kind, address) of each listener, as the relay printed them.
     pub listeners: Vec<(String, String, SocketAddr)>,
+    /// The stats listener's address, if it has one.
+    pub stats: Option<SocketAddr>,
 }
 
 impl TestRelay {
@@ -493,7 +495,17 @@ impl TestRelay {
                 }
             })
             .collect();
-        Self { process, listeners }
+        let stats = process.before.iter().find_map(|line| {
+            line.strip_prefix("status page: http://")?
+                .trim_end_matches('/')
+                .parse()
+                .ok()
+        });
+        Self {
+            process,
+            listeners,
+            stats,
+        }
     }
 
     /// The first listener of this kind (`plain`, `tls`, `plain+proxy`, `tls+proxy`).
