@@ -227,10 +227,14 @@ async fn the_proxy_screen_shows_a_green_tick_or_the_stage_that_failed() {
     let app = AppProcess::start(&home);
     let b = Browser::start().await;
     b.client.goto(&app.url).await.unwrap();
+    b.text_until("[data-test=banner-text]", |t| t == "Connected directly")
+        .await;
     b.click("[data-test=settings]").await;
     b.click("[data-test=settings-proxy]").await;
-    let crumbs = b.find("[data-test=crumbs]").await.text().await.unwrap();
-    assert_eq!(crumbs, "Settings → Storage and data → Proxy");
+    b.text_until("[data-test=crumbs]", |t| {
+        t == "Settings → Storage and data → Proxy"
+    })
+    .await;
 
     // A link pasted and saved: checked live, stage by stage, ending in the green tick.
     let link = tls_link(&relay);
