@@ -703,3 +703,65 @@ impl LocalStore {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::ProxyEntry;
+
+    async fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("profile.db"), [7; 32])
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    async fn incoming(store: &LocalStore, peer: &str, text: &str) {
+        let mut tx = store.begin().await.unwrap();
+        let id = MessageId::random();
+        store
+            .insert_incoming(&mut tx, &id.0, peer, text, 1, 2, MessageStatus::Received)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn conversations_list_the_last_message_and_count_unread_until_read() {
+        let (_dir, store) = store().await;
+        incoming(&store, "bob", "one").await;
+        incoming(&store, "bob", "two").await;
+        store
+            .insert_outgoing(&MessageId::random().0, "carol", "hi carol", 5)
+            .await
+            .unwrap();
+        let list = store.conversations().await.unwrap();
+        let peers: Vec<&str> = list.iter().map(|c| c.peer.as_str()).collect();
+        assert_eq!(peers, ["carol", "bob"], "most recent first");
+        assert_eq!(
+            (list[0].last_status, list[0].last_outgoing, list[0].unread),
+            (MessageStatus::Pending, true, 0)
+        );
+        assert_eq!((list[1].last_text.as_str(), list[1].unread), ("two", 2));
+
+        store.mark_read("bob").await.unwrap();
+        incoming(&store, "bob", "three").await;
+        let bob = store.conversations().await.unwrap().remove(0);
+        assert_eq!((bob.peer.as_str(), bob.unread), ("bob", 1));
+    }
+
+    #[tokio::test]
+    async fn proxies_keep_a_new_order() {
+        let (_dir, store) = store().await;
+        let a = ProxyEntry::parse("a.example").unwrap();
+        let b = ProxyEntry::parse("b.example:5222").unwrap();
+        store.add_proxy(&a).await.unwrap();
+        store.add_proxy(&b).await.unwrap();
+        store
+            .replace_proxies(&[b.clone(), a.clone()])
+            .await
+            .unwrap();
+        assert_eq!(store.proxies().await.unwrap(), [b, a]);
+    }
+}
