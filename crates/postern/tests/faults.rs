@@ -296,7 +296,13 @@ fn a_full_disk_refuses_new_messages_cleanly_and_loses_nothing_acknowledged() {
             return;
         }
     };
-    let mut server = TestServer::start(&disk.0.join("server"));
+    // The high-water mark scaled to this small disk: refusals begin with 4 MiB left, and
+    // filling the disk completely checks SQLite's own "disk is full" path as well.
+    let mut server = TestServer::start_with(
+        &disk.0.join("server"),
+        "127.0.0.1:0".parse().unwrap(),
+        &["--min-free-disk-mib", "4"],
+    );
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
@@ -323,7 +329,10 @@ fn a_full_disk_refuses_new_messages_cleanly_and_loses_nothing_acknowledged() {
         refused_in < Duration::from_secs(15),
         "refusal took {refused_in:?}"
     );
-    assert!(err.contains("saved"), "{err}");
+    assert!(
+        err.contains("saved") || err.contains("stays pending"),
+        "{err}"
+    );
     assert!(server.is_running(), "the server survives a full disk");
     for line in server.log_lines("WARN") {
         eprintln!("server: {line}");
