@@ -83,7 +83,7 @@ gets through even a path that dies every few kilobytes.")]
     },
 
     /// Run a relay (volunteer proxy) in front of the Postern service, or print its link.
-    Relay(Box<postern_relay::cli::RelayCli>),
+    Relay(Box<crate::commands::relay::RelayCli>),
 
     /// Run or set up a Postern server (operators).
     #[command(subcommand)]
@@ -112,7 +112,7 @@ impl Command {
         matches!(
             self,
             Command::Server(ServerCommand::Run(_)) | Command::Dev(_)
-        )
+        ) || matches!(self, Command::Relay(r) if r.command.is_none())
     }
 }
 

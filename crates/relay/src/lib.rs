@@ -14,53 +14,40 @@
 //!  PROXY header expected     routing to an allow-list       load-balanced, PROXY header sent
 //! ```
 //!
-//! A connection's life ([`listener`]): the accept loop enforces `maxconn` ([`limits`]);
-//! then, under one handshake deadline, an optional PROXY header is read ([`proxy_header`]),
-//! the per-source limit applied, TLS terminated ([`tls`]), and either a pool server chosen
-//! ([`upstream`]: round-robin / least-connections over healthy servers, failover on connect
-//! errors, active and passive health checks) or the ClientHello read and its SNI matched
-//! against the allow-list ([`sni`]). Finally the handshake task hands the connection to a
-//! task of its own that copies bytes both ways under idle and half-close timeouts
-//! ([`copy`]): bursts between plain sockets are spliced in the kernel ([`splice`]), and no
-//! buffer — copy, pipe or TLS record — is held while a connection is idle ([`tls_stream`]).
-//! The relay never connects anywhere except pool servers and allow-listed names.
+//! The crate's folders follow a connection through the relay:
 //!
-//! Modules, one concept each:
-//! * [`config`] — the TOML model ([`config::RelayConfig`]); [`presets`] — built-in configs
-//!   (and [`presets::postern_on`] to embed a relay, e.g. in `postern dev`).
-//! * [`relay`] — [`Relay::start`] binds everything and returns a [`RunningRelay`].
-//! * [`listener`], [`copy`], [`stream`] — per-connection handling.
-//! * [`splice`] — kernel-to-kernel forwarding through pooled pipes (Linux).
-//! * [`tls`], [`proxy_header`], [`sni`] — the three handshakes a relay can do;
-//!   [`tls_stream`] — TLS on rustls's unbuffered API, so idle connections keep no TLS buffers.
-//! * [`upstream`] — pools, resolver, health checks; [`limits`] — maxconn, per-source limit.
-//! * [`stats`], [`stats_page`] — counters, `/metrics`, `/healthz`, and the HTML status page.
-//! * [`link`] — `postern://proxy?...` links; [`cli`] — `postern relay [link]`.
+//! ```text
+//!  config ──► accept ──────────────────────────────► forward ──► (stats count it all)
+//!  TOML,      accept loop, PROXY header, limits,       copy both
+//!  presets    TLS, SNI, route + upstream connect       ways, splice
+//! ```
 //!
-//! Nothing is written to disk: a generated certificate lives in memory. Client addresses are
-//! logged only when the operator opts in.
+//! * [`config`] — the TOML model ([`RelayConfig`]) and built-in [`config::presets`]
+//!   ([`config::presets::postern_on`] embeds a relay, e.g. in `postern dev`).
+//! * [`accept`] — listeners and everything before relaying, under one handshake deadline.
+//! * [`upstream`] — pools, resolver, health checks, load balancing.
+//! * [`forward`] — the relaying itself: copy and splice, idle and half-close timeouts.
+//! * [`stats`] — counters, `/metrics`, `/healthz`, and the HTML status page.
+//! * [`stream`] — stream plumbing shared by `accept` and `forward`.
+//! * [`Relay`] starts it all and returns a [`RunningRelay`]; [`link`] is the
+//!   `postern://proxy?...` link format (shared with the client).
+//!
+//! The command line (`postern relay`) lives in the `postern` binary. The relay never
+//! connects anywhere except pool servers and allow-listed names, and logs client addresses
+//! only when the operator opts in.
 
 #![warn(missing_docs)]
 
-pub mod cli;
+pub mod accept;
 pub mod config;
-pub mod copy;
-pub mod limits;
+pub mod forward;
 pub mod link;
-pub mod listener;
-pub mod presets;
-pub mod proxy_header;
-pub mod relay;
-pub mod sni;
-pub mod splice;
+mod relay;
 pub mod stats;
-pub mod stats_page;
 pub mod stream;
-pub mod tls;
-pub mod tls_stream;
 pub mod upstream;
 
+pub use accept::listener::ListenerKind;
 pub use config::RelayConfig;
 pub use link::ProxyLink;
-pub use listener::ListenerKind;
 pub use relay::{Relay, RelayError, RunningRelay};

@@ -1,11 +1,11 @@
 //! Starting and stopping a whole relay from a [`RelayConfig`].
 
+use crate::accept::limits::ConnLimiter;
+use crate::accept::listener::{Listener, ListenerKind, Route, Shared};
+use crate::accept::sni::AllowList;
+use crate::accept::tls::TlsError;
 use crate::config::{ConfigError, RelayConfig};
-use crate::limits::ConnLimiter;
-use crate::listener::{Listener, ListenerKind, Route, Shared};
-use crate::sni::AllowList;
 use crate::stats::{ListenerStats, Metrics};
-use crate::tls::TlsError;
 use crate::upstream::{Pool, Resolver};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -87,7 +87,7 @@ impl Relay {
 
         let needs_tls = config.listeners.iter().any(|l| l.enabled && l.tls);
         let acceptor = if needs_tls {
-            Some(crate::tls::acceptor(&config.tls)?)
+            Some(crate::accept::tls::acceptor(&config.tls)?)
         } else {
             None
         };
@@ -184,7 +184,7 @@ impl Relay {
             if let Some(a) = stats_addr {
                 tracing::info!(addr = %a, "stats page listening");
             }
-            tracker.spawn(crate::stats::serve(
+            tracker.spawn(crate::stats::http::serve(
                 socket,
                 metrics.clone(),
                 stop.clone(),

@@ -1,8 +1,8 @@
 //! End-to-end tests: real listeners on loopback with random ports, stand-in upstreams started
 //! by the tests, no fixed sleeps (only bounded polling loops).
 
+use postern_relay::accept::proxy_header::{self, V2_SIGNATURE};
 use postern_relay::config::RelayConfig;
-use postern_relay::proxy_header::{self, V2_SIGNATURE};
 use postern_relay::{Relay, RunningRelay};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -990,7 +990,7 @@ async fn whatsapp_preset_against_loopback_stand_ins() {
     let web = Upstream::start(Mode::Echo, true).await;
     let chat = Upstream::start(Mode::Echo, true).await;
     let media = Upstream::start(Mode::Sink, false).await;
-    let mut cfg = postern_relay::presets::preset("whatsapp").unwrap();
+    let mut cfg = postern_relay::config::presets::preset("whatsapp").unwrap();
     cfg.use_ephemeral_ports("127.0.0.1".parse().unwrap());
     cfg.resolve_override("g.whatsapp.net:80", web.addr);
     cfg.resolve_override("g.whatsapp.net:5222", chat.addr);
@@ -1042,7 +1042,7 @@ async fn whatsapp_preset_against_loopback_stand_ins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signal_preset_terminates_tls_then_routes_inner_sni() {
     let sink = Upstream::start(Mode::Sink, false).await;
-    let mut cfg = postern_relay::presets::preset("signal").unwrap();
+    let mut cfg = postern_relay::config::presets::preset("signal").unwrap();
     cfg.use_ephemeral_ports("127.0.0.1".parse().unwrap());
     cfg.resolve_override("chat.signal.org:443", sink.addr);
     let relay = Relay::start(cfg).await.unwrap();
@@ -1132,16 +1132,16 @@ fn example_config_and_preset_files_load_and_validate() {
         example.pools["chat"].send_proxy,
         postern_relay::config::SendProxy::V2
     );
-    for name in postern_relay::presets::NAMES {
+    for name in postern_relay::config::presets::NAMES {
         let from_file = RelayConfig::load(format!("{root}/presets/{name}.toml")).unwrap();
-        let embedded = postern_relay::presets::preset(name).unwrap();
+        let embedded = postern_relay::config::presets::preset(name).unwrap();
         assert_eq!(
             from_file.listeners.len(),
             embedded.listeners.len(),
             "{name}"
         );
     }
-    let postern = postern_relay::presets::preset("postern").unwrap();
+    let postern = postern_relay::config::presets::preset("postern").unwrap();
     assert!(postern
         .pools
         .values()
@@ -1160,9 +1160,13 @@ fn example_config_and_preset_files_load_and_validate() {
 async fn postern_on_helper_and_run_until() {
     let up = Upstream::start(Mode::Echo, true).await;
     let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let cfg =
-        postern_relay::presets::postern_on(&[up.addr.to_string()], &[lo, lo], &[lo], Some(lo))
-            .unwrap();
+    let cfg = postern_relay::config::presets::postern_on(
+        &[up.addr.to_string()],
+        &[lo, lo],
+        &[lo],
+        Some(lo),
+    )
+    .unwrap();
     let relay = Relay::start(cfg).await.unwrap();
     let kinds: Vec<(String, bool)> = relay
         .listeners()

@@ -32,7 +32,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let relay = if args.no_relay {
         None
     } else {
-        let config = postern_relay::presets::postern_on(
+        let config = postern_relay::config::presets::postern_on(
             &[addr.to_string()],
             &[args.relay_plain],
             &[args.relay_tls],

@@ -5,6 +5,7 @@ mod app;
 mod dev;
 mod messaging;
 mod proxy;
+pub mod relay;
 mod server;
 
 use std::path::PathBuf;
@@ -28,7 +29,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Proxy(cmd) => proxy::run(profile_home(home)?, cmd).await,
         Command::Status { json } => proxy::status(profile_home(home)?, json).await,
-        Command::Relay(cmd) => postern_relay::cli::run(*cmd).await,
+        Command::Relay(cmd) => relay::run(*cmd).await,
         Command::Server(cmd) => server::run(cmd).await,
         Command::Dev(args) => dev::run(args).await,
         Command::App(args) => app::run(profile_home(home)?, args).await,

@@ -515,7 +515,7 @@ mod tests {
     fn pair(
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> (TlsAcceptor, tokio_rustls::TlsConnector) {
-        let g = crate::tls::generate_self_signed(&["relay.test".into()]).unwrap();
+        let g = crate::accept::tls::generate_self_signed(&["relay.test".into()]).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()

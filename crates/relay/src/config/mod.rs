@@ -3,6 +3,8 @@
 //! See `deploy/relay.example.toml` for a commented example and `docs/relay.md` for the
 //! full reference. Every value that has a sensible default may be omitted.
 
+pub mod presets;
+
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -91,7 +93,7 @@ pub struct Limits {
     pub max_per_source: usize,
     /// Largest read per direction, and the most a connection holds per direction while its
     /// writer is slower than its reader, in bytes (default 65536). Idle connections hold no
-    /// copy buffer whatever this is (reads go to a per-thread scratch buffer; see [`crate::copy`]).
+    /// copy buffer whatever this is (reads go to a per-thread scratch buffer; see [`crate::forward::copy`]).
     pub buffer_size: usize,
     /// Between plain TCP sockets, move bytes with `splice(2)` instead of copying them through
     /// the relay's memory (default true; Linux only, elsewhere the relay always copies).
@@ -286,7 +288,7 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
         return Err(format!("{s:?}: invalid IPv6 address"));
     }
-    if host.parse::<IpAddr>().is_err() && !crate::sni::is_valid_dns_name(host) {
+    if host.parse::<IpAddr>().is_err() && !crate::accept::sni::is_valid_dns_name(host) {
         return Err(format!("{s:?}: invalid host name"));
     }
     Ok((host.to_string(), port))
@@ -418,7 +420,7 @@ impl RelayConfig {
                         return Err(invalid(format!("listener {:?}: sni.port is 0", li.name)));
                     }
                     for a in &sni.allow {
-                        crate::sni::AllowList::check_entry(a).map_err(|e| {
+                        crate::accept::sni::AllowList::check_entry(a).map_err(|e| {
                             invalid(format!("listener {:?}: sni.allow {a:?}: {e}", li.name))
                         })?;
                     }

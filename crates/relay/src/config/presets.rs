@@ -8,9 +8,9 @@ pub const NAMES: [&str; 3] = ["postern", "whatsapp", "signal"];
 /// The TOML text of a preset.
 pub fn source(name: &str) -> Option<&'static str> {
     match name {
-        "postern" => Some(include_str!("../../../deploy/presets/postern.toml")),
-        "whatsapp" => Some(include_str!("../../../deploy/presets/whatsapp.toml")),
-        "signal" => Some(include_str!("../../../deploy/presets/signal.toml")),
+        "postern" => Some(include_str!("../../../../deploy/presets/postern.toml")),
+        "whatsapp" => Some(include_str!("../../../../deploy/presets/whatsapp.toml")),
+        "signal" => Some(include_str!("../../../../deploy/presets/signal.toml")),
         _ => None,
     }
 }
@@ -39,7 +39,7 @@ pub fn preset(name: &str) -> Result<RelayConfig, PresetError> {
 /// Convenient for embedding a relay, e.g. `postern dev` on loopback ephemeral ports:
 ///
 /// ```
-/// let cfg = postern_relay::presets::postern_on(
+/// let cfg = postern_relay::config::presets::postern_on(
 ///     &["127.0.0.1:5222".to_string()],
 ///     &["127.0.0.1:0".parse().unwrap()],
 ///     &["127.0.0.1:0".parse().unwrap()],

@@ -1,8 +1,8 @@
 //! TLS termination: a rustls server configuration from PEM files, or from a self-signed
 //! certificate generated at start with a random subject (kept in memory only).
 
+use crate::accept::tls_stream::TlsAcceptor;
 use crate::config::TlsSettings;
-use crate::tls_stream::TlsAcceptor;
 use rand::Rng;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};

@@ -1,7 +1,7 @@
 //! The human status page (`/` on the stats listener): plain words, live numbers and two small
 //! inline SVG graphs of the last hour. No scripts, fonts or images are loaded from anywhere.
 
-use crate::stats::{FailReason, Metrics, Sample};
+use super::{FailReason, Metrics, Sample};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -2,14 +2,14 @@
 //! PROXY header → per-source limit → TLS termination → route (pool or SNI) → upstream → copy.
 //! Every step before relaying shares one handshake deadline.
 
+use crate::accept::limits::{ConnLimiter, GlobalSlot, SourceSlot};
+use crate::accept::proxy_header;
+use crate::accept::sni::{self, AllowList, SniError};
+use crate::accept::tls_stream::TlsAcceptor;
 use crate::config::{Limits, SendProxy};
-use crate::copy::{CopyParams, End, Relay};
-use crate::limits::{ConnLimiter, GlobalSlot, SourceSlot};
-use crate::proxy_header;
-use crate::sni::{self, AllowList, SniError};
+use crate::forward::copy::{CopyParams, End, Relay};
 use crate::stats::{FailReason, ListenerStats};
 use crate::stream::{BoxIo, Prefixed};
-use crate::tls_stream::TlsAcceptor;
 use crate::upstream::{ActiveGuard, Pool, Resolver};
 use futures::FutureExt;
 use postern_protocol::ProtocolError;

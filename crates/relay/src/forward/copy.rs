@@ -8,14 +8,14 @@
 //! this is what keeps its per-connection footprint small (see `docs/benchmarks.md`).
 //!
 //! Between two plain TCP sockets the bytes do not pass through user space at all: they are
-//! spliced through a pipe that is held only while bytes are in flight ([`crate::splice`]).
+//! spliced through a pipe that is held only while bytes are in flight ([`crate::forward::splice`]).
 //!
 //! Both directions, the idle timer and the shutdown signal live in one [`Relay`] future with
 //! no further allocation: it is most of what a long-lived connection costs.
 
-use crate::proxy_header::{signature, Signature};
-use crate::splice::{Moved, Pipe};
+use crate::forward::splice::{Moved, Pipe};
 use crate::stats::ListenerStats;
+use postern_protocol::proxy_header::{signature, Signature};
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
@@ -547,11 +547,11 @@ mod tests {
             back
         });
         let (p, stats) = params(65536, Duration::from_secs(5), true);
-        let pooled_before = crate::splice::pooled();
+        let pooled_before = crate::forward::splice::pooled();
         assert_eq!(relay(client, upstream, p).await, End::Done);
         // Pipes went back to this thread's pool: the bursts were spliced, not copied.
         assert!(
-            crate::splice::pooled() > pooled_before,
+            crate::forward::splice::pooled() > pooled_before,
             "nothing was spliced"
         );
         assert!(

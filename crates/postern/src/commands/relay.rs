@@ -1,11 +1,10 @@
 //! `postern relay` and `postern relay link`: command-line flags, turning them into a
 //! [`RelayConfig`], and running until SIGINT/SIGTERM.
 
-use crate::config::{ListenerConfig, RelayConfig, SendProxy, StatsSettings};
-use crate::link::ProxyLink;
-use crate::relay::Relay;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use postern_relay::config::{ListenerConfig, RelayConfig, SendProxy, StatsSettings};
+use postern_relay::{ProxyLink, Relay};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -216,11 +215,12 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     let preset_name = cli.preset.as_deref().unwrap_or("postern");
     let mut cfg = match &cli.config {
         Some(path) => RelayConfig::load(path)?,
-        None => crate::presets::preset(preset_name)?,
+        None => postern_relay::config::presets::preset(preset_name)?,
     };
     if !cli.upstream.is_empty() {
         for u in &cli.upstream {
-            crate::config::split_host_port(u).map_err(|e| anyhow::anyhow!("--upstream {e}"))?;
+            postern_relay::config::split_host_port(u)
+                .map_err(|e| anyhow::anyhow!("--upstream {e}"))?;
         }
         if cfg.pools.is_empty() {
             bail!("--upstream: this configuration has no upstream pool (it only routes by SNI)");
@@ -384,18 +384,11 @@ pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
     if let Some(RelayCommand::Link(args)) = &cli.command {
         return print_links(args);
     }
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
     let cfg = build_config(&cli)?;
     let relay = Relay::start(cfg).await?;
     // Handlers first: a SIGTERM sent as soon as "relay ready" appears must stop the relay
     // gracefully, not kill it with the default action.
-    let stop = shutdown_signal()?;
+    let stop = super::shutdown_signal();
     for (name, kind, addr) in relay.listeners() {
         println!("listening: {name} {kind} {addr}");
     }
@@ -404,34 +397,10 @@ pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
     }
     // Scripts (and tests) wait for this line: every listener above is accepting.
     println!("relay ready");
-    stop.await?;
+    stop.await;
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
-}
-
-/// Installs the SIGINT/SIGTERM handlers now; the future completes on either signal.
-#[cfg(unix)]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        Ok(())
-    })
-}
-
-#[cfg(not(unix))]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
-    Ok(async {
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot wait for Ctrl-C")
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,23 @@
+//! Accepting clients: everything that happens to a connection before its bytes are
+//! forwarded.
+//!
+//! ```text
+//!  accept loop ─► PROXY header ─► per-source limit ─► TLS ─► route: pool or SNI ─► forward
+//!  (maxconn)      (proxy_header)   (limits)            (tls)   (sni)
+//! ```
+//!
+//! * [`listener`] — the accept loop and the per-connection handshake pipeline above, under
+//!   one handshake deadline; it hands the prepared pair of streams to [`crate::forward`].
+//! * [`limits`] — `maxconn` and the per-source limit.
+//! * [`proxy_header`] — the PROXY protocol (the one parser, from the protocol crate).
+//! * [`tls`] — certificates (files or generated) and the server configuration;
+//!   [`tls_stream`] — TLS on rustls's unbuffered API, so idle connections keep no TLS
+//!   buffers.
+//! * [`sni`] — reading a ClientHello's server name and matching it against an allow-list.
+
+pub mod limits;
+pub mod listener;
+pub mod proxy_header;
+pub mod sni;
+pub mod tls;
+pub mod tls_stream;
