@@ -132,6 +132,10 @@ impl Relay {
             Some(s) => Some(bind("stats", s.listen).await?),
             None => None,
         };
+        let stats_access = match config.stats.as_ref().and_then(|s| s.token.as_deref()) {
+            Some(t) => crate::stats::http::Access::token(t),
+            None => crate::stats::http::Access::open(),
+        };
 
         let mut listeners = Vec::new();
         let mut all_stats = Vec::new();
@@ -189,6 +193,7 @@ impl Relay {
                 metrics.clone(),
                 stop.clone(),
                 Duration::from_secs(60),
+                stats_access,
             ));
         }
         Ok(RunningRelay {

@@ -985,6 +985,60 @@ async fn stats_endpoints() {
     relay.shutdown().await;
 }
 
+/// A stats listener with a token answers only requests that carry it; everything else gets
+/// the 404 of an unknown path, on the full listener and on the health fast lane alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_with_a_token_answers_only_its_holder() {
+    let up = Upstream::start(Mode::Echo, false).await;
+    let mut cfg = pool_config(&listener("plain", ""), &[up.addr], "none", "");
+    cfg.stats.as_mut().unwrap().token = Some("0123456789abcdef".into());
+    let relay = Relay::start(cfg).await.unwrap();
+    let stats = relay.stats_addr().unwrap();
+    for path in ["/", "/metrics", "/healthz", "/?token=wrong-token-0000"] {
+        let (status, body) = http_get(stats, path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(
+            !body.contains("postern"),
+            "{path} must not name the relay: {body}"
+        );
+    }
+    let (status, page) = http_get(stats, "/?token=0123456789abcdef").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<svg"));
+    let (status, _) = http_get(stats, "/healthz?token=0123456789abcdef").await;
+    assert_eq!(status, 200);
+    let mut s = TcpStream::connect(stats).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    relay.shutdown().await;
+}
+
+#[test]
+fn a_public_stats_listener_needs_a_token() {
+    let base = "[[listener]]\nname = \"p\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n[pool.p]\nservers = [\"127.0.0.1:1\"]\n";
+    let public =
+        RelayConfig::from_toml_str(&format!("{base}[stats]\nlisten = \"0.0.0.0:0\"\n")).unwrap();
+    let err = public.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("needs a token") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    let short = RelayConfig::from_toml_str(&format!(
+        "{base}[stats]\nlisten = \"0.0.0.0:0\"\ntoken = \"short\"\n"
+    ))
+    .unwrap();
+    assert!(short.validate().is_err());
+    let ok = RelayConfig::from_toml_str(&format!(
+        "{base}[stats]\nlisten = \"0.0.0.0:0\"\ntoken = \"0123456789abcdef\"\n"
+    ))
+    .unwrap();
+    ok.validate().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whatsapp_preset_against_loopback_stand_ins() {
     let web = Upstream::start(Mode::Echo, true).await;

@@ -12,7 +12,8 @@ const RELAY_AFTER: &str = "What it does:
   The relay moves bytes and never holds a key: messages are end-to-end encrypted and the chat
   protocol authenticates the server through the relay. With no --config/--preset it uses the
   \"postern\" preset: plain TCP on 80 and 5222, TLS on 443 (self-signed certificate, random
-  subject, regenerated at every start), status page on 8199, PROXY v2 header sent upstream.
+  subject, regenerated at every start), status page on 127.0.0.1:8199 (this machine only),
+  PROXY v2 header sent upstream.
 
 Examples:
   # Standard ports in front of a Postern server (needs root or CAP_NET_BIND_SERVICE for 80/443):
@@ -31,7 +32,10 @@ Examples:
   # Print the link (and QR code) users import:
   postern relay link --host relay.example.org
 
-Open http://<relay>:8199/ in a browser to see whether the relay works.";
+On the relay's machine, open http://127.0.0.1:8199/ (or tunnel it: ssh -L 8199:127.0.0.1:8199
+relay) to see whether the relay works. To read it from elsewhere, publish it with a token:
+  postern relay --upstream chat.example.org:5222 --stats 0.0.0.0:8199 --stats-token $(openssl rand -hex 16)
+then open http://<relay>:8199/?token=TOKEN.";
 
 /// Flags of `postern relay`.
 #[derive(Debug, Clone, Args)]
@@ -75,9 +79,16 @@ pub struct RelayCli {
     #[arg(long, value_name = "ADDR")]
     pub proxy_tls: Vec<SocketAddr>,
 
-    /// Serve the status page, /metrics and /healthz on ADDR (default 0.0.0.0:8199).
+    /// Serve the status page, /metrics and /healthz on ADDR (default 127.0.0.1:8199: this
+    /// machine only). An address other machines can reach needs --stats-token.
     #[arg(long, value_name = "ADDR")]
     pub stats: Option<SocketAddr>,
+
+    /// Token every stats request must carry (`?token=TOKEN` or `Authorization: Bearer
+    /// TOKEN`); without it the stats listener answers 404 like any web server. At least 16
+    /// printable characters, e.g. from `openssl rand -hex 16`.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "no_stats")]
+    pub stats_token: Option<String>,
 
     /// Run without the stats listener.
     #[arg(long, conflicts_with = "stats")]
@@ -252,7 +263,17 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     if cli.no_stats {
         cfg.stats = None;
     } else if let Some(addr) = cli.stats {
-        cfg.stats = Some(StatsSettings { listen: addr });
+        let token = cfg.stats.as_ref().and_then(|s| s.token.clone());
+        cfg.stats = Some(StatsSettings {
+            listen: addr,
+            token,
+        });
+    }
+    if let Some(token) = &cli.stats_token {
+        match &mut cfg.stats {
+            Some(s) => s.token = Some(token.clone()),
+            None => bail!("--stats-token: this configuration has no stats listener"),
+        }
     }
     if cli.accept_proxy {
         for l in cfg.listeners.iter_mut().filter(|l| l.accept_proxy) {

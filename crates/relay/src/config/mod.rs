@@ -140,8 +140,26 @@ pub struct TlsSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatsSettings {
-    /// Address to listen on, e.g. `"0.0.0.0:8199"`.
+    /// Address to listen on (presets: `"127.0.0.1:8199"`, this machine only).
     pub listen: SocketAddr,
+    /// Required when `listen` is reachable from other machines: every request must carry
+    /// it (`?token=…` or `Authorization: Bearer …`); anything else gets a plain 404, so a
+    /// prober cannot tell a relay by its stats port.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// Shortest stats token accepted (it guards a page on the open Internet).
+pub const MIN_STATS_TOKEN: usize = 16;
+
+impl StatsSettings {
+    /// A stats listener on `listen` without a token (valid only on loopback).
+    pub fn on(listen: SocketAddr) -> Self {
+        StatsSettings {
+            listen,
+            token: None,
+        }
+    }
 }
 
 /// One client-facing listener.
@@ -434,6 +452,25 @@ impl RelayConfig {
             }
         }
         if let Some(stats) = &self.stats {
+            match &stats.token {
+                None if !stats.listen.ip().is_loopback() => {
+                    return Err(invalid(format!(
+                        "the stats listener on {} is reachable from other machines, so it needs \
+                         a token: set [stats] token (or --stats-token) to a random string of at \
+                         least {MIN_STATS_TOKEN} characters, or listen on 127.0.0.1",
+                        stats.listen
+                    )))
+                }
+                Some(t)
+                    if t.len() < MIN_STATS_TOKEN || !t.bytes().all(|b| b.is_ascii_graphic()) =>
+                {
+                    return Err(invalid(format!(
+                        "[stats] token must be at least {MIN_STATS_TOKEN} printable characters \
+                         without spaces (e.g. the output of `openssl rand -hex 16`)"
+                    )))
+                }
+                _ => {}
+            }
             if stats.listen.port() != 0 && addrs.contains(&stats.listen) {
                 return Err(invalid(format!(
                     "stats address {} is also used by a listener",

@@ -80,7 +80,7 @@ pub fn postern_on(
             cfg.listeners.push(l);
         }
     }
-    cfg.stats = stats.map(|listen| crate::config::StatsSettings { listen });
+    cfg.stats = stats.map(crate::config::StatsSettings::on);
     cfg.validate()?;
     Ok(cfg)
 }

@@ -11,9 +11,61 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Who may read the stats listener: anyone who can reach it (loopback, the default), or
+/// only requests that carry the configured token. A request without it gets the same plain
+/// 404 as an unknown path, so the port does not announce a relay.
+#[derive(Clone, Default)]
+pub struct Access {
+    token: Option<Arc<str>>,
+}
+
+impl Access {
+    /// Open to anyone who can connect (for a loopback listener).
+    pub fn open() -> Access {
+        Access { token: None }
+    }
+
+    /// Only requests carrying `token`.
+    pub fn token(token: &str) -> Access {
+        Access {
+            token: Some(token.into()),
+        }
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        match &self.token {
+            None => true,
+            Some(t) => bool::from(t.as_bytes().ct_eq(given.as_bytes())),
+        }
+    }
+
+    /// Whether a request with this query string (and `Authorization` header) may be served.
+    fn allows(&self, query: Option<&str>, authorization: Option<&[u8]>) -> bool {
+        if self.token.is_none() {
+            return true;
+        }
+        let from_query = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter_map(|kv| kv.strip_prefix("token="))
+            .any(|t| self.matches(t));
+        let from_header = authorization
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .is_some_and(|t| self.matches(t.trim()));
+        from_query || from_header
+    }
+}
+
 /// The health fast lane: one request line, `/healthz` answered, anything else 503.
-async fn fast_health(mut stream: tokio::net::TcpStream, m: &Metrics) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// With a token, only `GET /healthz?token=…` (the fast lane reads no headers).
+async fn fast_health(
+    mut stream: tokio::net::TcpStream,
+    m: &Metrics,
+    access: &Access,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 1024 {
@@ -23,7 +75,20 @@ async fn fast_health(mut stream: tokio::net::TcpStream, m: &Metrics) -> std::io:
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let health = buf.starts_with(b"GET /healthz ") || buf.starts_with(b"HEAD /healthz ");
+    let target = String::from_utf8_lossy(&buf);
+    let target = target
+        .strip_prefix("GET ")
+        .or_else(|| target.strip_prefix("HEAD "))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or("");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if !access.allows(query, None) {
+        return reply(&mut stream, "404 Not Found", "not found\n").await;
+    }
+    let health = path == "/healthz";
     let (status, body) = match (health, m.healthy()) {
         (true, true) => ("200 OK", "ok\n"),
         (true, false) => (
@@ -32,6 +97,15 @@ async fn fast_health(mut stream: tokio::net::TcpStream, m: &Metrics) -> std::io:
         ),
         (false, _) => ("503 Service Unavailable", "busy: try again\n"),
     };
+    reply(&mut stream, status, body).await
+}
+
+async fn reply(
+    stream: &mut tokio::net::TcpStream,
+    status: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
     let reply = format!(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -40,8 +114,15 @@ async fn fast_health(mut stream: tokio::net::TcpStream, m: &Metrics) -> std::io:
     stream.shutdown().await
 }
 
-fn respond(m: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
+fn respond(m: &Metrics, access: &Access, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let allowed = access.allows(
+        req.uri().query(),
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    );
+    let path = if allowed { req.uri().path() } else { "" };
+    let (status, ctype, body) = match path {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -111,6 +192,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     every: Duration,
+    access: Access,
 ) {
     let sampler = {
         let metrics = metrics.clone();
@@ -149,19 +231,22 @@ pub async fn serve(
                 continue;
             };
             let metrics = metrics.clone();
+            let access = access.clone();
             tokio::spawn(async move {
                 let _lane = lane;
                 let _ =
-                    tokio::time::timeout(FAST_LANE_TIMEOUT, fast_health(stream, &metrics)).await;
+                    tokio::time::timeout(FAST_LANE_TIMEOUT, fast_health(stream, &metrics, &access))
+                        .await;
             });
             continue;
         };
         let metrics = metrics.clone();
         let stop = stop.clone();
+        let access = access.clone();
         tokio::spawn(async move {
             let _held = (permit, source);
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = respond(&metrics, &req);
+                let r = respond(&metrics, &access, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -177,4 +262,21 @@ pub async fn serve(
         });
     }
     sampler.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Access;
+
+    #[test]
+    fn a_token_is_needed_only_when_set() {
+        assert!(Access::open().allows(None, None));
+        let a = Access::token("0123456789abcdef");
+        assert!(!a.allows(None, None));
+        assert!(!a.allows(Some("token=wrong"), None));
+        assert!(!a.allows(Some("token=0123456789abcdeX"), None));
+        assert!(a.allows(Some("x=1&token=0123456789abcdef"), None));
+        assert!(a.allows(None, Some(b"Bearer 0123456789abcdef")));
+        assert!(!a.allows(None, Some(b"Basic 0123456789abcdef")));
+    }
 }
