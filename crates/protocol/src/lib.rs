@@ -18,7 +18,8 @@
 //! client crate), so the server only ever stores and forwards ciphertext.
 //!
 //! [`username`] holds the account-name rules both sides enforce; [`link`] the proxy
-//! links (`postern://proxy?host=…`) that relays print and clients import.
+//! links (`postern://proxy?host=…`) that relays print and clients import, and
+//! [`relay_auth`] the relay secrets such links may carry and the token that proves them.
 
 pub mod error;
 pub mod frame;
@@ -28,6 +29,7 @@ pub mod net;
 pub mod network;
 pub mod noise;
 pub mod proxy_header;
+pub mod relay_auth;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod username;

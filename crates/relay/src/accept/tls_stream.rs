@@ -540,6 +540,46 @@ mod tests {
         ServerName::try_from("relay.test").unwrap()
     }
 
+    /// The relay-secret token (`postern_protocol::relay_auth`) needs the same exporter
+    /// master secret on both ends: a per-connection key-log hook captures it from this
+    /// unbuffered server and from tokio-rustls's client, and the tokens agree; a second
+    /// session gets a different one, so a recorded token cannot be replayed.
+    #[tokio::test]
+    async fn both_ends_capture_the_same_exporter_secret() {
+        use postern_protocol::relay_auth::{ExporterCapture, RelaySecret};
+        let secret = RelaySecret::generate();
+        let mut tokens = Vec::new();
+        for _ in 0..2 {
+            let (acceptor, connector) = pair(&[&rustls::version::TLS13]);
+            let server_capture = Arc::new(ExporterCapture::default());
+            let mut server_config = (*acceptor.config).clone();
+            server_config.key_log = server_capture.clone();
+            let acceptor = TlsAcceptor::from(Arc::new(server_config));
+            let client_capture = Arc::new(ExporterCapture::default());
+            let mut client_config = (*connector.config().clone()).clone();
+            client_config.key_log = client_capture.clone();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let client = tokio::spawn(async move {
+                let mut tls = connector.connect(name(), client_io).await.unwrap();
+                tls.write_all(b"x").await.unwrap();
+                tls
+            });
+            let mut server = acceptor.accept(server_io).await.unwrap();
+            let mut one = [0u8; 1];
+            server.read_exact(&mut one).await.unwrap();
+            let _client = client.await.unwrap();
+            let (s, c) = (
+                server_capture.take().unwrap(),
+                client_capture.take().unwrap(),
+            );
+            assert_eq!(s, c);
+            assert_eq!(secret.tls_token(&s), secret.tls_token(&c));
+            tokens.push(secret.tls_token(&s));
+        }
+        assert_ne!(tokens[0], tokens[1], "each session has its own token");
+    }
+
     fn holds_no_buffers(s: &TlsStream<DuplexStream>) -> bool {
         s.incoming.capacity() == 0 && s.outgoing.capacity() == 0 && s.plaintext.capacity() == 0
     }
