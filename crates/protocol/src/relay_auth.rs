@@ -1,6 +1,10 @@
 //! Relay secrets: how a client proves, inside its TLS session with a relay, that it holds
 //! the relay's link — so that the relay can answer everyone else as an ordinary web site.
 //!
+//! **Status:** this module is the shared mechanism (secret, token, capture hook) and its
+//! tests; the relay's listener and the client's dialer do not use it yet (issue 12, next
+//! step), and links do not carry `secret=` yet. The text below is the design they follow.
+//!
 //! A relay may have a [`RelaySecret`] (32 random bytes, generated at its first start and
 //! kept in its state directory). Its link carries it as `secret=` (base64url, no padding).
 //! Right after the TLS handshake, before any Noise byte, the client sends a
@@ -14,7 +18,7 @@
 //! only to its two ends, so the token is bound to the session: a censor that records a
 //! client's whole connection and replays it gets a new session with the relay (its replayed
 //! handshake fails, or if it completes a handshake of its own, the recorded token does not
-//! match that session). It can't compute a token without the secret either. Relays compare
+//! match that session). It can't compute a token without the secret either. The relay is to compare
 //! the bytes as they arrive and hand the connection to the cover site at the first byte
 //! that differs, so a probe learns nothing from the relay's timing.
 //!

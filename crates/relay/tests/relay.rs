@@ -1032,6 +1032,12 @@ fn a_public_stats_listener_needs_a_token() {
     ))
     .unwrap();
     assert!(short.validate().is_err());
+    let unsendable = RelayConfig::from_toml_str(&format!(
+        "{base}[stats]\nlisten = \"0.0.0.0:0\"\ntoken = \"0123456789&abcdef\"\n"
+    ))
+    .unwrap();
+    let err = unsendable.validate().unwrap_err().to_string();
+    assert!(err.contains("letters, digits"), "{err}");
     let ok = RelayConfig::from_toml_str(&format!(
         "{base}[stats]\nlisten = \"0.0.0.0:0\"\ntoken = \"0123456789abcdef\"\n"
     ))

@@ -86,7 +86,7 @@ pub struct RelayCli {
 
     /// Token every stats request must carry (`?token=TOKEN` or `Authorization: Bearer
     /// TOKEN`); without it the stats listener answers 404 like any web server. At least 16
-    /// printable characters, e.g. from `openssl rand -hex 16`.
+    /// letters, digits or `-._~` (it is sent in the URL), e.g. from `openssl rand -hex 16`.
     #[arg(long, value_name = "TOKEN", conflicts_with = "no_stats")]
     pub stats_token: Option<String>,
 

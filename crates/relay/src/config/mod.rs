@@ -461,12 +461,18 @@ impl RelayConfig {
                         stats.listen
                     )))
                 }
+                // Only URL-unreserved characters: the token travels as `?token=…` unencoded,
+                // so `&`, `#`, `%` or `+` would never match what a browser sends.
                 Some(t)
-                    if t.len() < MIN_STATS_TOKEN || !t.bytes().all(|b| b.is_ascii_graphic()) =>
+                    if t.len() < MIN_STATS_TOKEN
+                        || !t
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) =>
                 {
                     return Err(invalid(format!(
-                        "[stats] token must be at least {MIN_STATS_TOKEN} printable characters \
-                         without spaces (e.g. the output of `openssl rand -hex 16`)"
+                        "[stats] token must be at least {MIN_STATS_TOKEN} characters of letters, \
+                         digits and - . _ ~ (it is sent in the URL; e.g. the output of \
+                         `openssl rand -hex 16`)"
                     )))
                 }
                 _ => {}
