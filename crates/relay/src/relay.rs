@@ -1,10 +1,12 @@
 //! Starting and stopping a whole relay from a [`RelayConfig`].
 
+use crate::accept::gate::{Gate, ReplayCache};
 use crate::accept::limits::ConnLimiter;
 use crate::accept::listener::{Listener, ListenerKind, Route, Shared};
 use crate::accept::sni::AllowList;
 use crate::accept::tls::TlsError;
 use crate::config::{ConfigError, RelayConfig};
+use crate::cover::Cover;
 use crate::stats::{ListenerStats, Metrics};
 use crate::upstream::{Pool, Resolver};
 use std::collections::BTreeMap;
@@ -24,6 +26,9 @@ pub enum RelayError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The relay's secret could not be read or created.
+    #[error("{0} (check the state directory: --state-dir / state_dir)")]
+    Secret(#[from] postern_protocol::relay_auth::SecretError),
     /// A listening socket could not be opened.
     #[error("listener {name:?} cannot listen on {addr}: {source}{hint}")]
     Bind {
@@ -86,10 +91,32 @@ impl Relay {
         let resolver = Arc::new(Resolver::new(config.resolve.clone()));
 
         let needs_tls = config.listeners.iter().any(|l| l.enabled && l.tls);
-        let acceptor = if needs_tls {
+        let mut acceptor = if needs_tls {
             Some(crate::accept::tls::acceptor(&config.tls)?)
         } else {
             None
+        };
+
+        let gate = match &config.secret {
+            Some(settings) => {
+                let path = settings.path(config.state_dir.as_deref())?;
+                let (secret, created) =
+                    postern_protocol::relay_auth::RelaySecret::load_or_create(&path)?;
+                if created {
+                    tracing::info!(file = %path.display(),
+                        "created the relay's secret: links must carry it now (postern relay link)");
+                }
+                // The cover site speaks HTTP/1.1 only; offering h2 would promise what it
+                // cannot keep.
+                acceptor = acceptor.map(|a| a.with_alpn(&[b"http/1.1"]));
+                Some(Arc::new(Gate {
+                    secret,
+                    replay: ReplayCache::default(),
+                    cover: Cover::new(&config.cover, &limits, resolver.clone()),
+                    wait: config.cover.wait,
+                }))
+            }
+            None => None,
         };
 
         let pools: BTreeMap<String, Arc<Pool>> = config
@@ -114,6 +141,7 @@ impl Relay {
             trusted,
             cut: cut.clone(),
             tracker: tracker.clone(),
+            gate: gate.clone(),
         });
 
         // Bind everything first so a failure leaves nothing running.
@@ -180,6 +208,9 @@ impl Relay {
                 limits.connect_timeout,
                 stop.clone(),
             ));
+        }
+        if let Some(g) = &gate {
+            all_stats.push(g.cover.stats());
         }
         let metrics = Metrics::new(all_stats, pools.values().cloned().collect());
         let mut stats_addr = None;
