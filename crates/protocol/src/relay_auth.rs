@@ -199,6 +199,25 @@ impl RelaySecret {
     }
 }
 
+/// The HTTP request that opens a plain connection to a relay with `secret`, sent at `now`
+/// (Unix seconds): a `GET` of a fresh [`HttpToken`], shaped like a WebSocket upgrade (the
+/// relay answers `101 Switching Protocols`). `host` goes into the `Host` header.
+pub fn http_upgrade_request(secret: &RelaySecret, host: &str, now: u64) -> String {
+    use base64::engine::general_purpose::STANDARD;
+    let token = secret.http_token(now);
+    let key = STANDARD.encode(rand::random::<[u8; 16]>());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token.path
+    )
+}
+
 /// A client's HTTP token: the request path to send, and its nonce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpToken {

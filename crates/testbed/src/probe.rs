@@ -77,3 +77,105 @@ mod tests {
         assert!(s.contains('.') && s.len() > 6, "{s}");
     }
 }
+
+/// How a probed connection ended, as the comparison sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// Everything the far end sent (over TLS: the decrypted application data).
+    pub answer: Vec<u8>,
+    /// `FIN`, `RST`, `still open`, or an error kind.
+    pub close: String,
+    /// Seconds from the probe being sent to the close.
+    pub after: f64,
+}
+
+/// The timing class of a close: at once (under a second), after a wait, or not at all.
+pub fn timing_class(o: &Observed) -> &'static str {
+    if o.close.starts_with("still open") {
+        "open"
+    } else if o.after < 1.0 {
+        "at once"
+    } else {
+        "after a wait"
+    }
+}
+
+/// An answer with what legitimately differs between two answers of the same web server
+/// blanked out: the value of a `Date:` header (the clock moves between probes).
+pub fn normalised(answer: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(answer.len());
+    let mut rest = answer;
+    while let Some(pos) = find(rest, b"\r\nDate: ").or_else(|| find(rest, b"\r\ndate: ")) {
+        out.extend_from_slice(&rest[..pos + 8]);
+        let value = &rest[pos + 8..];
+        let end = find(value, b"\r\n").unwrap_or(value.len());
+        out.extend_from_slice(b"<date>");
+        rest = &value[end..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Why two observations differ, or `None` when a prober cannot tell them apart: the same
+/// bytes (dates aside), the same kind of close, the same timing class.
+pub fn difference(relay: &Observed, reference: &Observed) -> Option<String> {
+    if normalised(&relay.answer) != normalised(&reference.answer) {
+        return Some(format!(
+            "answers differ: {:?} vs {:?}",
+            String::from_utf8_lossy(&relay.answer[..relay.answer.len().min(60)]),
+            String::from_utf8_lossy(&reference.answer[..reference.answer.len().min(60)])
+        ));
+    }
+    if relay.close != reference.close {
+        return Some(format!(
+            "close differs: {} vs {}",
+            relay.close, reference.close
+        ));
+    }
+    if timing_class(relay) != timing_class(reference) {
+        return Some(format!(
+            "timing differs: {} ({:.1}s) vs {} ({:.1}s)",
+            timing_class(relay),
+            relay.after,
+            timing_class(reference),
+            reference.after
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod comparison_tests {
+    use super::*;
+
+    fn seen(answer: &[u8], close: &str, after: f64) -> Observed {
+        Observed {
+            answer: answer.to_vec(),
+            close: close.into(),
+            after,
+        }
+    }
+
+    #[test]
+    fn dates_do_not_count_but_everything_else_does() {
+        let a = b"HTTP/1.1 404 Not Found\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 17:00:00 GMT\r\n\r\nx";
+        let b = b"HTTP/1.1 404 Not Found\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 17:00:07 GMT\r\n\r\nx";
+        assert_eq!(
+            difference(&seen(a, "FIN", 0.01), &seen(b, "FIN", 0.02)),
+            None
+        );
+        let c = b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 17:00:07 GMT\r\n\r\nx";
+        assert!(difference(&seen(a, "FIN", 0.0), &seen(c, "FIN", 0.0)).is_some());
+        assert!(difference(&seen(a, "FIN", 0.0), &seen(a, "RST", 0.0)).is_some());
+        assert!(difference(&seen(b"", "FIN", 0.1), &seen(b"", "FIN", 10.0)).is_some());
+        assert_eq!(
+            difference(&seen(b"", "FIN", 15.0), &seen(b"", "FIN", 10.0)),
+            None,
+            "both wait, then close"
+        );
+    }
+}

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use postern_protocol::relay_auth::{ExporterCapture, RelaySecret};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -41,18 +39,7 @@ pub fn upgrade_request(secret: &RelaySecret, host: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let token = secret.http_token(now);
-    let key = STANDARD.encode(rand::random::<[u8; 16]>());
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        token.path
-    )
+    postern_protocol::relay_auth::http_upgrade_request(secret, host, now)
 }
 
 /// Whether the first bytes a relay sent are a web page rather than the chat service (or
