@@ -24,6 +24,9 @@ pub enum RelayError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// ACME (`[tls.acme]`) could not be set up.
+    #[error(transparent)]
+    Acme(#[from] crate::accept::acme::AcmeError),
     /// A listening socket could not be opened.
     #[error("listener {name:?} cannot listen on {addr}: {source}{hint}")]
     Bind {
@@ -86,10 +89,11 @@ impl Relay {
         let resolver = Arc::new(Resolver::new(config.resolve.clone()));
 
         let needs_tls = config.listeners.iter().any(|l| l.enabled && l.tls);
-        let acceptor = if needs_tls {
-            Some(crate::accept::tls::acceptor(&config.tls)?)
+        let (acceptor, acme) = if needs_tls {
+            let (a, acme) = crate::accept::acme::tls_acceptor(&config).await?;
+            (Some(a), acme)
         } else {
-            None
+            (None, None)
         };
 
         let pools: BTreeMap<String, Arc<Pool>> = config
@@ -173,6 +177,9 @@ impl Relay {
         }
         for (listener, socket) in runners {
             tracker.spawn(listener.run(socket, stop.clone()));
+        }
+        if let Some(acme) = acme {
+            tracker.spawn(acme.run(stop.clone()));
         }
         for pool in pools.values() {
             tracker.spawn(pool.clone().health_loop(

@@ -255,12 +255,19 @@ impl Listener {
         // 3. TLS termination. A plain TCP client socket stays bare so that the relay can
         //    splice it; bytes that came with the PROXY header are replayed by a wrapper.
         let mut io = match &self.tls {
-            Some(acceptor) => ClientIo::Other(Box::new(
-                timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
+            Some(acceptor) => {
+                let mut tls = timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
                     .await
                     .map_err(|_| FailReason::Timeout)?
-                    .map_err(|_| FailReason::Tls)?,
-            )),
+                    .map_err(|_| FailReason::Tls)?;
+                // An ACME CA validating our domain (TLS-ALPN-01): the handshake, with its
+                // challenge certificate, was the whole answer. Close; never forward it.
+                if tls.alpn_protocol() == Some(crate::accept::acme::ACME_TLS_ALPN) {
+                    let _ = timeout_at(deadline, tls.shutdown()).await;
+                    return Err(FailReason::AcmeChallenge);
+                }
+                ClientIo::Other(Box::new(tls))
+            }
             None if leftover.is_empty() => ClientIo::Tcp(tcp),
             None => ClientIo::Other(Box::new(Prefixed::new(leftover, tcp))),
         };
