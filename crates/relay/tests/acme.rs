@@ -1,0 +1,343 @@
+//! `[tls.acme]` against a real ACME server: Pebble, Let's Encrypt's test CA (Debian package
+//! `pebble`, which also brings `pebble-challtestsrv`, used here as its DNS server so the
+//! test domain resolves to 127.0.0.1). Pebble validates TLS-ALPN-01 by connecting to the
+//! relay's TLS listener; the relay must answer with the challenge certificate, switch from
+//! its self-signed certificate to the issued one without a restart, keep it in the cache,
+//! and serve it from the cache after a restart. No fixed sleeps: bounded polling only.
+
+use postern_relay::config::RelayConfig;
+use postern_relay::{Relay, RunningRelay};
+use postern_test_kit::process::ReadyProcess;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const DOMAIN: &str = "relay.postern.test";
+/// How long issuance may take (Pebble without sleeps needs about a second; the relay's
+/// first order may fail while Pebble starts and is retried after rustls-acme's backoff).
+const ISSUE: Duration = Duration::from_secs(60);
+
+fn require(program: &str) {
+    if let Err(e) = Command::new(program).arg("-h").output() {
+        panic!(
+            "this test needs Pebble, Let's Encrypt's test ACME server: `apt-get install pebble` \
+             (it provides {program}; running it failed: {e})"
+        );
+    }
+}
+
+/// A loopback port free at the time of asking (for programs that cannot report the
+/// port they bound).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A CA and, signed by it, the certificate Pebble serves its API with (localhost and
+/// 127.0.0.1); the CA is what the relay's `ca_roots` trusts.
+fn pebble_tls(dir: &Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "postern test ACME API CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+struct Pebble {
+    _dns: ReadyProcess,
+    _process: ReadyProcess,
+    directory: String,
+    /// "Pebble Intermediate CA 1a2b3c", from Pebble's log.
+    intermediate: String,
+}
+
+/// Starts pebble-challtestsrv (DNS only: every A query answers 127.0.0.1) and Pebble,
+/// which validates TLS-ALPN-01 on `tls_port`.
+fn start_pebble(dir: &Path, tls_port: u16) -> Pebble {
+    require("pebble");
+    require("pebble-challtestsrv");
+    pebble_tls(dir);
+    let dns_port = free_port();
+    let mut dns = Command::new("pebble-challtestsrv");
+    dns.args([
+        "-dns01",
+        &format!("127.0.0.1:{dns_port}"),
+        "-management",
+        &format!("127.0.0.1:{}", free_port()),
+        "-http01",
+        "",
+        "-https01",
+        "",
+        "-tlsalpn01",
+        "",
+        "-defaultIPv4",
+        "127.0.0.1",
+        "-defaultIPv6",
+        "",
+    ]);
+    let dns = ReadyProcess::try_start(dns, |l| {
+        l.contains("Starting management server").then(String::new)
+    })
+    .unwrap_or_else(|(e, err)| panic!("pebble-challtestsrv: {e}\n{}", err.join("\n")));
+
+    let api = free_port();
+    let config = serde_json_like(&[
+        ("listenAddress", format!("\"127.0.0.1:{api}\"")),
+        (
+            "managementListenAddress",
+            format!("\"127.0.0.1:{}\"", free_port()),
+        ),
+        (
+            "certificate",
+            format!("{:?}", dir.join("cert.pem").display().to_string()),
+        ),
+        (
+            "privateKey",
+            format!("{:?}", dir.join("key.pem").display().to_string()),
+        ),
+        ("httpPort", free_port().to_string()),
+        ("tlsPort", tls_port.to_string()),
+        ("ocspResponderURL", "\"\"".into()),
+        ("externalAccountBindingRequired", "false".into()),
+    ]);
+    let config_path = dir.join("pebble.json");
+    std::fs::write(&config_path, config).unwrap();
+    let mut cmd = Command::new("pebble");
+    cmd.arg("-config")
+        .arg(&config_path)
+        .arg("-dnsserver")
+        .arg(format!("127.0.0.1:{dns_port}"))
+        // No random validation delays, no deliberately rejected nonces: fast and repeatable.
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .env("PEBBLE_AUTHZREUSE", "0");
+    let process = ReadyProcess::try_start(cmd, |l| {
+        l.split_once("ACME directory available at: ")
+            .map(|(_, url)| url.trim().to_string())
+    })
+    .unwrap_or_else(|(e, err)| panic!("pebble: {e}\n{}", err.join("\n")));
+    let intermediate = process
+        .before
+        .iter()
+        .find_map(|l| {
+            let rest = l.split_once("Generated new intermediate issuer CN=")?.1;
+            Some(rest.split(" with serial").next()?.to_string())
+        })
+        .unwrap_or_else(|| panic!("no intermediate in Pebble's log: {:?}", process.before));
+    Pebble {
+        directory: process.ready.clone(),
+        _dns: dns,
+        _process: process,
+        intermediate,
+    }
+}
+
+fn serde_json_like(fields: &[(&str, String)]) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{k}\": {v}"))
+        .collect();
+    format!("{{\"pebble\": {{{}}}}}", body.join(", "))
+}
+
+fn relay_config(tls: SocketAddr, upstream: SocketAddr, directory: &str, dir: &Path) -> RelayConfig {
+    let cfg = RelayConfig::from_toml_str(&format!(
+        r#"
+        state_dir = {state:?}
+        [stats]
+        listen = "127.0.0.1:0"
+        [tls.acme]
+        domains = ["{DOMAIN}"]
+        directory = "{directory}"
+        contact = ["mailto:volunteer@postern.test"]
+        ca_roots = {roots:?}
+        [[listener]]
+        name = "tls"
+        listen = "{tls}"
+        tls = true
+        pool = "p"
+        [pool.p]
+        servers = ["{upstream}"]
+        "#,
+        state = dir.join("state").display().to_string(),
+        roots = dir.join("ca.pem").display().to_string(),
+    ))
+    .unwrap();
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// The certificate the relay presents to a client asking for `DOMAIN`.
+async fn served_certificate(addr: SocketAddr) -> Option<CertificateDer<'static>> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(postern_protocol::tls::relay_client_config()));
+    let name = ServerName::try_from(DOMAIN.to_string()).ok()?;
+    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .ok()?
+        .ok()?;
+    tls.get_ref().1.peer_certificates()?.first().cloned()
+}
+
+/// (issuer common name, DNS names) of a certificate.
+fn describe(cert: &CertificateDer<'_>) -> (String, Vec<String>) {
+    let (_, c) = x509_parser::parse_x509_certificate(cert).unwrap();
+    let issuer = c
+        .issuer()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let names = c
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (issuer, names)
+}
+
+/// A pool server that counts bytes it receives (none may arrive from a validation).
+async fn counting_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    g.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+fn tls_addr(relay: &RunningRelay) -> SocketAddr {
+    relay.addr("tls").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_pebble_is_served_and_survives_a_restart() {
+    // The relay's ACME log lines, shown when the test fails (RUST_LOG overrides).
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "postern_relay=debug".into()),
+        )
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    // The relay's TLS port comes first: Pebble must know where to validate.
+    let tls_port = free_port();
+    let tls: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    let pebble = start_pebble(dir.path(), tls_port);
+    let (upstream, upstream_bytes) = counting_upstream().await;
+    let relay = Relay::start(relay_config(tls, upstream, &pebble.directory, dir.path()))
+        .await
+        .unwrap();
+
+    // Until Pebble issues, the relay answers with its self-signed certificate, then
+    // switches to Pebble's without a restart.
+    let started = Instant::now();
+    let issued = loop {
+        if let Some(cert) = served_certificate(tls_addr(&relay)).await {
+            let (issuer, names) = describe(&cert);
+            if issuer == pebble.intermediate {
+                break (issuer, names);
+            }
+        }
+        assert!(
+            started.elapsed() < ISSUE,
+            "no certificate from Pebble within {ISSUE:?} (the relay's log is above)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(issued.1, [DOMAIN], "the certificate names the domain");
+
+    // Pebble's validation was answered by the handshake and closed, never forwarded.
+    // (Pebble checks from several connections, like Let's Encrypt's several vantage points.)
+    let metrics = relay.metrics().prometheus();
+    let validations: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("postern_relay_handshake_failures_total{listener=\"tls\",reason=\"acme_challenge\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        validations >= 1,
+        "no validation connection counted:\n{metrics}"
+    );
+    assert_eq!(
+        upstream_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "validation bytes reached the upstream"
+    );
+
+    // The cache (state_dir/acme) holds the account key and the certificate, private.
+    let cache = dir.path().join("state/acme");
+    let files: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.starts_with("cached_cert_")),
+        "{files:?}"
+    );
+    assert!(
+        files.iter().any(|f| f.starts_with("cached_account_")),
+        "{files:?}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "cache directory mode");
+    }
+
+    // Restart with the CA gone: the first connection already gets the saved certificate.
+    relay.shutdown().await;
+    let directory = pebble.directory.clone();
+    drop(pebble);
+    let relay = Relay::start(relay_config(
+        "127.0.0.1:0".parse().unwrap(),
+        upstream,
+        &directory,
+        dir.path(),
+    ))
+    .await
+    .unwrap();
+    let cert = served_certificate(tls_addr(&relay))
+        .await
+        .expect("TLS handshake after restart");
+    assert_eq!(describe(&cert), issued, "served from the cache at once");
+    relay.shutdown().await;
+}
