@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use postern_relay::config::{ListenerConfig, RelayConfig, SendProxy, StatsSettings};
+use postern_relay::config::{
+    AcmeSettings, ListenerConfig, RelayConfig, SendProxy, StatsSettings, LETS_ENCRYPT_DIRECTORY,
+};
 use postern_relay::{ProxyLink, Relay};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +27,11 @@ Examples:
 
   # Front the reference messenger's real servers (its proxy's port layout):
   postern relay --preset whatsapp
+
+  # A real certificate from Let's Encrypt, renewed automatically (relay.example.org must
+  # point at this machine and port 443 must be reachable; see docs/relay.md):
+  postern relay --upstream chat.example.org:5222 --acme-domain relay.example.org \\
+      --acme-contact mailto:you@example.org
 
   # Everything from a file (see deploy/relay.example.toml):
   postern relay --config /etc/postern/relay.toml
@@ -116,6 +123,43 @@ pub struct RelayCli {
     /// Example: --tls-name relay.example.org
     #[arg(long, value_name = "NAME")]
     pub tls_name: Vec<String>,
+
+    /// Get the TLS certificate for NAME from an ACME CA (Let's Encrypt unless
+    /// --acme-directory says otherwise) and renew it automatically; repeat for more names.
+    /// NAME must resolve to this machine, and the CA must reach a TLS listener here on port
+    /// 443 (it checks by connecting, TLS-ALPN-01). Until the first certificate arrives the
+    /// self-signed one is served. Example: --acme-domain relay.example.org
+    #[arg(long, value_name = "NAME", conflicts_with = "tls_cert")]
+    pub acme_domain: Vec<String>,
+
+    /// ACME directory URL of the CA (default: Let's Encrypt,
+    /// https://acme-v02.api.letsencrypt.org/directory). To try things out without hitting
+    /// Let's Encrypt's rate limits, use its staging CA:
+    /// https://acme-staging-v02.api.letsencrypt.org/directory
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+
+    /// Contact for the ACME account (repeatable), where the CA writes about problems and
+    /// expiring certificates. Example: --acme-contact mailto:you@example.org
+    #[arg(long, value_name = "MAILTO")]
+    pub acme_contact: Vec<String>,
+
+    /// Directory keeping the ACME account key and certificates across restarts (default:
+    /// the acme folder in --state-dir). Keep it: without it every start orders a new
+    /// certificate and soon hits the CA's rate limits.
+    #[arg(long, value_name = "DIR")]
+    pub acme_cache: Option<PathBuf>,
+
+    /// PEM file of extra root certificates trusted when talking to the ACME directory
+    /// (for a private or test CA such as Pebble; not needed for Let's Encrypt).
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_roots: Option<PathBuf>,
+
+    /// Where the relay keeps its state (ACME account and certificates). Default:
+    /// $STATE_DIRECTORY (set by systemd's StateDirectory=), else
+    /// $XDG_STATE_HOME/postern-relay, else ~/.local/state/postern-relay.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Maximum concurrent connections (default 27500); past it clients are turned away at
     /// once so they try another relay.
@@ -293,7 +337,10 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
         cfg.tls.cert = Some(c.clone());
         cfg.tls.key = Some(k.clone());
+        // Certificate files replace a config file's [tls.acme].
+        cfg.tls.acme = None;
     }
+    apply_acme_flags(cli, &mut cfg)?;
     cfg.tls.names.extend(cli.tls_name.iter().cloned());
     if let Some(n) = cli.maxconn {
         cfg.limits.maxconn = n;
@@ -308,6 +355,69 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
         .extend(cli.trusted_proxy.iter().cloned());
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The --acme-* and --state-dir flags (see their help).
+fn apply_acme_flags(cli: &RelayCli, cfg: &mut RelayConfig) -> anyhow::Result<()> {
+    if let Some(dir) = cli.state_dir.clone().or_else(|| cfg.state_dir.clone()) {
+        cfg.state_dir = Some(dir);
+    } else {
+        cfg.state_dir = default_state_dir(|k| std::env::var_os(k));
+    }
+    if !cli.acme_domain.is_empty() {
+        // ACME replaces a config file's certificate files.
+        cfg.tls.cert = None;
+        cfg.tls.key = None;
+        let acme = cfg.tls.acme.get_or_insert_with(|| AcmeSettings {
+            domains: Vec::new(),
+            directory: LETS_ENCRYPT_DIRECTORY.to_string(),
+            contact: Vec::new(),
+            cache: None,
+            ca_roots: None,
+        });
+        acme.domains = cli.acme_domain.clone();
+    }
+    let others = [
+        ("--acme-directory", cli.acme_directory.is_some()),
+        ("--acme-contact", !cli.acme_contact.is_empty()),
+        ("--acme-cache", cli.acme_cache.is_some()),
+        ("--acme-ca-roots", cli.acme_ca_roots.is_some()),
+    ];
+    let Some(acme) = cfg.tls.acme.as_mut() else {
+        if let Some((flag, _)) = others.iter().find(|(_, given)| *given) {
+            bail!("{flag} needs --acme-domain NAME (or a [tls.acme] table in --config)");
+        }
+        return Ok(());
+    };
+    if let Some(d) = &cli.acme_directory {
+        acme.directory = d.clone();
+    }
+    if !cli.acme_contact.is_empty() {
+        acme.contact = cli.acme_contact.clone();
+    }
+    if let Some(c) = &cli.acme_cache {
+        acme.cache = Some(c.clone());
+    }
+    if let Some(r) = &cli.acme_ca_roots {
+        acme.ca_roots = Some(r.clone());
+    }
+    Ok(())
+}
+
+/// `$STATE_DIRECTORY` (systemd; the first of a colon-separated list), else
+/// `$XDG_STATE_HOME/postern-relay`, else `$HOME/.local/state/postern-relay`.
+fn default_state_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(dirs) = set("STATE_DIRECTORY") {
+        let first = dirs.to_string_lossy().split(':').next().map(PathBuf::from);
+        if first.is_some() {
+            return first;
+        }
+    }
+    if let Some(x) = set("XDG_STATE_HOME") {
+        return Some(PathBuf::from(x).join("postern-relay"));
+    }
+    set("HOME").map(|h| PathBuf::from(h).join(".local/state/postern-relay"))
 }
 
 /// Links for every client-facing listener of `cfg` (pool routes without a PROXY header;
@@ -530,5 +640,110 @@ mod tests {
             cfg(&["--tls-cert", "x.pem"]).is_err(),
             "--tls-cert requires --tls-key"
         );
+    }
+
+    #[test]
+    fn acme_flags() {
+        let up = ["--upstream", "a.example:1"];
+        let c = cfg(&[
+            &up[..],
+            &[
+                "--acme-domain",
+                "relay.example.org",
+                "--acme-domain",
+                "r2.example.org",
+                "--acme-contact",
+                "mailto:me@example.org",
+                "--state-dir",
+                "/var/lib/pr",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        let acme = c.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.domains, ["relay.example.org", "r2.example.org"]);
+        assert_eq!(acme.directory, LETS_ENCRYPT_DIRECTORY);
+        assert_eq!(acme.contact, ["mailto:me@example.org"]);
+        assert_eq!(
+            c.acme_cache_dir().unwrap(),
+            Some(PathBuf::from("/var/lib/pr/acme"))
+        );
+        let c = cfg(&[
+            &up[..],
+            &[
+                "--acme-domain",
+                "relay.example.org",
+                "--acme-directory",
+                "https://acme-staging-v02.api.letsencrypt.org/directory",
+                "--acme-cache",
+                "/tmp/acme",
+                "--acme-ca-roots",
+                "/tmp/roots.pem",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        let acme = c.tls.acme.as_ref().unwrap();
+        assert!(acme.directory.contains("staging"));
+        assert_eq!(
+            acme.cache.as_deref(),
+            Some(std::path::Path::new("/tmp/acme"))
+        );
+        assert_eq!(
+            acme.ca_roots.as_deref(),
+            Some(std::path::Path::new("/tmp/roots.pem"))
+        );
+        assert!(
+            cfg(&[&up[..], &["--acme-contact", "mailto:me@example.org"]].concat())
+                .unwrap_err()
+                .to_string()
+                .contains("needs --acme-domain")
+        );
+        assert!(
+            cfg(&[
+                &up[..],
+                &[
+                    "--acme-domain",
+                    "a.example.org",
+                    "--tls-cert",
+                    "c.pem",
+                    "--tls-key",
+                    "k.pem"
+                ]
+            ]
+            .concat())
+            .is_err(),
+            "--acme-domain conflicts with --tls-cert"
+        );
+    }
+
+    #[test]
+    fn state_dir_default() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        static ALL: [(&str, &str); 3] = [
+            ("STATE_DIRECTORY", "/var/lib/postern-relay:/other"),
+            ("XDG_STATE_HOME", "/home/v/.state"),
+            ("HOME", "/home/v"),
+        ];
+        assert_eq!(
+            default_state_dir(env(&ALL)),
+            Some(PathBuf::from("/var/lib/postern-relay"))
+        );
+        assert_eq!(
+            default_state_dir(env(&ALL[1..])),
+            Some(PathBuf::from("/home/v/.state/postern-relay"))
+        );
+        assert_eq!(
+            default_state_dir(env(&ALL[2..])),
+            Some(PathBuf::from("/home/v/.local/state/postern-relay"))
+        );
+        assert_eq!(default_state_dir(env(&[])), None);
     }
 }
