@@ -246,9 +246,8 @@ fn tls_addr(relay: &RunningRelay) -> SocketAddr {
     relay.addr("tls").unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificate_from_pebble_is_served_and_survives_a_restart() {
-    // The relay's ACME log lines, shown when the test fails (RUST_LOG overrides).
+fn init_logs() {
+    // The relay's ACME log lines, shown when a test fails (RUST_LOG overrides).
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(
@@ -256,6 +255,62 @@ async fn certificate_from_pebble_is_served_and_survives_a_restart() {
                 .unwrap_or_else(|_| "postern_relay=debug".into()),
         )
         .try_init();
+}
+
+/// No CA reachable: TLS still works with the self-signed certificate, a stray `acme-tls/1`
+/// handshake (no challenge pending) is refused and reaches nothing, and the retrying ACME
+/// task does not hold up shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_the_relay_serves_self_signed_and_stops_promptly() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    pebble_tls(dir.path());
+    let (upstream, upstream_bytes) = counting_upstream().await;
+    let relay = Relay::start(relay_config(
+        "127.0.0.1:0".parse().unwrap(),
+        upstream,
+        // Nothing listens on port 1: every order fails and is retried.
+        "https://127.0.0.1:1/dir",
+        dir.path(),
+    ))
+    .await
+    .unwrap();
+    let cert = served_certificate(tls_addr(&relay))
+        .await
+        .expect("TLS works before any ACME certificate");
+    let (issuer, names) = describe(&cert);
+    assert!(!issuer.starts_with("Pebble"), "{issuer}");
+    assert!(!names.iter().any(|n| n == DOMAIN), "self-signed: {names:?}");
+
+    let mut validation = postern_protocol::tls::relay_client_config();
+    validation.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+    let tcp = TcpStream::connect(tls_addr(&relay)).await.unwrap();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(validation))
+            .connect(ServerName::try_from(DOMAIN).unwrap(), tcp),
+    )
+    .await
+    .expect("refused in time");
+    assert!(refused.is_err(), "acme-tls/1 without a pending challenge");
+    assert_eq!(
+        upstream_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+
+    let started = Instant::now();
+    relay.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waited {:?} (the ACME task must stop with the relay)",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_pebble_is_served_and_survives_a_restart() {
+    init_logs();
     let dir = tempfile::tempdir().unwrap();
     // The relay's TLS port comes first: Pebble must know where to validate.
     let tls_port = free_port();

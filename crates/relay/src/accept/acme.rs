@@ -24,8 +24,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
+use rustls_acme::acme::{AcmeError as AcmeErrorOfCrate, Identifier};
 use rustls_acme::caches::DirCache;
-use rustls_acme::{AcmeConfig, AcmeState, CertCache, EventError, EventOk};
+use rustls_acme::{AcmeConfig, AcmeState, CertCache, EventError, EventOk, OrderError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -308,16 +309,15 @@ impl AcmeTask {
                     log_issued(&self.cache, &self.domains, &self.directory).await
                 }
                 Ok(EventOk::AccountCacheStore) => tracing::info!(
-                    "ACME: new account at {} created, key saved in {}",
+                    "ACME: generated a key for a new account at {}, saved in {}",
                     self.directory,
                     self.cache.display()
                 ),
                 Err(EventError::Order(e)) => {
                     failures += 1;
                     tracing::warn!(
-                        "ACME order failed: {e}; retrying in {} (check that {domains} \
-                         resolves to this relay and that port 443 there reaches a TLS \
-                         listener)",
+                        "ACME order failed: {}; retrying in {}",
+                        order_failure(&e, &self.directory),
                         span(backoff(failures))
                     );
                 }
@@ -329,6 +329,48 @@ impl AcmeTask {
                 Err(e) => tracing::warn!("ACME: {e} (cache {})", self.cache.display()),
             }
         }
+    }
+}
+
+/// Why an order failed, with what to check when it is about the relay's side.
+fn order_failure(e: &OrderError, directory: &str) -> String {
+    const CHECK: &str = "check that the name resolves to this relay and that port 443 there \
+                         reaches a TLS listener of the relay";
+    match e {
+        OrderError::BadAuth(auth) => {
+            let Identifier::Dns(name) = &auth.identifier;
+            let problems: Vec<String> = auth
+                .challenges
+                .iter()
+                .filter_map(|c| c.error.as_ref())
+                .map(|p| match (&p.detail, &p.typ) {
+                    (Some(d), _) => d.clone(),
+                    (None, Some(t)) => t.clone(),
+                    (None, None) => "no reason given".into(),
+                })
+                .collect();
+            let why = match problems.is_empty() {
+                true => format!("status {:?}", auth.status),
+                false => problems.join("; "),
+            };
+            format!("the CA could not validate {name} ({why}); {CHECK}")
+        }
+        OrderError::TooManyAttemptsAuth(name) => {
+            format!("the CA did not finish validating {name}; {CHECK}")
+        }
+        OrderError::Acme(AcmeErrorOfCrate::HttpRequest(e)) => {
+            // rustls-acme does not export the error's type; its message tells the cases apart.
+            let e = e.to_string();
+            if e.starts_with("non 2xx") {
+                format!("the CA at {directory} refused the request ({e})")
+            } else {
+                format!(
+                    "cannot reach the CA at {directory} ({e}); check the relay's Internet \
+                     access and the directory URL"
+                )
+            }
+        }
+        other => other.to_string(),
     }
 }
 
