@@ -102,8 +102,31 @@ pub async fn tls_acceptor(
     let (Some(acme), Some(cache)) = (&config.tls.acme, config.acme_cache_dir()?) else {
         return Ok((tls::acceptor(&config.tls)?, None));
     };
+    if !config
+        .listeners
+        .iter()
+        .any(|l| l.enabled && l.tls && l.listen.port() == 443)
+    {
+        tracing::info!(
+            "ACME: no TLS listener on port 443 here; the CA validates by connecting to port \
+             443 of {}, so make sure that port is forwarded to a TLS listener of the relay",
+            acme.domains.join(", ")
+        );
+    }
     let (resolver, task) = start(acme, &cache, &config.tls.names).await?;
     Ok((tls::acceptor_with_resolver(resolver, true)?, Some(task)))
+}
+
+/// Domains as the CA and SNI see them: lower case, each once, in the order given.
+fn normalized(domains: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in domains {
+        let d = d.to_ascii_lowercase();
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
 }
 
 /// Prepares ACME for `settings`, keeping its files in `cache`; `names` go into the
@@ -121,13 +144,14 @@ pub async fn start(
             .with_root_certificates(roots(settings.ca_roots.as_deref())?)
             .with_no_client_auth(),
     );
-    let state = AcmeConfig::new_with_client_config(&settings.domains, client)
+    let domain_list = normalized(&settings.domains);
+    let state = AcmeConfig::new_with_client_config(&domain_list, client)
         .directory(&settings.directory)
         .contact(&settings.contact)
         .cache(DirCache::new(cache.to_path_buf()))
         .state();
-    let domains = settings.domains.join(", ");
-    let fallback = match load_saved(cache, settings, &provider).await {
+    let domains = domain_list.join(", ");
+    let fallback = match load_saved(cache, &domain_list, &settings.directory, &provider).await {
         Some((cert, not_after)) => {
             tracing::info!(
                 "ACME: serving the saved certificate for {domains} (valid until {}) from {}",
@@ -155,7 +179,7 @@ pub async fn start(
         resolver,
         AcmeTask {
             state,
-            domains: settings.domains.clone(),
+            domains: domain_list,
             directory: settings.directory.clone(),
             cache: cache.to_path_buf(),
         },
@@ -209,11 +233,12 @@ fn roots(extra: Option<&Path>) -> Result<RootCertStore, AcmeError> {
 /// The certificate rustls-acme saved for these domains and directory, if any and usable.
 async fn load_saved(
     cache: &Path,
-    settings: &AcmeSettings,
+    domains: &[String],
+    directory: &str,
     provider: &CryptoProvider,
 ) -> Option<(Arc<CertifiedKey>, i64)> {
     let pem = DirCache::new(cache.to_path_buf())
-        .load_cert(&settings.domains, &settings.directory)
+        .load_cert(domains, directory)
         .await
         .ok()??;
     let (chain, key) = parse_saved(&pem)?;
@@ -399,6 +424,12 @@ async fn log_issued(cache: &Path, domains: &[String], directory: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domains_normalized() {
+        let given = ["Relay.Example.org", "b.example.org", "relay.example.org"].map(String::from);
+        assert_eq!(normalized(&given), ["relay.example.org", "b.example.org"]);
+    }
 
     #[test]
     fn words() {
