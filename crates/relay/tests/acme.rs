@@ -1,17 +1,17 @@
 //! `[tls.acme]` against a real ACME server: Pebble, Let's Encrypt's test CA (Debian package
-//! `pebble`, which also brings `pebble-challtestsrv`, used here as its DNS server so the
-//! test domain resolves to 127.0.0.1). Pebble validates TLS-ALPN-01 by connecting to the
-//! relay's TLS listener; the relay must answer with the challenge certificate, switch from
-//! its self-signed certificate to the issued one without a restart, keep it in the cache,
-//! and serve it from the cache after a restart. No fixed sleeps: bounded polling only.
+//! `pebble`; started by `postern_test_kit::pebble`, with `pebble-challtestsrv` as its DNS
+//! server so the test domain resolves to 127.0.0.1). Pebble validates TLS-ALPN-01 by
+//! connecting to the relay's TLS listener; the relay must answer with the challenge
+//! certificate, switch from its self-signed certificate to the issued one without a
+//! restart, keep it in the cache, and serve it from the cache after a restart. No fixed
+//! sleeps: bounded polling only.
 
 use postern_relay::config::RelayConfig;
 use postern_relay::{Relay, RunningRelay};
-use postern_test_kit::process::ReadyProcess;
+use postern_test_kit::pebble::{free_port, Pebble};
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -21,139 +21,6 @@ const DOMAIN: &str = "relay.postern.test";
 /// How long issuance may take (Pebble without sleeps needs about a second; the relay's
 /// first order may fail while Pebble starts and is retried after rustls-acme's backoff).
 const ISSUE: Duration = Duration::from_secs(60);
-
-fn require(program: &str) {
-    if let Err(e) = Command::new(program).arg("-h").output() {
-        panic!(
-            "this test needs Pebble, Let's Encrypt's test ACME server: `apt-get install pebble` \
-             (it provides {program}; running it failed: {e})"
-        );
-    }
-}
-
-/// A loopback port free at the time of asking (for programs that cannot report the
-/// port they bound).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// A CA and, signed by it, the certificate Pebble serves its API with (localhost and
-/// 127.0.0.1); the CA is what the relay's `ca_roots` trusts.
-fn pebble_tls(dir: &Path) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "postern test ACME API CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-}
-
-struct Pebble {
-    _dns: ReadyProcess,
-    _process: ReadyProcess,
-    directory: String,
-    /// "Pebble Intermediate CA 1a2b3c", from Pebble's log.
-    intermediate: String,
-}
-
-/// Starts pebble-challtestsrv (DNS only: every A query answers 127.0.0.1) and Pebble,
-/// which validates TLS-ALPN-01 on `tls_port`.
-fn start_pebble(dir: &Path, tls_port: u16) -> Pebble {
-    require("pebble");
-    require("pebble-challtestsrv");
-    pebble_tls(dir);
-    let dns_port = free_port();
-    let mut dns = Command::new("pebble-challtestsrv");
-    dns.args([
-        "-dns01",
-        &format!("127.0.0.1:{dns_port}"),
-        "-management",
-        &format!("127.0.0.1:{}", free_port()),
-        "-http01",
-        "",
-        "-https01",
-        "",
-        "-tlsalpn01",
-        "",
-        "-defaultIPv4",
-        "127.0.0.1",
-        "-defaultIPv6",
-        "",
-    ]);
-    let dns = ReadyProcess::try_start(dns, |l| {
-        l.contains("Starting management server").then(String::new)
-    })
-    .unwrap_or_else(|(e, err)| panic!("pebble-challtestsrv: {e}\n{}", err.join("\n")));
-
-    let api = free_port();
-    let config = serde_json_like(&[
-        ("listenAddress", format!("\"127.0.0.1:{api}\"")),
-        (
-            "managementListenAddress",
-            format!("\"127.0.0.1:{}\"", free_port()),
-        ),
-        (
-            "certificate",
-            format!("{:?}", dir.join("cert.pem").display().to_string()),
-        ),
-        (
-            "privateKey",
-            format!("{:?}", dir.join("key.pem").display().to_string()),
-        ),
-        ("httpPort", free_port().to_string()),
-        ("tlsPort", tls_port.to_string()),
-        ("ocspResponderURL", "\"\"".into()),
-        ("externalAccountBindingRequired", "false".into()),
-    ]);
-    let config_path = dir.join("pebble.json");
-    std::fs::write(&config_path, config).unwrap();
-    let mut cmd = Command::new("pebble");
-    cmd.arg("-config")
-        .arg(&config_path)
-        .arg("-dnsserver")
-        .arg(format!("127.0.0.1:{dns_port}"))
-        // No random validation delays, no deliberately rejected nonces: fast and repeatable.
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env("PEBBLE_WFE_NONCEREJECT", "0")
-        .env("PEBBLE_AUTHZREUSE", "0");
-    let process = ReadyProcess::try_start(cmd, |l| {
-        l.split_once("ACME directory available at: ")
-            .map(|(_, url)| url.trim().to_string())
-    })
-    .unwrap_or_else(|(e, err)| panic!("pebble: {e}\n{}", err.join("\n")));
-    let intermediate = process
-        .before
-        .iter()
-        .find_map(|l| {
-            let rest = l.split_once("Generated new intermediate issuer CN=")?.1;
-            Some(rest.split(" with serial").next()?.to_string())
-        })
-        .unwrap_or_else(|| panic!("no intermediate in Pebble's log: {:?}", process.before));
-    Pebble {
-        directory: process.ready.clone(),
-        _dns: dns,
-        _process: process,
-        intermediate,
-    }
-}
-
-fn serde_json_like(fields: &[(&str, String)]) -> String {
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| format!("\"{k}\": {v}"))
-        .collect();
-    format!("{{\"pebble\": {{{}}}}}", body.join(", "))
-}
 
 fn relay_config(tls: SocketAddr, upstream: SocketAddr, directory: &str, dir: &Path) -> RelayConfig {
     let cfg = RelayConfig::from_toml_str(&format!(
@@ -264,7 +131,15 @@ fn init_logs() {
 async fn without_a_ca_the_relay_serves_self_signed_and_stops_promptly() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    pebble_tls(dir.path());
+    // Only the file the configuration names as ca_roots is needed here.
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        rcgen::generate_simple_self_signed(vec!["ca.test".into()])
+            .unwrap()
+            .cert
+            .pem(),
+    )
+    .unwrap();
     let (upstream, upstream_bytes) = counting_upstream().await;
     let relay = Relay::start(relay_config(
         "127.0.0.1:0".parse().unwrap(),
@@ -315,7 +190,7 @@ async fn certificate_from_pebble_is_served_and_survives_a_restart() {
     // The relay's TLS port comes first: Pebble must know where to validate.
     let tls_port = free_port();
     let tls: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
-    let pebble = start_pebble(dir.path(), tls_port);
+    let pebble = Pebble::start(dir.path(), tls_port);
     let (upstream, upstream_bytes) = counting_upstream().await;
     let relay = Relay::start(relay_config(tls, upstream, &pebble.directory, dir.path()))
         .await
