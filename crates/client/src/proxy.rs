@@ -1,7 +1,7 @@
 //! Proxy settings: whether to use relays, and which.
 //!
 //! A saved proxy is a relay address: host (name, IPv4 or IPv6), chat port, TLS on or off,
-//! and an optional media port. As in the reference client, a host alone means port 443
+//! the relay's secret if it has one, and an optional media port. As in the reference client, a host alone means port 443
 //! with TLS. Addresses can also be imported from the links relays print
 //! (`postern://proxy?host=…&port=…&tls=1`).
 
@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use postern_protocol::link::{is_valid_dns_name, ProxyLink};
+use postern_protocol::relay_auth::RelaySecret;
 use serde::{Deserialize, Serialize};
 
 /// Whether and how relays are used.
@@ -74,6 +75,10 @@ pub struct ProxyEntry {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// The relay's secret (from its link): the client proves it holds it, and the relay
+    /// shows everyone without it a web site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<RelaySecret>,
     pub media: Option<u16>,
 }
 
@@ -95,6 +100,9 @@ impl ProxyEntry {
             self.port,
             if self.tls { "on" } else { "off" }
         );
+        if self.secret.is_some() {
+            s.push_str(", with secret");
+        }
         if let Some(m) = self.media {
             s.push_str(&format!(", media port {m}"));
         }
@@ -106,6 +114,7 @@ impl ProxyEntry {
             host: self.host.clone(),
             port: self.port,
             tls: self.tls,
+            secret: self.secret.clone(),
             media: self.media,
         }
     }
@@ -123,6 +132,7 @@ impl ProxyEntry {
                 host: link.host,
                 port: link.port,
                 tls: link.tls,
+                secret: link.secret,
                 media: link.media,
             });
         }
@@ -158,6 +168,7 @@ impl ProxyEntry {
             host,
             port,
             tls: port == 443,
+            secret: None,
             media: None,
         })
     }

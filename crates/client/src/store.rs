@@ -329,9 +329,10 @@ impl LocalStore {
 
     /// Saved proxies in the order they were added.
     pub async fn proxies(&self) -> Result<Vec<crate::proxy::ProxyEntry>, ClientError> {
-        let rows = sqlx::query("SELECT host, port, tls, media_port FROM proxies ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT host, port, tls, media_port, secret FROM proxies ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .into_iter()
             .map(|r| crate::proxy::ProxyEntry {
@@ -339,6 +340,9 @@ impl LocalStore {
                 port: r.get::<i64, _>(1) as u16,
                 tls: r.get::<i64, _>(2) != 0,
                 media: r.get::<Option<i64>, _>(3).map(|m| m as u16),
+                // Written by this client from a checked secret; a damaged one is dropped
+                // (the relay then shows its cover site, and the user re-imports the link).
+                secret: r.get::<Option<String>, _>(4).and_then(|s| s.parse().ok()),
             })
             .collect())
     }
@@ -354,14 +358,16 @@ impl LocalStore {
                 .fetch_one(&mut *tx)
                 .await?;
         sqlx::query(
-            "INSERT INTO proxies (host, port, tls, media_port, added_ms) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT(host, port) DO UPDATE SET tls = excluded.tls, media_port = excluded.media_port",
+            "INSERT INTO proxies (host, port, tls, media_port, added_ms, secret) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT(host, port) DO UPDATE SET tls = excluded.tls, media_port = excluded.media_port,
+                 secret = excluded.secret",
         )
         .bind(&p.host)
         .bind(i64::from(p.port))
         .bind(i64::from(p.tls))
         .bind(p.media.map(i64::from))
         .bind(postern_protocol::now_ms() as i64)
+        .bind(p.secret.as_ref().map(|s| s.to_string()))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -387,13 +393,14 @@ impl LocalStore {
                 .map(|(_, _, ms)| *ms)
                 .unwrap_or_else(|| postern_protocol::now_ms() as i64);
             sqlx::query(
-                "INSERT INTO proxies (host, port, tls, media_port, added_ms) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO proxies (host, port, tls, media_port, added_ms, secret) VALUES (?, ?, ?, ?, ?, ?)",
             )
             .bind(&p.host)
             .bind(i64::from(p.port))
             .bind(i64::from(p.tls))
             .bind(p.media.map(i64::from))
             .bind(added_ms)
+            .bind(p.secret.as_ref().map(|s| s.to_string()))
             .execute(&mut *tx)
             .await?;
         }

@@ -70,6 +70,7 @@ pub fn for_failure(failure: &Failure) -> &'static str {
         SpeaksTls => "Hint: this port speaks TLS: try --tls (`postern proxy add ADDRESS --tls` to save it so).",
         ServiceDidNotAnswer => "Hint: the relay works but cannot reach the service; tell its operator or try another proxy.",
         ServerIdentity => "Warning: something on this path pretends to be the service; do not use this proxy.",
+        WrongSecret => "Hint: ask the relay's operator for its current link (`postern relay link ... --secret`) and import it again.",
         Other(_) => "Hint: try another proxy.",
     }
 }

@@ -7,7 +7,7 @@
 mod common;
 use common::*;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -538,22 +538,12 @@ fn slowloris_against_server_and_relay_listeners_does_not_keep_real_clients_out()
 
 /// `GET path` on the stats listener with a deadline; the status line, or why not.
 fn http_get(addr: SocketAddr, path: &str, within: Duration) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, within).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(within))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&answer);
+    let text = http_answer(addr, path, within)?;
     text.lines()
         .next()
         .filter(|l| l.starts_with("HTTP/"))
         .map(str::to_string)
-        .ok_or_else(|| format!("no HTTP answer ({} bytes)", answer.len()))
+        .ok_or_else(|| format!("no HTTP answer ({} bytes)", text.len()))
 }
 
 #[test]

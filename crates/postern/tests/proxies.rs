@@ -374,3 +374,98 @@ fn a_following_inbox_reconnects_when_its_relay_comes_back() {
     ok(&alice, &["send", "bob", "after the relay restarted"]);
     follower.expect(&["\"incoming\"", "after the relay restarted"]);
 }
+
+/// A relay run with `--secret`: its links (TLS on one port, the HTTP-looking transport on
+/// the plain one) carry the secret and work; the same relay without the secret in the link
+/// is a web site, and the client says so.
+#[test]
+fn a_relay_with_a_secret_carries_only_holders_of_its_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let state = tmp.path().join("relay-state");
+    let state_arg = state.to_str().unwrap();
+    let relay = TestRelay::start(&[
+        "--upstream",
+        &server.addr.to_string(),
+        "--plain",
+        "127.0.0.1:0",
+        "--tls",
+        "127.0.0.1:0",
+        "--stats",
+        "127.0.0.1:0",
+        "--secret",
+        "--state-dir",
+        state_arg,
+    ]);
+    assert!(
+        state.join("secret").exists(),
+        "the secret lives in the state directory"
+    );
+    let link = |port: u16, tls: bool| {
+        let port = port.to_string();
+        let mut args = vec![
+            "relay",
+            "link",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--secret",
+            "--state-dir",
+            state_arg,
+            "--no-qr",
+        ];
+        if !tls {
+            args.push("--no-tls");
+        }
+        let out = ok(&tmp.path().join("operator"), &args);
+        out.trim().to_string()
+    };
+    let tls_link = link(relay.addr("tls").port(), true);
+    let http_link = link(relay.addr("plain").port(), false);
+    assert!(tls_link.contains("&secret="), "{tls_link}");
+
+    let (alice, bob, eve) = (
+        tmp.path().join("alice"),
+        tmp.path().join("bob"),
+        tmp.path().join("eve"),
+    );
+    for (home, name) in [(&alice, "alice"), (&bob, "bob"), (&eve, "eve")] {
+        account(home, name, &server);
+        ok(home, &["proxy", "use", "on"]);
+    }
+    let added = ok(&alice, &["proxy", "add", &tls_link]);
+    assert!(added.contains("with secret"), "{added}");
+    ok(&bob, &["proxy", "add", &http_link]);
+    ok(&alice, &["send", "bob", "over TLS with the secret"]);
+    assert!(ok(&bob, &["inbox"]).contains("alice: over TLS with the secret"));
+    ok(&bob, &["send", "alice", "over the HTTP upgrade"]);
+    assert!(ok(&alice, &["inbox"]).contains("bob: over the HTTP upgrade"));
+
+    // Without the secret, both ports are a web site.
+    for args in [
+        vec!["proxy", "check", &*relay.addr("tls").to_string(), "--tls"],
+        vec![
+            "proxy",
+            "check",
+            &*relay.addr("plain").to_string(),
+            "--no-tls",
+        ],
+    ] {
+        let check = postern(&eve, &args);
+        let out = String::from_utf8_lossy(&check.stdout);
+        assert!(!check.status.success(), "{out}");
+        assert!(out.contains("answered as a web site"), "{out}");
+        assert!(!out.contains("possible interception"), "not hostile: {out}");
+    }
+    let stats = http_answer(
+        relay.stats.expect("stats listener"),
+        "/metrics",
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(
+        stats.contains("postern_relay_cover_total{listener=\"https\"} 1"),
+        "{stats}"
+    );
+}

@@ -1,13 +1,17 @@
-//! Proxy links: `postern://proxy?host=H&port=443&tls=1[&media=587]`.
+//! Proxy links: `postern://proxy?host=H&port=443&tls=1[&secret=S][&media=587]`.
 //!
 //! * `host` (required): a DNS name, an IPv4 address, or an IPv6 address in brackets.
 //! * `port` (optional, default 443): 1-65535.
 //! * `tls` (optional, default `1`): `1`/`0` (`true`/`false` accepted on input).
+//! * `secret` (optional): the relay's secret (43 base64url characters). A relay with a
+//!   secret answers only clients that prove they hold it and shows everyone else a web
+//!   site (see [`crate::relay_auth`]).
 //! * `media` (optional): port of an SNI media listener on the same host.
 //!
 //! Unknown parameters are ignored so newer links still import in older clients; repeated
 //! parameters are an error.
 
+use crate::relay_auth::RelaySecret;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
@@ -24,6 +28,8 @@ pub struct ProxyLink {
     pub port: u16,
     /// Whether the client wraps its connection in TLS.
     pub tls: bool,
+    /// The relay's secret, for relays that show non-clients a cover site.
+    pub secret: Option<RelaySecret>,
     /// Optional media port (SNI passthrough listener).
     pub media: Option<u16>,
 }
@@ -49,6 +55,11 @@ pub enum LinkError {
     /// `tls` is not 0/1/true/false.
     #[error("tls must be 1 or 0")]
     BadTls,
+    /// `secret` is not a relay secret.
+    #[error(
+        "secret must be the 43 characters the relay printed (base64url); copy the whole link again"
+    )]
+    BadSecret,
     /// A parameter appears twice.
     #[error("parameter {0:?} appears more than once")]
     Duplicate(String),
@@ -61,6 +72,7 @@ impl ProxyLink {
             host: host.into(),
             port: 443,
             tls: true,
+            secret: None,
             media: None,
         }
     }
@@ -83,6 +95,9 @@ impl fmt::Display for ProxyLink {
             self.port,
             u8::from(self.tls)
         )?;
+        if let Some(secret) = &self.secret {
+            write!(f, "&secret={secret}")?;
+        }
         if let Some(m) = self.media {
             write!(f, "&media={m}")?;
         }
@@ -134,7 +149,7 @@ impl FromStr for ProxyLink {
             return Err(LinkError::WrongScheme);
         }
         let query = query.split('#').next().unwrap_or("");
-        let (mut host, mut port, mut tls, mut media) = (None, None, None, None);
+        let (mut host, mut port, mut tls, mut secret, mut media) = (None, None, None, None, None);
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let slot_dup = |set: bool| {
                 if set {
@@ -160,6 +175,10 @@ impl FromStr for ProxyLink {
                         _ => return Err(LinkError::BadTls),
                     });
                 }
+                "secret" => {
+                    slot_dup(secret.is_some())?;
+                    secret = Some(v.parse().map_err(|_| LinkError::BadSecret)?);
+                }
                 "media" => {
                     slot_dup(media.is_some())?;
                     media = Some(parse_port(&v, "media port")?);
@@ -171,6 +190,7 @@ impl FromStr for ProxyLink {
             host: host.ok_or(LinkError::MissingHost)?,
             port: port.unwrap_or(443),
             tls: tls.unwrap_or(true),
+            secret,
             media,
         })
     }
@@ -215,6 +235,11 @@ mod tests {
             l.to_string(),
             "postern://proxy?host=[2001:db8::1]&port=5222&tls=0&media=587"
         );
+        let secret = RelaySecret::generate();
+        let text = format!("postern://proxy?host=relay.example.org&port=443&tls=1&secret={secret}");
+        let l: ProxyLink = text.parse().unwrap();
+        assert_eq!(l.secret.as_ref(), Some(&secret));
+        assert_eq!(l.to_string(), text);
     }
 
     #[test]
@@ -246,6 +271,7 @@ mod tests {
         assert!(e("postern://proxy?host=2001:db8::1").contains("brackets"));
         assert!(e("postern://proxy?host=bad_host!").contains("invalid host"));
         assert!(e("postern://proxy?host=a.org&host=b.org").contains("more than once"));
+        assert!(e("postern://proxy?host=a.org&secret=abc").contains("43 characters"));
     }
 
     fn host_strategy() -> impl Strategy<Value = String> {
@@ -259,8 +285,9 @@ mod tests {
     proptest! {
         #[test]
         fn round_trip(host in host_strategy(), port in 1u16.., tls: bool,
-                      media in proptest::option::of(1u16..)) {
-            let link = ProxyLink { host, port, tls, media };
+                      with_secret: bool, media in proptest::option::of(1u16..)) {
+            let secret = with_secret.then(RelaySecret::generate);
+            let link = ProxyLink { host, port, tls, secret, media };
             let parsed: ProxyLink = link.to_string().parse().unwrap();
             prop_assert_eq!(parsed, link);
         }

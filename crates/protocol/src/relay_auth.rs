@@ -1,10 +1,6 @@
 //! Relay secrets: how a client proves, inside its TLS session with a relay, that it holds
 //! the relay's link — so that the relay can answer everyone else as an ordinary web site.
 //!
-//! **Status:** this module is the shared mechanism (secret, token, capture hook) and its
-//! tests; the relay's listener and the client's dialer do not use it yet (issue 12, next
-//! step), and links do not carry `secret=` yet. The text below is the design they follow.
-//!
 //! A relay may have a [`RelaySecret`] (32 random bytes, generated at its first start and
 //! kept in its state directory). Its link carries it as `secret=` (base64url, no padding).
 //! Right after the TLS handshake, before any Noise byte, the client sends a
@@ -29,6 +25,16 @@
 //! one secret) and key an HMAC with the relay secret over it — the same construction on both
 //! sides, from maintained primitives (`hmac`, `sha2`). TLS 1.2 has no such secret: a secret
 //! relay treats a TLS 1.2 session as unauthenticated.
+//!
+//! ## Without TLS: an HTTP request (a relay's port 80)
+//!
+//! On a plain port the client's first bytes are an HTTP/1.1 `GET` whose path is an
+//! [`HttpToken`] — `/` + base64url(nonce(16) ‖ time(8) ‖ mac(16)), where
+//! `mac = HMAC-SHA256(secret, "postern relay http auth v1" ‖ nonce ‖ time)` truncated to 16
+//! bytes and `time` is Unix seconds, big-endian — with WebSocket-style `Upgrade` headers.
+//! There is no session to bind to, so the relay refuses a token whose time is more than
+//! [`HTTP_TOKEN_SKEW`] away from its clock, and remembers the nonces of valid tokens for
+//! twice that long so that a recorded request replayed later gets the cover site.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -47,9 +53,18 @@ pub const TOKEN_LEN: usize = 32;
 /// Domain separation for the TLS token.
 const TLS_TOKEN_LABEL: &[u8] = b"postern relay tls auth v1";
 
+/// Domain separation for the HTTP token.
+const HTTP_TOKEN_LABEL: &[u8] = b"postern relay http auth v1";
+
+/// Largest clock difference between client and relay accepted for an HTTP token.
+pub const HTTP_TOKEN_SKEW: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Bytes of an HTTP token before base64url: nonce, time, truncated MAC.
+const HTTP_TOKEN_RAW: usize = 16 + 8 + 16;
+
 /// A relay's secret. `Display` writes the link form (base64url without padding); `Debug`
 /// never shows it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RelaySecret([u8; SECRET_LEN]);
 
 impl fmt::Debug for RelaySecret {
@@ -129,6 +144,96 @@ impl RelaySecret {
         mac.update(exporter_secret);
         mac.finalize().into_bytes().into()
     }
+
+    fn http_mac(&self, nonce: &[u8; 16], time: u64) -> [u8; 16] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length");
+        mac.update(HTTP_TOKEN_LABEL);
+        mac.update(nonce);
+        mac.update(&time.to_be_bytes());
+        let full: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+
+    /// A fresh HTTP token for a request sent at `now` (Unix seconds).
+    pub fn http_token(&self, now: u64) -> HttpToken {
+        let nonce: [u8; 16] = rand::random();
+        let mut raw = Vec::with_capacity(HTTP_TOKEN_RAW);
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(&now.to_be_bytes());
+        raw.extend_from_slice(&self.http_mac(&nonce, now));
+        HttpToken {
+            path: format!("/{}", URL_SAFE_NO_PAD.encode(raw)),
+            nonce,
+        }
+    }
+
+    /// Checks a request path against this secret at time `now` (Unix seconds): the MAC
+    /// (in constant time) and the clock skew. Returns the token's nonce, which the caller
+    /// must check against (and add to) its replay cache.
+    pub fn check_http_path(&self, path: &str, now: u64) -> Result<[u8; 16], HttpTokenError> {
+        let b64 = path.strip_prefix('/').ok_or(HttpTokenError::Malformed)?;
+        // base64url of 40 bytes, no padding: 54 characters.
+        if b64.len() != 54 {
+            return Err(HttpTokenError::Malformed);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(b64)
+            .map_err(|_| HttpTokenError::Malformed)?;
+        let raw: [u8; HTTP_TOKEN_RAW] = raw.try_into().map_err(|_| HttpTokenError::Malformed)?;
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&raw[..16]);
+        let mut time = [0u8; 8];
+        time.copy_from_slice(&raw[16..24]);
+        let time = u64::from_be_bytes(time);
+        let expected = self.http_mac(&nonce, time);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &raw[24..])) {
+            return Err(HttpTokenError::BadMac);
+        }
+        if now.abs_diff(time) > HTTP_TOKEN_SKEW.as_secs() {
+            return Err(HttpTokenError::Stale);
+        }
+        Ok(nonce)
+    }
+}
+
+/// A client's HTTP token: the request path to send, and its nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpToken {
+    /// `/` followed by 54 base64url characters.
+    pub path: String,
+    /// The random part (what a relay's replay cache remembers).
+    pub nonce: [u8; 16],
+}
+
+/// Why a request path is not a valid HTTP token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpTokenError {
+    /// Not a token at all (most web requests).
+    #[error("not a relay token")]
+    Malformed,
+    /// Token-shaped, but not made with this secret.
+    #[error("token not made with this relay's secret")]
+    BadMac,
+    /// Made with this secret, but too far from the relay's clock (a replay, or a client
+    /// whose clock is wrong).
+    #[error("token time too far from the relay's clock")]
+    Stale,
+}
+
+impl serde::Serialize for RelaySecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RelaySecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// A rustls key-log hook that captures only the TLS 1.3 exporter master secret of the one
@@ -186,6 +291,53 @@ mod tests {
         assert_eq!(a.tls_token(&session1), a.tls_token(&session1));
         assert_ne!(a.tls_token(&session1), a.tls_token(&session2));
         assert_ne!(a.tls_token(&session1), b.tls_token(&session1));
+    }
+
+    #[test]
+    fn http_tokens_check_mac_and_clock() {
+        let (a, b) = (RelaySecret::generate(), RelaySecret::generate());
+        let now = 1_800_000_000;
+        let token = a.http_token(now);
+        assert_eq!(token.path.len(), 55);
+        assert_eq!(a.check_http_path(&token.path, now), Ok(token.nonce));
+        assert_eq!(a.check_http_path(&token.path, now + 119), Ok(token.nonce));
+        assert_eq!(a.check_http_path(&token.path, now - 119), Ok(token.nonce));
+        assert_eq!(
+            a.check_http_path(&token.path, now + 121),
+            Err(HttpTokenError::Stale)
+        );
+        assert_eq!(
+            b.check_http_path(&token.path, now),
+            Err(HttpTokenError::BadMac)
+        );
+        assert_ne!(a.http_token(now).nonce, token.nonce, "nonces must be fresh");
+        for path in [
+            "/",
+            "/index.html",
+            "",
+            "x",
+            &token.path[1..],
+            &format!("{}A", token.path),
+        ] {
+            assert_eq!(
+                a.check_http_path(path, now),
+                Err(HttpTokenError::Malformed),
+                "{path}"
+            );
+        }
+        // A flipped character in the MAC part.
+        let mut bad = token.path.clone().into_bytes();
+        let last = bad.len() - 2;
+        bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+        let bad = String::from_utf8(bad).unwrap();
+        assert_eq!(a.check_http_path(&bad, now), Err(HttpTokenError::BadMac));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_path_is_checked_without_panic(path in "/?[A-Za-z0-9_=-]{0,80}") {
+            let _ = RelaySecret::generate().check_http_path(&path, 1_800_000_000);
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //!   ([`config::presets::postern_on`] embeds a relay, e.g. in `postern dev`).
 //! * [`accept`] — listeners and everything before relaying, under one handshake deadline.
 //! * [`upstream`] — pools, resolver, health checks, load balancing.
+//! * [`cover`] — on a relay with a secret, the web site everyone without the link gets.
 //! * [`forward`] — the relaying itself: copy and splice, idle and half-close timeouts.
 //! * [`stats`] — counters, `/metrics`, `/healthz`, and the HTML status page.
 //! * [`stream`] — stream plumbing shared by `accept` and `forward`.
@@ -40,6 +41,7 @@
 
 pub mod accept;
 pub mod config;
+pub mod cover;
 pub mod forward;
 pub mod link;
 mod relay;

@@ -1,10 +1,12 @@
 //! Starting and stopping a whole relay from a [`RelayConfig`].
 
+use crate::accept::gate::{Gate, ReplayCache};
 use crate::accept::limits::ConnLimiter;
 use crate::accept::listener::{Listener, ListenerKind, Route, Shared};
 use crate::accept::sni::AllowList;
 use crate::accept::tls::TlsError;
 use crate::config::{ConfigError, RelayConfig};
+use crate::cover::Cover;
 use crate::stats::{ListenerStats, Metrics};
 use crate::upstream::{Pool, Resolver};
 use std::collections::BTreeMap;
@@ -27,6 +29,9 @@ pub enum RelayError {
     /// ACME (`[tls.acme]`) could not be set up.
     #[error(transparent)]
     Acme(#[from] crate::accept::acme::AcmeError),
+    /// The relay's secret could not be read or created.
+    #[error("{0} (check the state directory: --state-dir / state_dir)")]
+    Secret(#[from] postern_protocol::relay_auth::SecretError),
     /// A listening socket could not be opened.
     #[error("listener {name:?} cannot listen on {addr}: {source}{hint}")]
     Bind {
@@ -89,11 +94,37 @@ impl Relay {
         let resolver = Arc::new(Resolver::new(config.resolve.clone()));
 
         let needs_tls = config.listeners.iter().any(|l| l.enabled && l.tls);
-        let (acceptor, acme) = if needs_tls {
+        let (mut acceptor, acme) = if needs_tls {
             let (a, acme) = crate::accept::acme::tls_acceptor(&config).await?;
             (Some(a), acme)
         } else {
             (None, None)
+        };
+
+        let gate = match &config.secret {
+            Some(settings) => {
+                let path = settings.path(config.state_dir.as_deref())?;
+                let (secret, created) =
+                    postern_protocol::relay_auth::RelaySecret::load_or_create(&path)?;
+                if created {
+                    tracing::info!(file = %path.display(),
+                        "created the relay's secret: links must carry it now (postern relay link)");
+                }
+                // The cover site speaks HTTP/1.1 only; offering h2 would promise what it
+                // cannot keep. (ACME validations still need their acme-tls/1.)
+                let alpn: &[&[u8]] = match acme {
+                    Some(_) => &[b"http/1.1", crate::accept::acme::ACME_TLS_ALPN],
+                    None => &[b"http/1.1"],
+                };
+                acceptor = acceptor.map(|a| a.with_alpn(alpn));
+                Some(Arc::new(Gate {
+                    secret,
+                    replay: ReplayCache::default(),
+                    cover: Cover::new(&config.cover, &limits, resolver.clone()),
+                    wait: config.cover.wait,
+                }))
+            }
+            None => None,
         };
 
         let pools: BTreeMap<String, Arc<Pool>> = config
@@ -118,6 +149,7 @@ impl Relay {
             trusted,
             cut: cut.clone(),
             tracker: tracker.clone(),
+            gate: gate.clone(),
         });
 
         // Bind everything first so a failure leaves nothing running.
@@ -187,6 +219,9 @@ impl Relay {
                 limits.connect_timeout,
                 stop.clone(),
             ));
+        }
+        if let Some(g) = &gate {
+            all_stats.push(g.cover.stats());
         }
         let metrics = Metrics::new(all_stats, pools.values().cloned().collect());
         let mut stats_addr = None;

@@ -123,6 +123,7 @@ mod tests {
             host: "relay.example".into(),
             port: n,
             tls: false,
+            secret: None,
             media: None,
         })
     }

@@ -1,7 +1,8 @@
 //! The connector: every way of reaching the service, and keeping a connection to it.
 //!
 //! * [`route`]: one route (direct, relay, TLS relay) opened stage by stage, each failure
-//!   named in the user's words;
+//!   named in the user's words; [`relay_proof`]: the proof a relay with a secret asks
+//!   for first (a token in the TLS session, or an HTTP upgrade request on a plain port);
 //! * [`race`]: routes raced Happy-Eyeballs style, the first to finish the server's
 //!   handshake wins;
 //! * [`health`]: outcomes remembered in the profile, deciding which routes go first;
@@ -17,6 +18,7 @@ pub(crate) mod connection;
 pub mod health;
 pub mod liveness;
 pub mod race;
+pub mod relay_proof;
 pub mod route;
 
 use std::future::Future;
@@ -86,6 +88,9 @@ fn handshake_failure(e: &ClientError, seen: &SeenBytes, tls: bool) -> Failure {
     let first = seen.lock().map(|s| s.clone()).unwrap_or_default();
     if !tls && route::looks_like_tls(&first) {
         return Failure::SpeaksTls;
+    }
+    if relay_proof::is_web_answer(&first) {
+        return Failure::WrongSecret;
     }
     match e {
         ClientError::Protocol(ProtocolError::ServerAuthentication) => Failure::ServerIdentity,
@@ -345,6 +350,7 @@ impl Connector {
             host: host.to_string(),
             port,
             tls: false,
+            secret: None,
             media: None,
         });
         let progress = Progress::new(&route);

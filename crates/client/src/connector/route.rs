@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::connection::BoxStream;
+use super::relay_proof;
 use crate::timeouts::{CONNECT_TIMEOUT, RESOLVE_TIMEOUT, TLS_TIMEOUT};
 
 /// A way to reach the service.
@@ -107,6 +108,8 @@ pub enum Failure {
     ServiceDidNotAnswer,
     /// Something answered but could not prove it is the server whose key we pinned.
     ServerIdentity,
+    /// The relay showed its cover web site: the link's secret is missing, wrong or old.
+    WrongSecret,
     Other(String),
 }
 
@@ -133,6 +136,9 @@ impl fmt::Display for Failure {
             Failure::ServerIdentity => {
                 f.write_str("the service could not prove its identity (possible interception)")
             }
+            Failure::WrongSecret => f.write_str(
+                "the relay answered as a web site: its link's secret is missing or out of date (import the relay's current link)",
+            ),
             Failure::Other(e) => f.write_str(e),
         }
     }
@@ -311,10 +317,25 @@ pub async fn dial(
     let _ = tcp.set_nodelay(true);
     progress.record(Stage::Connect, started);
 
+    let secret = match route {
+        Route::Relay(p) => p.secret.clone(),
+        Route::Direct { .. } => None,
+    };
     if !route.tls() {
-        let stream = FirstBytes::new(tcp);
+        let mut stream = FirstBytes::new(tcp);
         let seen = stream.seen();
-        return Ok((Box::new(stream), seen));
+        let Some(secret) = secret else {
+            return Ok((Box::new(stream), seen));
+        };
+        // A relay with a secret on a plain port: an HTTP request carrying the proof; the
+        // Noise handshake follows without waiting for the answer.
+        use tokio::io::AsyncWriteExt;
+        let request = relay_proof::upgrade_request(&secret, &route.host());
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| (Stage::Connect, io_failure(&e)))?;
+        return Ok((Box::new(relay_proof::Upgraded::new(stream)), seen));
     }
     let started = Instant::now();
     let name = match route.host().parse::<std::net::IpAddr>() {
@@ -322,12 +343,35 @@ pub async fn dial(
         Err(_) => ServerName::try_from(route.host())
             .map_err(|e| (Stage::Tls, Failure::TlsFailed(e.to_string())))?,
     };
-    let connector = tokio_rustls::TlsConnector::from(tls_config());
-    let tls = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
+    // A relay with a secret: this connection's own configuration, to capture the session's
+    // exporter secret that the proof is bound to.
+    let (config, capture) = match &secret {
+        Some(_) => {
+            let (config, capture) = relay_proof::capturing(&tls_config());
+            (config, Some(capture))
+        }
+        None => (tls_config(), None),
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut tls = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
         Err(_) => return Err((Stage::Tls, Failure::TimedOut)),
         Ok(Err(e)) => return Err((Stage::Tls, Failure::TlsFailed(e.to_string()))),
         Ok(Ok(s)) => s,
     };
+    if let (Some(secret), Some(capture)) = (&secret, capture) {
+        let exporter = capture.take().ok_or_else(|| {
+            (
+                Stage::Tls,
+                Failure::TlsFailed(
+                    "the relay did not negotiate TLS 1.3, which its secret needs".into(),
+                ),
+            )
+        })?;
+        use tokio::io::AsyncWriteExt;
+        tls.write_all(&secret.tls_token(&exporter))
+            .await
+            .map_err(|e| (Stage::Tls, io_failure(&e)))?;
+    }
     progress.record(Stage::Tls, started);
     let stream = FirstBytes::new(tls);
     let seen = stream.seen();

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use postern_protocol::relay_auth::RelaySecret;
 use postern_relay::config::{
     AcmeSettings, ListenerConfig, RelayConfig, SendProxy, StatsSettings, LETS_ENCRYPT_DIRECTORY,
 };
@@ -38,6 +39,11 @@ Examples:
 
   # Print the link (and QR code) users import:
   postern relay link --host relay.example.org
+
+  # Probe-resistant: only holders of the link get through; everyone else sees a web site
+  # (the built-in page, --cover-dir DIR, or --cover-upstream HOST:PORT of a real site):
+  postern relay --upstream chat.example.org:5222 --secret --cover-dir /var/www/html
+  postern relay link --host relay.example.org --secret
 
 On the relay's machine, open http://127.0.0.1:8199/ (or tunnel it: ssh -L 8199:127.0.0.1:8199
 relay) to see whether the relay works. To read it from elsewhere, publish it with a token:
@@ -155,11 +161,38 @@ pub struct RelayCli {
     #[arg(long, value_name = "FILE")]
     pub acme_ca_roots: Option<PathBuf>,
 
-    /// Where the relay keeps its state (ACME account and certificates). Default:
-    /// $STATE_DIRECTORY (set by systemd's StateDirectory=), else
+    /// Where the relay keeps its state (its secret; with ACME, its account and
+    /// certificates). Default: $STATE_DIRECTORY (set by systemd), else
     /// $XDG_STATE_HOME/postern-relay, else ~/.local/state/postern-relay.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Give the relay a secret (created in the state directory at the first start): only
+    /// clients whose link carries it are forwarded, and everyone else — browsers,
+    /// scanners, censors' probes — sees an ordinary web site (the cover site). Links from
+    /// `postern relay link` then include `secret=`; links without it stop working.
+    #[arg(long)]
+    pub secret: bool,
+
+    /// Keep the secret in FILE instead of the state directory (implies --secret).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Turn the secret off even if the --config file sets one (every client is forwarded,
+    /// as the reference relay does).
+    #[arg(long, conflicts_with_all = ["secret", "secret_file"])]
+    pub no_secret: bool,
+
+    /// Cover site: serve the static files of DIR to everyone without the secret (default:
+    /// a small neutral built-in page).
+    #[arg(long, value_name = "DIR", conflicts_with = "cover_upstream")]
+    pub cover_dir: Option<PathBuf>,
+
+    /// Cover site: forward everyone without the secret, byte for byte, to this plain-HTTP
+    /// web server, so the relay answers exactly as that site does. Example:
+    /// --cover-upstream 127.0.0.1:8080
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cover_upstream: Option<String>,
 
     /// Maximum concurrent connections (default 27500); past it clients are turned away at
     /// once so they try another relay.
@@ -191,7 +224,9 @@ pub enum RelayCommand {
   postern relay link --host 203.0.113.7 --port 5222 --no-tls
   postern relay link --host relay.example.org --config relay.toml   # one link per port
 
-Link format: postern://proxy?host=H&port=P&tls=1[&media=M] (see docs/relay.md).")]
+  postern relay link --host relay.example.org --secret   # a relay run with --secret
+
+Link format: postern://proxy?host=H&port=P&tls=1[&secret=S][&media=M] (see docs/relay.md).")]
     Link(LinkArgs),
 }
 
@@ -217,6 +252,20 @@ pub struct LinkArgs {
     /// Print one link per client-facing listener of this relay config file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// The relay runs with --secret: put its secret into the link (read from the state
+    /// directory, or created there if the relay has not started yet). With --config the
+    /// file's [secret] table decides.
+    #[arg(long, conflicts_with = "config")]
+    pub secret: bool,
+
+    /// The relay's --secret-file.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    pub secret_file: Option<PathBuf>,
+
+    /// The relay's --state-dir (where its secret is).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Do not draw the QR code.
     #[arg(long)]
@@ -353,17 +402,35 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     }
     cfg.trusted_proxies
         .extend(cli.trusted_proxy.iter().cloned());
+    if let Some(dir) = &cli.state_dir {
+        cfg.state_dir = Some(dir.clone());
+    }
+    if cfg.state_dir.is_none() {
+        cfg.state_dir = default_state_dir();
+    }
+    if cli.no_secret {
+        cfg.secret = None;
+    } else if cli.secret || cli.secret_file.is_some() {
+        let mut secret = cfg.secret.take().unwrap_or_default();
+        if let Some(f) = &cli.secret_file {
+            secret.file = Some(f.clone());
+        }
+        cfg.secret = Some(secret);
+    }
+    if let Some(dir) = &cli.cover_dir {
+        cfg.cover.dir = Some(dir.clone());
+        cfg.cover.upstream = None;
+    }
+    if let Some(up) = &cli.cover_upstream {
+        cfg.cover.upstream = Some(up.clone());
+        cfg.cover.dir = None;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
 
-/// The --acme-* and --state-dir flags (see their help).
+/// The --acme-* flags (see their help).
 fn apply_acme_flags(cli: &RelayCli, cfg: &mut RelayConfig) -> anyhow::Result<()> {
-    if let Some(dir) = cli.state_dir.clone().or_else(|| cfg.state_dir.clone()) {
-        cfg.state_dir = Some(dir);
-    } else {
-        cfg.state_dir = default_state_dir(|k| std::env::var_os(k));
-    }
     if !cli.acme_domain.is_empty() {
         // ACME replaces a config file's certificate files.
         cfg.tls.cert = None;
@@ -404,25 +471,49 @@ fn apply_acme_flags(cli: &RelayCli, cfg: &mut RelayConfig) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `$STATE_DIRECTORY` (systemd; the first of a colon-separated list), else
-/// `$XDG_STATE_HOME/postern-relay`, else `$HOME/.local/state/postern-relay`.
-fn default_state_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
-    let set = |k: &str| env(k).filter(|v| !v.is_empty());
-    if let Some(dirs) = set("STATE_DIRECTORY") {
-        let first = dirs.to_string_lossy().split(':').next().map(PathBuf::from);
-        if first.is_some() {
-            return first;
+/// Where a relay keeps its state when neither `--state-dir` nor the config says:
+/// systemd's `StateDirectory=` (`$STATE_DIRECTORY`, first entry), else the XDG state
+/// directory of the user running it.
+pub fn default_state_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(v) = env("STATE_DIRECTORY") {
+        let first = v
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if !first.is_empty() {
+            return Some(PathBuf::from(first));
         }
     }
-    if let Some(x) = set("XDG_STATE_HOME") {
-        return Some(PathBuf::from(x).join("postern-relay"));
+    if let Some(v) = env("XDG_STATE_HOME") {
+        return Some(PathBuf::from(v).join("postern-relay"));
     }
-    set("HOME").map(|h| PathBuf::from(h).join(".local/state/postern-relay"))
+    env("HOME").map(|h| PathBuf::from(h).join(".local/state/postern-relay"))
+}
+
+/// The secret of the relay `cfg` describes, created if it does not exist yet (so that a
+/// link printed before the first start stays valid); `None` for a relay without one.
+pub fn relay_secret(cfg: &RelayConfig) -> anyhow::Result<Option<RelaySecret>> {
+    let Some(settings) = &cfg.secret else {
+        return Ok(None);
+    };
+    let path = settings.path(cfg.state_dir.as_deref())?;
+    let (secret, created) = RelaySecret::load_or_create(&path)?;
+    if created {
+        eprintln!("created the relay's secret in {}", path.display());
+    }
+    Ok(Some(secret))
 }
 
 /// Links for every client-facing listener of `cfg` (pool routes without a PROXY header;
 /// the first SNI listener, if any, becomes the media port).
-pub fn links_for(cfg: &RelayConfig, host: &str) -> Vec<(String, ProxyLink)> {
+pub fn links_for(
+    cfg: &RelayConfig,
+    host: &str,
+    secret: Option<&RelaySecret>,
+) -> Vec<(String, ProxyLink)> {
     let media = cfg
         .listeners
         .iter()
@@ -438,6 +529,7 @@ pub fn links_for(cfg: &RelayConfig, host: &str) -> Vec<(String, ProxyLink)> {
                     host: host.to_string(),
                     port: l.listen.port(),
                     tls: l.tls,
+                    secret: secret.cloned(),
                     media,
                 },
             )
@@ -466,8 +558,15 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
     let host = check.host;
     let links = match &args.config {
         Some(path) => {
-            let cfg = RelayConfig::load(path)?;
-            let l = links_for(&cfg, &host);
+            let mut cfg = RelayConfig::load(path)?;
+            if let Some(dir) = &args.state_dir {
+                cfg.state_dir = Some(dir.clone());
+            }
+            if cfg.state_dir.is_none() {
+                cfg.state_dir = default_state_dir();
+            }
+            let secret = relay_secret(&cfg)?;
+            let l = links_for(&cfg, &host, secret.as_ref());
             if l.is_empty() {
                 bail!("{} has no client-facing listener", path.display());
             }
@@ -478,12 +577,23 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
             if port == 0 {
                 bail!("--port must be 1-65535");
             }
+            let secret = if args.secret || args.secret_file.is_some() {
+                let cfg_dir = args.state_dir.clone().or_else(default_state_dir);
+                let settings = postern_relay::config::SecretSettings {
+                    file: args.secret_file.clone(),
+                };
+                let path = settings.path(cfg_dir.as_deref())?;
+                Some(RelaySecret::load_or_create(&path)?.0)
+            } else {
+                None
+            };
             vec![(
                 "relay".to_string(),
                 ProxyLink {
                     host,
                     port,
                     tls: !args.no_tls,
+                    secret,
                     media: args.media,
                 },
             )]
@@ -715,35 +825,5 @@ mod tests {
             .is_err(),
             "--acme-domain conflicts with --tls-cert"
         );
-    }
-
-    #[test]
-    fn state_dir_default() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
-        static ALL: [(&str, &str); 3] = [
-            ("STATE_DIRECTORY", "/var/lib/postern-relay:/other"),
-            ("XDG_STATE_HOME", "/home/v/.state"),
-            ("HOME", "/home/v"),
-        ];
-        assert_eq!(
-            default_state_dir(env(&ALL)),
-            Some(PathBuf::from("/var/lib/postern-relay"))
-        );
-        assert_eq!(
-            default_state_dir(env(&ALL[1..])),
-            Some(PathBuf::from("/home/v/.state/postern-relay"))
-        );
-        assert_eq!(
-            default_state_dir(env(&ALL[2..])),
-            Some(PathBuf::from("/home/v/.local/state/postern-relay"))
-        );
-        assert_eq!(default_state_dir(env(&[])), None);
     }
 }

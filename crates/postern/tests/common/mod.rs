@@ -650,3 +650,18 @@ pub async fn raw_request(
         }
     }
 }
+
+/// The whole answer to `GET path` on `addr` (plain HTTP/1.1, `Connection: close`).
+pub fn http_answer(addr: SocketAddr, path: &str, within: Duration) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, within).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(within))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}

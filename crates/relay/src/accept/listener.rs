@@ -2,6 +2,7 @@
 //! PROXY header → per-source limit → TLS termination → route (pool or SNI) → upstream → copy.
 //! Every step before relaying shares one handshake deadline.
 
+use crate::accept::gate::{self, Gate, Verdict};
 use crate::accept::limits::{ConnLimiter, GlobalSlot, SourceSlot};
 use crate::accept::proxy_header;
 use crate::accept::sni::{self, AllowList, SniError};
@@ -19,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -83,6 +84,9 @@ pub struct Shared {
     pub cut: CancellationToken,
     /// Tracks connection tasks for graceful shutdown.
     pub tracker: TaskTracker,
+    /// On a relay with a secret: the gate every pool listener's connections pass, and the
+    /// cover site for those that fail it.
+    pub gate: Option<Arc<Gate>>,
 }
 
 /// One running listener.
@@ -172,7 +176,23 @@ impl Listener {
         self.stats.total.fetch_add(1, Ordering::Relaxed);
         let open = Open::new(self.stats.clone(), slot);
         let prepared = match self.prepare(tcp, peer).await {
-            Ok(p) => p,
+            Ok(Next::Relay(p)) => p,
+            Ok(Next::Cover {
+                io,
+                read,
+                source_slot,
+            }) => {
+                self.stats.cover.fetch_add(1, Ordering::Relaxed);
+                let Some(gate) = self.shared.gate.clone() else {
+                    return;
+                };
+                let cut = self.shared.cut.clone();
+                // The connection keeps its slots while the cover site serves it.
+                let held = (open, source_slot);
+                gate.cover.serve(io.boxed(), read, cut).await;
+                drop(held);
+                return;
+            }
             Err(reason) => {
                 self.stats.fail(reason);
                 tracing::debug!(listener = %self.name, client = %self.who(peer),
@@ -207,7 +227,7 @@ impl Listener {
         }
     }
 
-    async fn prepare(&self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Prepared, FailReason> {
+    async fn prepare(&self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Next, FailReason> {
         let limits = &self.shared.limits;
         let deadline = Instant::now() + limits.handshake_timeout;
         let local = tcp.local_addr().unwrap_or(peer);
@@ -254,7 +274,26 @@ impl Listener {
 
         // 3. TLS termination. A plain TCP client socket stays bare so that the relay can
         //    splice it; bytes that came with the PROXY header are replayed by a wrapper.
+        //    Behind a secret gate the session's exporter secret is kept for the token.
+        let gated = self.shared.gate.is_some() && matches!(self.route, Route::Pool(_));
+        let mut exporter = None;
         let mut io = match &self.tls {
+            Some(acceptor) if gated => {
+                let (mut tls, secret) = timeout_at(
+                    deadline,
+                    acceptor.accept_with_exporter(Prefixed::new(leftover, tcp)),
+                )
+                .await
+                .map_err(|_| FailReason::Timeout)?
+                .map_err(|_| FailReason::Tls)?;
+                // A CA's ACME validation is answered before the gate, as in the next arm.
+                if tls.alpn_protocol() == Some(crate::accept::acme::ACME_TLS_ALPN) {
+                    let _ = timeout_at(deadline, tls.shutdown()).await;
+                    return Err(FailReason::AcmeChallenge);
+                }
+                exporter = secret;
+                ClientIo::Other(Box::new(tls))
+            }
             Some(acceptor) => {
                 let mut tls = timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
                     .await
@@ -272,8 +311,29 @@ impl Listener {
             None => ClientIo::Other(Box::new(Prefixed::new(leftover, tcp))),
         };
 
-        // 4. Route and connect.
+        // 4. On a relay with a secret: the client proves it holds the link, or the
+        //    connection goes to the cover site with everything read from it.
         let mut first_bytes = Vec::new();
+        if let (true, Some(g)) = (gated, &self.shared.gate) {
+            let verdict = if self.kind.tls {
+                let expected = exporter.map(|e| g.secret.tls_token(&e));
+                gate::tls_token(&mut io, expected, g.wait).await
+            } else {
+                gate::http_request(&mut io, &g.secret, &g.replay, g.wait).await
+            };
+            match verdict {
+                Verdict::Client { leftover } => first_bytes = leftover,
+                Verdict::Cover { read } => {
+                    return Ok(Next::Cover {
+                        io,
+                        read,
+                        source_slot,
+                    })
+                }
+            }
+        }
+
+        // 5. Route and connect.
         let (upstream, guard) = match &self.route {
             Route::Pool(pool) => {
                 let (mut up, server, guard) = pool
@@ -335,13 +395,25 @@ impl Listener {
                 .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
         }
 
-        Ok(Prepared {
+        Ok(Next::Relay(Prepared {
             io,
             upstream,
             source_slot,
             guard,
-        })
+        }))
     }
+}
+
+/// Where a connection goes after its handshake.
+enum Next {
+    /// To an upstream.
+    Relay(Prepared),
+    /// To the cover site (it did not prove the relay's secret).
+    Cover {
+        io: ClientIo,
+        read: Vec<u8>,
+        source_slot: SourceSlot,
+    },
 }
 
 /// A connection ready to relay, with the slots it holds.
@@ -357,6 +429,42 @@ struct Prepared {
 enum ClientIo {
     Tcp(TcpStream),
     Other(BoxIo),
+}
+
+impl ClientIo {
+    fn boxed(self) -> BoxIo {
+        match self {
+            ClientIo::Tcp(t) => Box::new(t),
+            ClientIo::Other(o) => o,
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            ClientIo::Other(o) => Pin::new(o).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Tcp(t) => Pin::new(t).poll_flush(cx),
+            ClientIo::Other(o) => Pin::new(o).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            ClientIo::Other(o) => Pin::new(o).poll_shutdown(cx),
+        }
+    }
 }
 
 impl AsyncRead for ClientIo {

@@ -2,8 +2,9 @@
 //! forwarded.
 //!
 //! ```text
-//!  accept loop ─► PROXY header ─► per-source limit ─► TLS ─► route: pool or SNI ─► forward
-//!  (maxconn)      (proxy_header)   (limits)            (tls)   (sni)
+//!  accept loop ─► PROXY header ─► per-source limit ─► TLS ─► secret gate ─► route: pool or SNI ─► forward
+//!  (maxconn)      (proxy_header)   (limits)            (tls)   (gate)   │      (sni)
+//!                                                                       └─► cover site
 //! ```
 //!
 //! * [`listener`] — the accept loop and the per-connection handshake pipeline above, under
@@ -15,9 +16,12 @@
 //! * [`tls`] — certificates (files or generated) and the server configuration;
 //!   [`tls_stream`] — TLS on rustls's unbuffered API, so idle connections keep no TLS
 //!   buffers.
+//! * [`gate`] — on a relay with a secret: the client's proof (a token in the TLS session, or
+//!   an HTTP request on a plain port), and the hand-over to [`crate::cover`] for everyone else.
 //! * [`sni`] — reading a ClientHello's server name and matching it against an allow-list.
 
 pub mod acme;
+pub mod gate;
 pub mod limits;
 pub mod listener;
 pub mod proxy_header;

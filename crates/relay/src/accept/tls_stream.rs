@@ -44,13 +44,44 @@ impl From<Arc<ServerConfig>> for TlsAcceptor {
 }
 
 impl TlsAcceptor {
+    /// The same acceptor offering only these ALPN protocols.
+    pub fn with_alpn(&self, protocols: &[&[u8]]) -> TlsAcceptor {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        TlsAcceptor {
+            config: Arc::new(config),
+        }
+    }
+
     /// Runs the server handshake on `io`; the stream is returned once the handshake is
     /// complete (the client's Finished message has been verified).
     pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         io: S,
     ) -> io::Result<TlsStream<S>> {
-        let conn = UnbufferedServerConnection::new(self.config.clone()).map_err(tls_error)?;
+        Self::handshake(self.config.clone(), io).await
+    }
+
+    /// Like [`TlsAcceptor::accept`], and also returns the session's TLS 1.3 exporter master
+    /// secret (`None` for TLS 1.2), which relay secrets bind their token to
+    /// (see [`postern_protocol::relay_auth`]). The configuration is copied for the one
+    /// connection so that its key-log hook sees only this session.
+    pub async fn accept_with_exporter<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: S,
+    ) -> io::Result<(TlsStream<S>, Option<Vec<u8>>)> {
+        let capture = Arc::new(postern_protocol::relay_auth::ExporterCapture::default());
+        let mut config = (*self.config).clone();
+        config.key_log = capture.clone();
+        let stream = Self::handshake(Arc::new(config), io).await?;
+        Ok((stream, capture.take()))
+    }
+
+    async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        config: Arc<ServerConfig>,
+        io: S,
+    ) -> io::Result<TlsStream<S>> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut stream = TlsStream {
             io,
             conn: Box::new(conn),
@@ -558,10 +589,6 @@ mod tests {
         let mut tokens = Vec::new();
         for _ in 0..2 {
             let (acceptor, connector) = pair(&[&rustls::version::TLS13]);
-            let server_capture = Arc::new(ExporterCapture::default());
-            let mut server_config = (*acceptor.config).clone();
-            server_config.key_log = server_capture.clone();
-            let acceptor = TlsAcceptor::from(Arc::new(server_config));
             let client_capture = Arc::new(ExporterCapture::default());
             let mut client_config = (*connector.config().clone()).clone();
             client_config.key_log = client_capture.clone();
@@ -572,14 +599,11 @@ mod tests {
                 tls.write_all(b"x").await.unwrap();
                 tls
             });
-            let mut server = acceptor.accept(server_io).await.unwrap();
+            let (mut server, exporter) = acceptor.accept_with_exporter(server_io).await.unwrap();
             let mut one = [0u8; 1];
             server.read_exact(&mut one).await.unwrap();
             let _client = client.await.unwrap();
-            let (s, c) = (
-                server_capture.take().unwrap(),
-                client_capture.take().unwrap(),
-            );
+            let (s, c) = (exporter.unwrap(), client_capture.take().unwrap());
             assert_eq!(s, c);
             assert_eq!(secret.tls_token(&s), secret.tls_token(&c));
             tokens.push(secret.tls_token(&s));

@@ -60,15 +60,25 @@ pub struct RelayConfig {
     /// and SNI-routed targets. Useful to pin addresses or to point a preset at test stand-ins.
     #[serde(default)]
     pub resolve: BTreeMap<String, SocketAddr>,
+    /// Where the relay keeps its state: its secret (`<state_dir>/secret`) and, with ACME,
+    /// its account and certificates. `postern relay` sets it from `--state-dir` (default
+    /// `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/postern-relay`, else
+    /// `~/.local/state/postern-relay`).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Secret links (`[secret]`): when present, a client must prove it holds the relay's
+    /// link before anything is forwarded; everyone else gets the [`RelayConfig::cover`]
+    /// site. Absent: every client is forwarded, as the reference relay does.
+    #[serde(default)]
+    pub secret: Option<SecretSettings>,
+    /// The web site shown to everyone without the secret (`[cover]`).
+    #[serde(default)]
+    pub cover: CoverSettings,
     /// Load balancers whose PROXY headers are believed on `accept_proxy` listeners
     /// (addresses or CIDR blocks). From any other peer a header is ignored and the peer's
     /// own address is used for limits and logs. Empty by default: trust no one.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
-    /// Where the relay keeps its state (secret, ACME account and certificates). Optional;
-    /// `[tls.acme]` uses `<state_dir>/acme` unless it names a `cache` of its own.
-    #[serde(default)]
-    pub state_dir: Option<PathBuf>,
 }
 
 /// Timeouts and limits. Defaults follow the reference HAProxy relay.
@@ -175,6 +185,61 @@ pub struct AcmeSettings {
 
 fn default_acme_directory() -> String {
     LETS_ENCRYPT_DIRECTORY.to_string()
+}
+
+/// Secret links.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSettings {
+    /// The secret's file, created with a fresh secret at the first start (default
+    /// `<state_dir>/secret`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+impl SecretSettings {
+    /// The file the secret lives in, from `file` or the state directory.
+    pub fn path(&self, state_dir: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        match (&self.file, state_dir) {
+            (Some(f), _) => Ok(f.clone()),
+            (None, Some(dir)) => Ok(dir.join("secret")),
+            (None, None) => Err(invalid(
+                "[secret] needs a place for the secret: set state_dir (--state-dir) or secret.file",
+            )),
+        }
+    }
+}
+
+/// The cover site: what a relay with a secret shows everyone who does not prove it holds
+/// the link — browsers, scanners, censors' probes. At most one of `dir` and `upstream`;
+/// neither = a small neutral built-in page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoverSettings {
+    /// Serve the static files of this directory (`index.html` for directories).
+    pub dir: Option<PathBuf>,
+    /// Forward, byte for byte, to this plain-HTTP web server (`"host:port"`), e.g. a real
+    /// site on the same machine: the relay then answers exactly as that site does.
+    pub upstream: Option<String>,
+    /// How long a connection may stay silent after its TLS handshake before it is handed
+    /// to the cover site (default 5s; a Postern client proves itself at once).
+    #[serde(deserialize_with = "de_duration")]
+    pub wait: Duration,
+    /// The built-in and directory sites close a connection that has not sent a complete
+    /// request head for this long (default 30s, as common web servers do).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+}
+
+impl Default for CoverSettings {
+    fn default() -> Self {
+        CoverSettings {
+            dir: None,
+            upstream: None,
+            wait: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The stats HTTP listener.
@@ -432,6 +497,36 @@ impl RelayConfig {
         {
             if d > MAX_DURATION {
                 return Err(invalid(format!("{name} must be at most 365 days")));
+            }
+        }
+        if let Some(secret) = &self.secret {
+            secret.path(self.state_dir.as_deref())?;
+        }
+        let c = &self.cover;
+        if c.dir.is_some() && c.upstream.is_some() {
+            return Err(invalid(
+                "cover.dir and cover.upstream exclude each other: serve files or forward to a site",
+            ));
+        }
+        if let Some(up) = &c.upstream {
+            split_host_port(up).map_err(|e| invalid(format!("cover.upstream: {e}")))?;
+        }
+        if let Some(dir) = &c.dir {
+            if !dir.is_dir() {
+                return Err(invalid(format!(
+                    "cover.dir {} is not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        for (name, d) in [
+            ("cover.wait", c.wait),
+            ("cover.header_timeout", c.header_timeout),
+        ] {
+            if d.is_zero() || d > MAX_DURATION {
+                return Err(invalid(format!(
+                    "{name} must be greater than zero and at most 365 days"
+                )));
             }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {

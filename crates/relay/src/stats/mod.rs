@@ -108,6 +108,8 @@ pub struct ListenerStats {
     pub refused: AtomicU64,
     /// PROXY headers ignored because the peer is not in `trusted_proxies`.
     pub proxy_untrusted: AtomicU64,
+    /// Connections that did not prove the relay's secret and got the cover site.
+    pub cover: AtomicU64,
     /// Bytes from clients to upstreams.
     pub bytes_in: AtomicU64,
     /// Bytes from upstreams to clients.
@@ -126,6 +128,7 @@ impl ListenerStats {
             total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             proxy_untrusted: AtomicU64::new(0),
+            cover: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             failures: Default::default(),
@@ -237,7 +240,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
         type Getter = fn(&ListenerStats) -> &AtomicU64;
-        let per_listener: [(&str, &str, &str, Getter); 4] = [
+        let per_listener: [(&str, &str, &str, Getter); 5] = [
             (
                 "postern_relay_connections_active",
                 "gauge",
@@ -261,6 +264,12 @@ impl Metrics {
                 "counter",
                 "PROXY headers ignored because the peer is not a trusted proxy.",
                 |l| &l.proxy_untrusted,
+            ),
+            (
+                "postern_relay_cover_total",
+                "counter",
+                "Connections without the relay's secret, answered by the cover site.",
+                |l| &l.cover,
             ),
         ];
         for (name, kind, help, get) in per_listener {
