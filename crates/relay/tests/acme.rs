@@ -271,3 +271,38 @@ async fn certificate_from_pebble_is_served_and_survives_a_restart() {
     assert_eq!(describe(&cert), issued, "served from the cache at once");
     relay.shutdown().await;
 }
+
+/// On a relay with a secret, a CA's validation is answered before the secret gate (which
+/// would otherwise hand it to the cover site), so the certificate is still issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_a_secret_still_gets_its_certificate() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_port = free_port();
+    let tls: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    let pebble = Pebble::start(dir.path(), tls_port);
+    let (upstream, upstream_bytes) = counting_upstream().await;
+    let mut cfg = relay_config(tls, upstream, &pebble.directory, dir.path());
+    cfg.secret = Some(Default::default());
+    cfg.validate().unwrap();
+    let relay = Relay::start(cfg).await.unwrap();
+    let started = Instant::now();
+    loop {
+        if let Some(cert) = served_certificate(tls_addr(&relay)).await {
+            if describe(&cert).0 == pebble.intermediate {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < ISSUE,
+            "no certificate from Pebble within {ISSUE:?} behind the secret gate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        upstream_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+    relay.shutdown().await;
+}
