@@ -34,8 +34,8 @@
 //!   `postern://proxy?...` link format (shared with the client).
 //!
 //! The command line (`postern relay`) lives in the `postern` binary. The relay never
-//! connects anywhere except pool servers and allow-listed names, and logs client addresses
-//! only when the operator opts in.
+//! connects anywhere except pool servers, allow-listed names and, with `[tls.acme]`, its
+//! ACME CA, and logs client addresses only when the operator opts in.
 
 #![warn(missing_docs)]
 

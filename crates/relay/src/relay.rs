@@ -26,6 +26,9 @@ pub enum RelayError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// ACME (`[tls.acme]`) could not be set up.
+    #[error(transparent)]
+    Acme(#[from] crate::accept::acme::AcmeError),
     /// The relay's secret could not be read or created.
     #[error("{0} (check the state directory: --state-dir / state_dir)")]
     Secret(#[from] postern_protocol::relay_auth::SecretError),
@@ -91,10 +94,11 @@ impl Relay {
         let resolver = Arc::new(Resolver::new(config.resolve.clone()));
 
         let needs_tls = config.listeners.iter().any(|l| l.enabled && l.tls);
-        let mut acceptor = if needs_tls {
-            Some(crate::accept::tls::acceptor(&config.tls)?)
+        let (mut acceptor, acme) = if needs_tls {
+            let (a, acme) = crate::accept::acme::tls_acceptor(&config).await?;
+            (Some(a), acme)
         } else {
-            None
+            (None, None)
         };
 
         let gate = match &config.secret {
@@ -107,8 +111,12 @@ impl Relay {
                         "created the relay's secret: links must carry it now (postern relay link)");
                 }
                 // The cover site speaks HTTP/1.1 only; offering h2 would promise what it
-                // cannot keep.
-                acceptor = acceptor.map(|a| a.with_alpn(&[b"http/1.1"]));
+                // cannot keep. (ACME validations still need their acme-tls/1.)
+                let alpn: &[&[u8]] = match acme {
+                    Some(_) => &[b"http/1.1", crate::accept::acme::ACME_TLS_ALPN],
+                    None => &[b"http/1.1"],
+                };
+                acceptor = acceptor.map(|a| a.with_alpn(alpn));
                 Some(Arc::new(Gate {
                     secret,
                     replay: ReplayCache::default(),
@@ -201,6 +209,9 @@ impl Relay {
         }
         for (listener, socket) in runners {
             tracker.spawn(listener.run(socket, stop.clone()));
+        }
+        if let Some(acme) = acme {
+            tracker.spawn(acme.run(stop.clone()));
         }
         for pool in pools.values() {
             tracker.spawn(pool.clone().health_loop(

@@ -5,6 +5,8 @@
 //! * [`process`]: start a `postern` process and wait for the line that says it is ready,
 //!   keeping its output drained so it never blocks on a full pipe.
 //! * [`tls`]: TLS ClientHello bytes for SNI tests and the testbed's prober.
+//! * [`pebble`]: Let's Encrypt's test CA on loopback, for the relay's ACME tests.
 
+pub mod pebble;
 pub mod process;
 pub mod tls;

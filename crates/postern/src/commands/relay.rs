@@ -4,7 +4,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use postern_protocol::relay_auth::RelaySecret;
-use postern_relay::config::{ListenerConfig, RelayConfig, SendProxy, StatsSettings};
+use postern_relay::config::{
+    AcmeSettings, ListenerConfig, RelayConfig, SendProxy, StatsSettings, LETS_ENCRYPT_DIRECTORY,
+};
 use postern_relay::{ProxyLink, Relay};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +28,11 @@ Examples:
 
   # Front the reference messenger's real servers (its proxy's port layout):
   postern relay --preset whatsapp
+
+  # A real certificate from Let's Encrypt, renewed automatically (relay.example.org must
+  # point at this machine and port 443 must be reachable; see docs/relay.md):
+  postern relay --upstream chat.example.org:5222 --acme-domain relay.example.org \\
+      --acme-contact mailto:you@example.org
 
   # Everything from a file (see deploy/relay.example.toml):
   postern relay --config /etc/postern/relay.toml
@@ -122,6 +129,37 @@ pub struct RelayCli {
     /// Example: --tls-name relay.example.org
     #[arg(long, value_name = "NAME")]
     pub tls_name: Vec<String>,
+
+    /// Get the TLS certificate for NAME from an ACME CA (Let's Encrypt unless
+    /// --acme-directory says otherwise) and renew it automatically; repeat for more names.
+    /// NAME must resolve to this machine, and the CA must reach a TLS listener here on port
+    /// 443 (it checks by connecting, TLS-ALPN-01). Until the first certificate arrives the
+    /// self-signed one is served. Example: --acme-domain relay.example.org
+    #[arg(long, value_name = "NAME", conflicts_with = "tls_cert")]
+    pub acme_domain: Vec<String>,
+
+    /// ACME directory URL of the CA (default: Let's Encrypt,
+    /// https://acme-v02.api.letsencrypt.org/directory). To try things out without hitting
+    /// Let's Encrypt's rate limits, use its staging CA:
+    /// https://acme-staging-v02.api.letsencrypt.org/directory
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+
+    /// Contact for the ACME account (repeatable), where the CA writes about problems and
+    /// expiring certificates. Example: --acme-contact mailto:you@example.org
+    #[arg(long, value_name = "MAILTO")]
+    pub acme_contact: Vec<String>,
+
+    /// Directory keeping the ACME account key and certificates across restarts (default:
+    /// the acme folder in --state-dir). Keep it: without it every start orders a new
+    /// certificate and soon hits the CA's rate limits.
+    #[arg(long, value_name = "DIR")]
+    pub acme_cache: Option<PathBuf>,
+
+    /// PEM file of extra root certificates trusted when talking to the ACME directory
+    /// (for a private or test CA such as Pebble; not needed for Let's Encrypt).
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_roots: Option<PathBuf>,
 
     /// Where the relay keeps its state (its secret; with ACME, its account and
     /// certificates). Default: $STATE_DIRECTORY (set by systemd), else
@@ -348,7 +386,10 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
         cfg.tls.cert = Some(c.clone());
         cfg.tls.key = Some(k.clone());
+        // Certificate files replace a config file's [tls.acme].
+        cfg.tls.acme = None;
     }
+    apply_acme_flags(cli, &mut cfg)?;
     cfg.tls.names.extend(cli.tls_name.iter().cloned());
     if let Some(n) = cli.maxconn {
         cfg.limits.maxconn = n;
@@ -386,6 +427,48 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The --acme-* flags (see their help).
+fn apply_acme_flags(cli: &RelayCli, cfg: &mut RelayConfig) -> anyhow::Result<()> {
+    if !cli.acme_domain.is_empty() {
+        // ACME replaces a config file's certificate files.
+        cfg.tls.cert = None;
+        cfg.tls.key = None;
+        let acme = cfg.tls.acme.get_or_insert_with(|| AcmeSettings {
+            domains: Vec::new(),
+            directory: LETS_ENCRYPT_DIRECTORY.to_string(),
+            contact: Vec::new(),
+            cache: None,
+            ca_roots: None,
+        });
+        acme.domains = cli.acme_domain.clone();
+    }
+    let others = [
+        ("--acme-directory", cli.acme_directory.is_some()),
+        ("--acme-contact", !cli.acme_contact.is_empty()),
+        ("--acme-cache", cli.acme_cache.is_some()),
+        ("--acme-ca-roots", cli.acme_ca_roots.is_some()),
+    ];
+    let Some(acme) = cfg.tls.acme.as_mut() else {
+        if let Some((flag, _)) = others.iter().find(|(_, given)| *given) {
+            bail!("{flag} needs --acme-domain NAME (or a [tls.acme] table in --config)");
+        }
+        return Ok(());
+    };
+    if let Some(d) = &cli.acme_directory {
+        acme.directory = d.clone();
+    }
+    if !cli.acme_contact.is_empty() {
+        acme.contact = cli.acme_contact.clone();
+    }
+    if let Some(c) = &cli.acme_cache {
+        acme.cache = Some(c.clone());
+    }
+    if let Some(r) = &cli.acme_ca_roots {
+        acme.ca_roots = Some(r.clone());
+    }
+    Ok(())
 }
 
 /// Where a relay keeps its state when neither `--state-dir` nor the config says:
@@ -666,6 +749,81 @@ mod tests {
         assert!(
             cfg(&["--tls-cert", "x.pem"]).is_err(),
             "--tls-cert requires --tls-key"
+        );
+    }
+
+    #[test]
+    fn acme_flags() {
+        let up = ["--upstream", "a.example:1"];
+        let c = cfg(&[
+            &up[..],
+            &[
+                "--acme-domain",
+                "relay.example.org",
+                "--acme-domain",
+                "r2.example.org",
+                "--acme-contact",
+                "mailto:me@example.org",
+                "--state-dir",
+                "/var/lib/pr",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        let acme = c.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.domains, ["relay.example.org", "r2.example.org"]);
+        assert_eq!(acme.directory, LETS_ENCRYPT_DIRECTORY);
+        assert_eq!(acme.contact, ["mailto:me@example.org"]);
+        assert_eq!(
+            c.acme_cache_dir().unwrap(),
+            Some(PathBuf::from("/var/lib/pr/acme"))
+        );
+        let c = cfg(&[
+            &up[..],
+            &[
+                "--acme-domain",
+                "relay.example.org",
+                "--acme-directory",
+                "https://acme-staging-v02.api.letsencrypt.org/directory",
+                "--acme-cache",
+                "/tmp/acme",
+                "--acme-ca-roots",
+                "/tmp/roots.pem",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        let acme = c.tls.acme.as_ref().unwrap();
+        assert!(acme.directory.contains("staging"));
+        assert_eq!(
+            acme.cache.as_deref(),
+            Some(std::path::Path::new("/tmp/acme"))
+        );
+        assert_eq!(
+            acme.ca_roots.as_deref(),
+            Some(std::path::Path::new("/tmp/roots.pem"))
+        );
+        assert!(
+            cfg(&[&up[..], &["--acme-contact", "mailto:me@example.org"]].concat())
+                .unwrap_err()
+                .to_string()
+                .contains("needs --acme-domain")
+        );
+        assert!(
+            cfg(&[
+                &up[..],
+                &[
+                    "--acme-domain",
+                    "a.example.org",
+                    "--tls-cert",
+                    "c.pem",
+                    "--tls-key",
+                    "k.pem"
+                ]
+            ]
+            .concat())
+            .is_err(),
+            "--acme-domain conflicts with --tls-cert"
         );
     }
 }

@@ -279,22 +279,34 @@ impl Listener {
         let mut exporter = None;
         let mut io = match &self.tls {
             Some(acceptor) if gated => {
-                let (tls, secret) = timeout_at(
+                let (mut tls, secret) = timeout_at(
                     deadline,
                     acceptor.accept_with_exporter(Prefixed::new(leftover, tcp)),
                 )
                 .await
                 .map_err(|_| FailReason::Timeout)?
                 .map_err(|_| FailReason::Tls)?;
+                // A CA's ACME validation is answered before the gate, as in the next arm.
+                if tls.alpn_protocol() == Some(crate::accept::acme::ACME_TLS_ALPN) {
+                    let _ = timeout_at(deadline, tls.shutdown()).await;
+                    return Err(FailReason::AcmeChallenge);
+                }
                 exporter = secret;
                 ClientIo::Other(Box::new(tls))
             }
-            Some(acceptor) => ClientIo::Other(Box::new(
-                timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
+            Some(acceptor) => {
+                let mut tls = timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
                     .await
                     .map_err(|_| FailReason::Timeout)?
-                    .map_err(|_| FailReason::Tls)?,
-            )),
+                    .map_err(|_| FailReason::Tls)?;
+                // An ACME CA validating our domain (TLS-ALPN-01): the handshake, with its
+                // challenge certificate, was the whole answer. Close; never forward it.
+                if tls.alpn_protocol() == Some(crate::accept::acme::ACME_TLS_ALPN) {
+                    let _ = timeout_at(deadline, tls.shutdown()).await;
+                    return Err(FailReason::AcmeChallenge);
+                }
+                ClientIo::Other(Box::new(tls))
+            }
             None if leftover.is_empty() => ClientIo::Tcp(tcp),
             None => ClientIo::Other(Box::new(Prefixed::new(leftover, tcp))),
         };

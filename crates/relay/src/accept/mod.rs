@@ -11,6 +11,8 @@
 //!   one handshake deadline; it hands the prepared pair of streams to [`crate::forward`].
 //! * [`limits`] — `maxconn` and the per-source limit.
 //! * [`proxy_header`] — the PROXY protocol (the one parser, from the protocol crate).
+//! * [`acme`] — certificates from an ACME CA (`[tls.acme]`, Let's Encrypt): the resolver,
+//!   the TLS-ALPN-01 challenge, and the background task that orders and renews.
 //! * [`tls`] — certificates (files or generated) and the server configuration;
 //!   [`tls_stream`] — TLS on rustls's unbuffered API, so idle connections keep no TLS
 //!   buffers.
@@ -18,6 +20,7 @@
 //!   an HTTP request on a plain port), and the hand-over to [`crate::cover`] for everyone else.
 //! * [`sni`] — reading a ClientHello's server name and matching it against an allow-list.
 
+pub mod acme;
 pub mod gate;
 pub mod limits;
 pub mod listener;

@@ -1,5 +1,6 @@
 //! TLS termination: a rustls server configuration from PEM files, or from a self-signed
-//! certificate generated at start with a random subject (kept in memory only).
+//! certificate generated at start with a random subject (kept in memory only), or from a
+//! certificate resolver (ACME, see [`crate::accept::acme`]).
 
 use crate::accept::tls_stream::TlsAcceptor;
 use crate::config::TlsSettings;
@@ -70,7 +71,7 @@ pub fn generate_self_signed(names: &[String]) -> Result<Generated, TlsError> {
 /// ring, preferring AES-128-GCM with SHA-256 (the suite browsers prefer too). Measured with
 /// relay-bench: with the client's usual first choice, AES-256-GCM with SHA-384, SHA-512
 /// blocks (transcript and key schedule) were the largest item of a handshake profile.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites.sort_by_key(|s| match s.suite() {
         rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
@@ -111,13 +112,35 @@ pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
             (vec![g.cert], g.key)
         }
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
+    Ok(finish(config, false))
+}
+
+/// Builds the acceptor with certificates chosen per handshake by `resolver` (`[tls.acme]`,
+/// see [`crate::accept::acme`]); `acme` also accepts the `acme-tls/1` ALPN of CA validations.
+pub fn acceptor_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    acme: bool,
+) -> Result<TlsAcceptor, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    Ok(finish(config, acme))
+}
+
+fn finish(mut config: rustls::ServerConfig, acme: bool) -> TlsAcceptor {
     // Our cipher suite order (above), not the client's.
     config.ignore_client_order = true;
     // Look like an ordinary HTTPS server to anyone negotiating ALPN.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    if acme {
+        config
+            .alpn_protocols
+            .push(crate::accept::acme::ACME_TLS_ALPN.to_vec());
+    }
+    TlsAcceptor::from(Arc::new(config))
 }

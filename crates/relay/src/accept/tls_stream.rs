@@ -118,6 +118,13 @@ pub struct TlsStream<S> {
     close_sent: bool,
 }
 
+impl<S> TlsStream<S> {
+    /// The ALPN protocol agreed in the handshake, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+}
+
 /// What a call of [`TlsStream::process`] wants done.
 enum Op<'a, 'b> {
     /// Complete the handshake.

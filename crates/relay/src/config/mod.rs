@@ -148,6 +148,43 @@ pub struct TlsSettings {
     /// Extra DNS names / IP addresses put into the generated certificate.
     #[serde(default)]
     pub names: Vec<String>,
+    /// Certificates from an ACME CA such as Let's Encrypt (`[tls.acme]`); excludes
+    /// `cert`/`key`. Until the first certificate arrives the self-signed one is served.
+    #[serde(default)]
+    pub acme: Option<AcmeSettings>,
+}
+
+/// Let's Encrypt's production directory, the default `[tls.acme] directory`.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// `[tls.acme]`: certificates obtained and renewed automatically from an ACME CA, validated
+/// with the TLS-ALPN-01 challenge on the relay's own TLS listeners (see [`crate::accept::acme`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSettings {
+    /// DNS names the certificate is for; each must resolve to this relay, and the CA must
+    /// reach a TLS listener on port 443 under that name.
+    pub domains: Vec<String>,
+    /// The CA's ACME directory URL (default: Let's Encrypt production,
+    /// [`LETS_ENCRYPT_DIRECTORY`]).
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// Account contacts, e.g. `"mailto:admin@example.org"` (optional; the CA writes there
+    /// about expiring certificates or problems).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Directory keeping the ACME account key and the certificates across restarts
+    /// (default: `<state_dir>/acme`).
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+    /// PEM file of extra root certificates trusted for the connection to `directory`
+    /// (for a private or test CA such as Pebble).
+    #[serde(default)]
+    pub ca_roots: Option<PathBuf>,
+}
+
+fn default_acme_directory() -> String {
+    LETS_ENCRYPT_DIRECTORY.to_string()
 }
 
 /// Secret links.
@@ -495,6 +532,9 @@ impl RelayConfig {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(invalid("tls.cert and tls.key must be given together"));
         }
+        if let Some(acme) = &self.tls.acme {
+            self.validate_acme(acme)?;
+        }
         let enabled: Vec<_> = self.listeners.iter().filter(|x| x.enabled).collect();
         if enabled.is_empty() {
             return Err(invalid("no enabled [[listener]]"));
@@ -605,6 +645,71 @@ impl RelayConfig {
         Ok(())
     }
 
+    fn validate_acme(&self, acme: &AcmeSettings) -> Result<(), ConfigError> {
+        if self.tls.cert.is_some() {
+            return Err(invalid(
+                "[tls.acme] and tls.cert/tls.key are mutually exclusive: either the relay gets \
+                 its certificate from an ACME CA, or it uses your PEM files; remove one",
+            ));
+        }
+        if acme.domains.is_empty() {
+            return Err(invalid(
+                "[tls.acme] domains is empty: name the DNS name(s) pointing at this relay, \
+                 e.g. domains = [\"relay.example.org\"]",
+            ));
+        }
+        for d in &acme.domains {
+            if d.starts_with("*.") {
+                return Err(invalid(format!(
+                    "[tls.acme] domains: {d:?}: wildcard certificates need the DNS-01 \
+                     challenge, which the relay does not do; list each name"
+                )));
+            }
+            if d.parse::<IpAddr>().is_ok() || !crate::accept::sni::is_valid_dns_name(d) {
+                return Err(invalid(format!(
+                    "[tls.acme] domains: {d:?} is not a DNS name"
+                )));
+            }
+        }
+        if !acme.directory.starts_with("https://") {
+            return Err(invalid(format!(
+                "[tls.acme] directory {:?} must be an https:// URL (default: {LETS_ENCRYPT_DIRECTORY})",
+                acme.directory
+            )));
+        }
+        for c in &acme.contact {
+            if !c.starts_with("mailto:") || c.len() <= "mailto:".len() {
+                return Err(invalid(format!(
+                    "[tls.acme] contact {c:?} must look like \"mailto:admin@example.org\""
+                )));
+            }
+        }
+        self.acme_cache_dir()?;
+        if !self.listeners.iter().any(|l| l.enabled && l.tls) {
+            return Err(invalid(
+                "[tls.acme] needs a TLS listener (tls = true, reachable on port 443): the CA \
+                 checks the domain by connecting to it there (TLS-ALPN-01)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where `[tls.acme]` keeps its account key and certificates: its `cache`, else
+    /// `<state_dir>/acme`. An error when ACME is on and neither is set; `None` without ACME.
+    pub fn acme_cache_dir(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(acme) = &self.tls.acme else {
+            return Ok(None);
+        };
+        match (&acme.cache, &self.state_dir) {
+            (Some(c), _) => Ok(Some(c.clone())),
+            (None, Some(s)) => Ok(Some(s.join("acme"))),
+            (None, None) => Err(invalid(
+                "[tls.acme] needs a directory for its account key and certificates: set \
+                 [tls.acme] cache = \"/var/lib/postern-relay/acme\" or state_dir (--state-dir)",
+            )),
+        }
+    }
+
     /// Pins `name_port` (`"host:port"`, as written in a pool or produced by SNI routing) to a
     /// fixed address. Tests use it to point a preset's real host names at loopback stand-ins.
     pub fn resolve_override(&mut self, name_port: impl Into<String>, addr: SocketAddr) {
@@ -704,6 +809,71 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(cfg.limits.maxconn, 27_500);
+    }
+
+    const ACME_BASE: &str = "state_dir = \"/var/lib/pr\"\n\
+        [[listener]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\ntls = true\npool = \"chat\"\n\
+        [pool.chat]\nservers = [\"127.0.0.1:5222\"]\n";
+
+    fn acme_cfg(tls: &str) -> Result<RelayConfig, ConfigError> {
+        let cfg = RelayConfig::from_toml_str(&format!("{ACME_BASE}{tls}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn acme_table() {
+        let cfg = acme_cfg("[tls.acme]\ndomains = [\"relay.example.org\"]\n").unwrap();
+        let acme = cfg.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.directory, LETS_ENCRYPT_DIRECTORY);
+        assert!(acme.contact.is_empty());
+        assert_eq!(
+            cfg.acme_cache_dir().unwrap(),
+            Some(PathBuf::from("/var/lib/pr/acme"))
+        );
+        let cfg = acme_cfg(
+            "[tls.acme]\ndomains = [\"a.example.org\", \"b.example.org\"]\n\
+             directory = \"https://localhost:14000/dir\"\ncontact = [\"mailto:a@example.org\"]\n\
+             cache = \"/tmp/c\"\nca_roots = \"/tmp/r.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.acme_cache_dir().unwrap(), Some(PathBuf::from("/tmp/c")));
+        let err = |tls: &str| acme_cfg(tls).unwrap_err().to_string();
+        assert!(err("[tls.acme]\ndomains = []\n").contains("domains is empty"));
+        assert!(err("[tls.acme]\ndomains = [\"*.example.org\"]\n").contains("wildcard"));
+        assert!(err("[tls.acme]\ndomains = [\"10.0.0.1\"]\n").contains("not a DNS name"));
+        assert!(
+            err("[tls.acme]\ndomains = [\"a.org\"]\ndirectory = \"http://x/\"\n")
+                .contains("https://")
+        );
+        assert!(
+            err("[tls.acme]\ndomains = [\"a.org\"]\ncontact = [\"a@b.org\"]\n").contains("mailto:")
+        );
+        assert!(err("[tls.acme]\ndomains = [\"a.org\"]\nbogus = 1\n").contains("bogus"));
+        assert!(err(
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[tls.acme]\ndomains = [\"a.org\"]\n"
+        )
+        .contains("mutually exclusive"));
+        let no_state = RelayConfig::from_toml_str(&format!(
+            "{}[tls.acme]\ndomains = [\"a.org\"]\n",
+            ACME_BASE.replace("state_dir = \"/var/lib/pr\"\n", "")
+        ))
+        .unwrap();
+        assert!(no_state
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--state-dir"));
+        let plain_only = RelayConfig::from_toml_str(&format!(
+            "{}[tls.acme]\ndomains = [\"a.org\"]\n",
+            ACME_BASE.replace("tls = true\n", "")
+        ))
+        .unwrap();
+        assert!(plain_only
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs a TLS listener"));
     }
 
     #[test]

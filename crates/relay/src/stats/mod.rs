@@ -44,11 +44,14 @@ pub enum FailReason {
     UpstreamUnavailable,
     /// Client closed before the handshake completed.
     ClosedEarly,
+    /// Not a fault: an ACME CA's TLS-ALPN-01 validation, answered by the TLS handshake
+    /// alone and closed, never forwarded (see [`crate::accept::acme`]).
+    AcmeChallenge,
 }
 
 impl FailReason {
     /// All reasons, in metric order.
-    pub const ALL: [FailReason; 12] = [
+    pub const ALL: [FailReason; 13] = [
         FailReason::Timeout,
         FailReason::Tls,
         FailReason::ProxyHeader,
@@ -61,6 +64,7 @@ impl FailReason {
         FailReason::SourceLimit,
         FailReason::UpstreamUnavailable,
         FailReason::ClosedEarly,
+        FailReason::AcmeChallenge,
     ];
 
     /// Label value used in metrics.
@@ -78,6 +82,7 @@ impl FailReason {
             FailReason::SourceLimit => "source_limit",
             FailReason::UpstreamUnavailable => "upstream_unavailable",
             FailReason::ClosedEarly => "closed_early",
+            FailReason::AcmeChallenge => "acme_challenge",
         }
     }
 
@@ -109,7 +114,7 @@ pub struct ListenerStats {
     pub bytes_in: AtomicU64,
     /// Bytes from upstreams to clients.
     pub bytes_out: AtomicU64,
-    failures: [AtomicU64; 12],
+    failures: [AtomicU64; 13],
 }
 
 impl ListenerStats {

@@ -101,7 +101,12 @@ pub fn render(m: &Metrics, uptime: Duration) -> String {
 
     let mut listeners = String::new();
     for l in &m.listeners {
-        let failures: u64 = FailReason::ALL.iter().map(|r| l.failures(*r)).sum();
+        // A CA's ACME validation is not a failure, whatever the counter's family.
+        let failures: u64 = FailReason::ALL
+            .iter()
+            .filter(|r| **r != FailReason::AcmeChallenge)
+            .map(|r| l.failures(*r))
+            .sum();
         let _ = write!(
             listeners,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
