@@ -670,6 +670,34 @@ mod tests {
     }
 
     #[test]
+    fn secret_and_cover_flags() {
+        let base = ["--upstream", "a.example:1", "--state-dir", "/var/lib/pr"];
+        let with = |more: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(more);
+            cfg(&v)
+        };
+        assert!(
+            with(&[]).unwrap().secret.is_none(),
+            "no secret unless asked"
+        );
+        let c = with(&["--secret", "--cover-upstream", "127.0.0.1:8080"]).unwrap();
+        assert_eq!(
+            c.secret
+                .as_ref()
+                .unwrap()
+                .path(c.state_dir.as_deref())
+                .unwrap(),
+            PathBuf::from("/var/lib/pr/secret")
+        );
+        assert_eq!(c.cover.upstream.as_deref(), Some("127.0.0.1:8080"));
+        let c = with(&["--secret-file", "/etc/s"]).unwrap();
+        assert_eq!(c.secret.unwrap().file, Some(PathBuf::from("/etc/s")));
+        assert!(with(&["--secret", "--no-secret"]).is_err());
+        assert!(with(&["--cover-dir", "/", "--cover-upstream", "127.0.0.1:80"]).is_err());
+    }
+
+    #[test]
     fn only_the_listed_client_facing_listeners_open() {
         let c = cfg(&["--upstream", "a.example:1", "--plain", "127.0.0.1:15222"]).unwrap();
         assert_eq!(enabled(&c), [("http".into(), 15222, false, false)]);

@@ -811,6 +811,33 @@ mod tests {
         assert_eq!(cfg.limits.maxconn, 27_500);
     }
 
+    #[test]
+    fn secret_and_cover_are_checked() {
+        let base =
+            "[[listener]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\ntls = true\npool = \"chat\"\n\
+            [pool.chat]\nservers = [\"127.0.0.1:5222\"]\n";
+        let check = |extra: &str| {
+            RelayConfig::from_toml_str(&format!("{extra}\n{base}"))
+                .and_then(|c| c.validate().map(|_| c))
+        };
+        let err = |extra: &str| check(extra).unwrap_err().to_string();
+        assert!(
+            err("[secret]").contains("state_dir"),
+            "a secret needs a place"
+        );
+        let c = check("state_dir = \"/var/lib/pr\"\n[secret]").unwrap();
+        assert_eq!(
+            c.secret.unwrap().path(c.state_dir.as_deref()).unwrap(),
+            Path::new("/var/lib/pr/secret")
+        );
+        let c = check("[secret]\nfile = \"/etc/pr/secret\"").unwrap();
+        assert_eq!(c.cover.wait, Duration::from_secs(5));
+        assert!(err("[cover]\ndir = \"/\"\nupstream = \"127.0.0.1:80\"").contains("exclude"));
+        assert!(err("[cover]\nupstream = \"nope\"").contains("cover.upstream"));
+        assert!(err("[cover]\ndir = \"/no/such/dir\"").contains("not a directory"));
+        assert!(err("[cover]\nwait = \"0s\"").contains("cover.wait"));
+    }
+
     const ACME_BASE: &str = "state_dir = \"/var/lib/pr\"\n\
         [[listener]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\ntls = true\npool = \"chat\"\n\
         [pool.chat]\nservers = [\"127.0.0.1:5222\"]\n";
