@@ -99,6 +99,7 @@ function failureText(f) {
     case "speaks_tls": return "this port speaks TLS, but TLS is off for it";
     case "service_did_not_answer": return "the relay answered but the service behind it did not";
     case "server_identity": return "the far end could not prove it is the service (possible interception)";
+    case "wrong_secret": return "the relay answered as a web site: its link's secret is missing or out of date (ask for its current link)";
     default: return f.detail || f.reason || "failed";
   }
 }
