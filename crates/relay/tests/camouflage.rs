@@ -26,7 +26,11 @@ struct Site {
 }
 
 async fn site() -> Site {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    site_on("127.0.0.1:0").await
+}
+
+async fn site_on(addr: &str) -> Site {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let r = received.clone();
@@ -316,4 +320,23 @@ async fn the_built_in_cover_is_a_plain_web_page_over_tls_and_http() {
         "{garbage:?}"
     );
     assert_eq!(*s.sessions.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_cover_site_on_an_ipv6_address_is_reached() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let v6 = site_on("[::1]:0").await;
+    let s = setup(&format!("upstream = \"[::1]:{}\"", v6.addr.port())).await;
+    let got = answer_to(
+        TcpStream::connect(s.relay.addr("http").unwrap())
+            .await
+            .unwrap(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(got, SITE_ANSWER);
+    assert_eq!(v6.received.lock().unwrap().len(), 1);
 }

@@ -1,6 +1,5 @@
 //! Forwarding cover connections to a real web site, byte for byte.
 
-use crate::config::split_host_port;
 use crate::forward::copy::{CopyParams, Relay};
 use crate::stream::BoxIo;
 use crate::upstream::Resolver;
@@ -11,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 /// A plain-HTTP web server the cover connections go to.
 pub struct Origin {
-    host: String,
-    port: u16,
+    /// `host:port` as configured (IPv6 in brackets), resolved like a pool server.
+    target: String,
     resolver: Arc<Resolver>,
     params: Arc<CopyParams>,
     connect_timeout: Duration,
@@ -26,10 +25,8 @@ impl Origin {
         params: Arc<CopyParams>,
         connect_timeout: Duration,
     ) -> Origin {
-        let (host, port) = split_host_port(target).unwrap_or_else(|_| (target.to_string(), 80));
         Origin {
-            host,
-            port,
+            target: target.to_string(),
             resolver,
             params,
             connect_timeout,
@@ -42,12 +39,12 @@ impl Origin {
     pub async fn forward(&self, client: BoxIo, read: Vec<u8>, cut: CancellationToken) {
         let mut site = match self
             .resolver
-            .connect_absolute(&self.host, self.port, self.connect_timeout)
+            .connect(&self.target, self.connect_timeout)
             .await
         {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(site = %format!("{}:{}", self.host, self.port), error = %e,
+                tracing::warn!(site = %self.target, error = %e,
                     "cover site unreachable; closing the connection");
                 return;
             }
