@@ -5,7 +5,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use postern_protocol::relay_auth::RelaySecret;
 use postern_relay::config::{
-    AcmeSettings, ListenerConfig, RelayConfig, SendProxy, StatsSettings, LETS_ENCRYPT_DIRECTORY,
+    AcmeSettings, ListenerConfig, RelayConfig, SecretSettings, SendProxy, StatsSettings,
+    LETS_ENCRYPT_DIRECTORY,
 };
 use postern_relay::{ProxyLink, Relay};
 use std::net::SocketAddr;
@@ -402,12 +403,7 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
     }
     cfg.trusted_proxies
         .extend(cli.trusted_proxy.iter().cloned());
-    if let Some(dir) = &cli.state_dir {
-        cfg.state_dir = Some(dir.clone());
-    }
-    if cfg.state_dir.is_none() {
-        cfg.state_dir = default_state_dir();
-    }
+    set_state_dir(&mut cfg, cli.state_dir.as_ref());
     if cli.no_secret {
         cfg.secret = None;
     } else if cli.secret || cli.secret_file.is_some() {
@@ -493,13 +489,26 @@ pub fn default_state_dir() -> Option<PathBuf> {
     env("HOME").map(|h| PathBuf::from(h).join(".local/state/postern-relay"))
 }
 
-/// The secret of the relay `cfg` describes, created if it does not exist yet (so that a
-/// link printed before the first start stays valid); `None` for a relay without one.
-pub fn relay_secret(cfg: &RelayConfig) -> anyhow::Result<Option<RelaySecret>> {
-    let Some(settings) = &cfg.secret else {
+/// `--state-dir` if given, else the configuration's, else [`default_state_dir`].
+fn set_state_dir(cfg: &mut RelayConfig, flag: Option<&PathBuf>) {
+    if let Some(dir) = flag {
+        cfg.state_dir = Some(dir.clone());
+    }
+    if cfg.state_dir.is_none() {
+        cfg.state_dir = default_state_dir();
+    }
+}
+
+/// The secret `settings` describe (`None`: the relay has none), created if it does not exist
+/// yet, so that a link printed before the relay's first start stays valid.
+pub fn relay_secret(
+    settings: Option<&SecretSettings>,
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Option<RelaySecret>> {
+    let Some(settings) = settings else {
         return Ok(None);
     };
-    let path = settings.path(cfg.state_dir.as_deref())?;
+    let path = settings.path(state_dir)?;
     let (secret, created) = RelaySecret::load_or_create(&path)?;
     if created {
         eprintln!("created the relay's secret in {}", path.display());
@@ -559,13 +568,8 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
     let links = match &args.config {
         Some(path) => {
             let mut cfg = RelayConfig::load(path)?;
-            if let Some(dir) = &args.state_dir {
-                cfg.state_dir = Some(dir.clone());
-            }
-            if cfg.state_dir.is_none() {
-                cfg.state_dir = default_state_dir();
-            }
-            let secret = relay_secret(&cfg)?;
+            set_state_dir(&mut cfg, args.state_dir.as_ref());
+            let secret = relay_secret(cfg.secret.as_ref(), cfg.state_dir.as_deref())?;
             let l = links_for(&cfg, &host, secret.as_ref());
             if l.is_empty() {
                 bail!("{} has no client-facing listener", path.display());
@@ -577,16 +581,11 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
             if port == 0 {
                 bail!("--port must be 1-65535");
             }
-            let secret = if args.secret || args.secret_file.is_some() {
-                let cfg_dir = args.state_dir.clone().or_else(default_state_dir);
-                let settings = postern_relay::config::SecretSettings {
-                    file: args.secret_file.clone(),
-                };
-                let path = settings.path(cfg_dir.as_deref())?;
-                Some(RelaySecret::load_or_create(&path)?.0)
-            } else {
-                None
-            };
+            let settings = (args.secret || args.secret_file.is_some()).then(|| SecretSettings {
+                file: args.secret_file.clone(),
+            });
+            let state_dir = args.state_dir.clone().or_else(default_state_dir);
+            let secret = relay_secret(settings.as_ref(), state_dir.as_deref())?;
             vec![(
                 "relay".to_string(),
                 ProxyLink {

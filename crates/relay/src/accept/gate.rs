@@ -68,16 +68,11 @@ pub async fn tls_token<S: AsyncRead + Unpin>(
     };
     let deadline = Instant::now() + wait;
     let mut read = Vec::new();
-    let mut chunk = [0u8; 2048];
     loop {
-        let n = match timeout_at(deadline, io.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            // Silence, end of stream or an error: the cover site deals with it as a web
-            // server would (it reads the same end of stream or error again).
-            _ => return Verdict::Cover { read },
-        };
         let before = read.len();
-        read.extend_from_slice(&chunk[..n]);
+        if !read_more(io, deadline, &mut read).await {
+            return Verdict::Cover { read };
+        }
         let upto = read.len().min(TOKEN_LEN);
         if read[before.min(TOKEN_LEN)..upto] != expected[before.min(TOKEN_LEN)..upto] {
             return Verdict::Cover { read };
@@ -100,13 +95,10 @@ pub async fn http_request<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Verdict {
     let deadline = Instant::now() + wait;
     let mut read = Vec::new();
-    let mut chunk = [0u8; 2048];
     loop {
-        let n = match timeout_at(deadline, io.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return Verdict::Cover { read },
-        };
-        read.extend_from_slice(&chunk[..n]);
+        if !read_more(io, deadline, &mut read).await {
+            return Verdict::Cover { read };
+        }
         match inspect_head(&read, secret, now_unix()) {
             Head::Partial if read.len() < MAX_REQUEST_HEAD => continue,
             Head::Partial | Head::NotOurs => return Verdict::Cover { read },
@@ -128,6 +120,24 @@ pub async fn http_request<S: AsyncRead + AsyncWrite + Unpin>(
                 };
             }
         }
+    }
+}
+
+/// Appends the next bytes from `io` to `read`; false on silence until `deadline`, end of
+/// stream or an error — the cover site then deals with it as a web server would (it reads
+/// the same end of stream or error again).
+async fn read_more<S: AsyncRead + Unpin>(
+    io: &mut S,
+    deadline: Instant,
+    read: &mut Vec<u8>,
+) -> bool {
+    let mut chunk = [0u8; 2048];
+    match timeout_at(deadline, io.read(&mut chunk)).await {
+        Ok(Ok(n)) if n > 0 => {
+            read.extend_from_slice(&chunk[..n]);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -215,7 +225,15 @@ fn now_unix() -> u64 {
 /// (the client retries, over TLS or a little later).
 #[derive(Debug, Default)]
 pub struct ReplayCache {
-    seen: Mutex<HashMap<[u8; 16], Instant>>,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    nonces: HashMap<[u8; 16], Instant>,
+    /// When expired nonces were last dropped (a sweep is a pass over all of them, so it
+    /// runs at most every [`ReplayCache::SWEEP_EVERY`] unless the cache is full).
+    swept: Option<Instant>,
 }
 
 impl ReplayCache {
@@ -226,12 +244,23 @@ impl ReplayCache {
     pub const KEEP: Duration =
         Duration::from_secs(2 * postern_protocol::relay_auth::HTTP_TOKEN_SKEW.as_secs());
 
+    /// Most often expired nonces are swept while the cache is not full.
+    pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
     /// Records `nonce` at `now`; false if it was seen before (a replay) or the cache is full.
     pub fn insert(&self, nonce: [u8; 16], now: Instant) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= Self::MAX / 2 {
-            seen.retain(|_, at| now.saturating_duration_since(*at) < Self::KEEP);
+        let mut guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let due = state
+            .swept
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::SWEEP_EVERY);
+        if state.nonces.len() >= Self::MAX || due {
+            state
+                .nonces
+                .retain(|_, at| now.saturating_duration_since(*at) < Self::KEEP);
+            state.swept = Some(now);
         }
+        let seen = &mut state.nonces;
         if seen.len() >= Self::MAX {
             tracing::warn!("relay HTTP token replay cache full: refusing new HTTP clients for now");
             return false;

@@ -124,16 +124,9 @@ impl Listener {
         route: &Route,
         stats: Arc<ListenerStats>,
     ) -> Arc<CopyParams> {
-        Arc::new(CopyParams {
-            buffer: limits.buffer_size,
-            idle: limits.idle_timeout,
-            half_close: limits.half_close_timeout,
-            // A PROXY header inside the client's own stream could spoof its address towards
-            // an upstream that auto-detects headers: refuse it on every pool route.
-            refuse_proxy_header: matches!(route, Route::Pool(_)),
-            splice: limits.splice,
-            stats,
-        })
+        // A PROXY header inside the client's own stream could spoof its address towards
+        // an upstream that auto-detects headers: refuse it on every pool route.
+        CopyParams::new(limits, matches!(route, Route::Pool(_)), stats)
     }
 
     fn who(&self, a: SocketAddr) -> Who {
@@ -181,15 +174,13 @@ impl Listener {
                 io,
                 read,
                 source_slot,
+                cover,
             }) => {
                 self.stats.cover.fetch_add(1, Ordering::Relaxed);
-                let Some(gate) = self.shared.gate.clone() else {
-                    return;
-                };
                 let cut = self.shared.cut.clone();
                 // The connection keeps its slots while the cover site serves it.
                 let held = (open, source_slot);
-                gate.cover.serve(io.boxed(), read, cut).await;
+                cover.serve(io.boxed(), read, cut).await;
                 drop(held);
                 return;
             }
@@ -278,33 +269,27 @@ impl Listener {
         let gated = self.shared.gate.is_some() && matches!(self.route, Route::Pool(_));
         let mut exporter = None;
         let mut io = match &self.tls {
-            Some(acceptor) if gated => {
-                let (mut tls, secret) = timeout_at(
-                    deadline,
-                    acceptor.accept_with_exporter(Prefixed::new(leftover, tcp)),
-                )
-                .await
-                .map_err(|_| FailReason::Timeout)?
-                .map_err(|_| FailReason::Tls)?;
-                // A CA's ACME validation is answered before the gate, as in the next arm.
+            Some(acceptor) => {
+                let io = Prefixed::new(leftover, tcp);
+                let handshake = async {
+                    if gated {
+                        acceptor.accept_with_exporter(io).await
+                    } else {
+                        acceptor.accept(io).await.map(|tls| (tls, None))
+                    }
+                };
+                let (mut tls, secret) = timeout_at(deadline, handshake)
+                    .await
+                    .map_err(|_| FailReason::Timeout)?
+                    .map_err(|_| FailReason::Tls)?;
+                // An ACME CA validating our domain (TLS-ALPN-01): the handshake, with its
+                // challenge certificate, was the whole answer. Close; never forward it (nor
+                // hand it to the secret gate's cover site).
                 if tls.alpn_protocol() == Some(crate::accept::acme::ACME_TLS_ALPN) {
                     let _ = timeout_at(deadline, tls.shutdown()).await;
                     return Err(FailReason::AcmeChallenge);
                 }
                 exporter = secret;
-                ClientIo::Other(Box::new(tls))
-            }
-            Some(acceptor) => {
-                let mut tls = timeout_at(deadline, acceptor.accept(Prefixed::new(leftover, tcp)))
-                    .await
-                    .map_err(|_| FailReason::Timeout)?
-                    .map_err(|_| FailReason::Tls)?;
-                // An ACME CA validating our domain (TLS-ALPN-01): the handshake, with its
-                // challenge certificate, was the whole answer. Close; never forward it.
-                if tls.alpn_protocol() == Some(crate::accept::acme::ACME_TLS_ALPN) {
-                    let _ = timeout_at(deadline, tls.shutdown()).await;
-                    return Err(FailReason::AcmeChallenge);
-                }
                 ClientIo::Other(Box::new(tls))
             }
             None if leftover.is_empty() => ClientIo::Tcp(tcp),
@@ -328,6 +313,7 @@ impl Listener {
                         io,
                         read,
                         source_slot,
+                        cover: g.cover.clone(),
                     })
                 }
             }
@@ -413,6 +399,7 @@ enum Next {
         io: ClientIo,
         read: Vec<u8>,
         source_slot: SourceSlot,
+        cover: Arc<crate::cover::Cover>,
     },
 }
 

@@ -48,14 +48,8 @@ impl Cover {
             Some(target) => What::Origin(origin::Origin::new(
                 target,
                 resolver,
-                Arc::new(CopyParams {
-                    buffer: limits.buffer_size,
-                    idle: limits.idle_timeout,
-                    half_close: limits.half_close_timeout,
-                    refuse_proxy_header: false,
-                    splice: false,
-                    stats: stats.clone(),
-                }),
+                // The site is the operator's own: what visitors send goes to it unchanged.
+                CopyParams::new(limits, false, stats.clone()),
                 limits.connect_timeout,
             )),
             None => What::Site(Arc::new(site::Site::new(

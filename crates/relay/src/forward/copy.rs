@@ -60,6 +60,25 @@ pub struct CopyParams {
     pub stats: Arc<ListenerStats>,
 }
 
+impl CopyParams {
+    /// The settings `limits` give, counting into `stats`; whether a PROXY signature is
+    /// refused is the caller's (it depends on where the bytes go).
+    pub fn new(
+        limits: &crate::config::Limits,
+        refuse_proxy_header: bool,
+        stats: Arc<ListenerStats>,
+    ) -> Arc<CopyParams> {
+        Arc::new(CopyParams {
+            buffer: limits.buffer_size,
+            idle: limits.idle_timeout,
+            half_close: limits.half_close_timeout,
+            refuse_proxy_header,
+            splice: limits.splice,
+            stats,
+        })
+    }
+}
+
 /// A byte stream the relay copies from and to. Plain TCP sockets say so, which lets the
 /// relay splice between them.
 pub trait Socket: AsyncRead + AsyncWrite + Unpin {
