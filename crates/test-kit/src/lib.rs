@@ -6,7 +6,9 @@
 //!   keeping its output drained so it never blocks on a full pipe.
 //! * [`tls`]: TLS ClientHello bytes for SNI tests and the testbed's prober.
 //! * [`pebble`]: Let's Encrypt's test CA on loopback, for the relay's ACME tests.
+//! * [`apt`]: the Debian packages a test needs, installed when missing (as root).
 
+pub mod apt;
 pub mod pebble;
 pub mod process;
 pub mod tls;

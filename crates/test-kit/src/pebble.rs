@@ -21,16 +21,6 @@ pub struct Pebble {
     pub ca_roots: PathBuf,
 }
 
-/// Panics, saying what to install, unless `program` runs.
-fn require(program: &str) {
-    if let Err(e) = Command::new(program).arg("-h").output() {
-        panic!(
-            "this test needs Pebble, Let's Encrypt's test ACME server: `apt-get install pebble` \
-             (it provides {program}; running it failed: {e})"
-        );
-    }
-}
-
 /// A loopback port free at the time of asking (for programs that cannot report the port
 /// they bound, and for a listener a test must name before it exists).
 pub fn free_port() -> u16 {
@@ -62,8 +52,11 @@ impl Pebble {
     /// Starts pebble-challtestsrv (DNS only) and Pebble, which validates TLS-ALPN-01 on
     /// `tls_port`; files go to `dir`. Panics (with what to install) if Pebble is missing.
     pub fn start(dir: &Path, tls_port: u16) -> Pebble {
-        require("pebble");
-        require("pebble-challtestsrv");
+        crate::apt::ensure(
+            &["/usr/bin/pebble", "/usr/bin/pebble-challtestsrv"],
+            &["pebble"],
+            "the relay's ACME tests (Pebble, Let's Encrypt's test CA)",
+        );
         api_certificate(dir);
         let dns_port = free_port();
         let mut dns = Command::new("pebble-challtestsrv");

@@ -10,7 +10,6 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fantoccini::elements::Element;
@@ -24,38 +23,12 @@ pub const UI_TIMEOUT: Duration = Duration::from_secs(30);
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-static INSTALL: Mutex<()> = Mutex::new(());
-
 /// Makes sure Chromium and chromedriver are installed.
 fn ensure_browser() {
-    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
-    if Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists() {
-        return;
-    }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    assert!(
-        root,
-        "the app's browser tests need Chromium and chromedriver: \
-         sudo apt-get install -y chromium chromium-driver"
-    );
-    eprintln!("browser tests: installing chromium and chromium-driver (apt-get)");
-    let status = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "chromium",
-            "chromium-driver",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .expect("run apt-get");
-    assert!(
-        status.success(),
-        "apt-get install chromium chromium-driver failed"
+    postern_test_kit::apt::ensure(
+        &[CHROMIUM, CHROMEDRIVER],
+        &["chromium", "chromium-driver"],
+        "the app's browser tests",
     );
 }
 
