@@ -20,7 +20,10 @@
 //! [`username`] holds the account-name rules both sides enforce; [`link`] the proxy
 //! links (`postern://proxy?host=…`) that relays print and clients import, and
 //! [`relay_auth`] the relay secrets such links may carry and the token that proves them.
+//! [`client_hello`] finds a TLS ClientHello in a connection's first bytes, for the relay's
+//! SNI routing and the testbed censor's SNI and fingerprint checks.
 
+pub mod client_hello;
 pub mod error;
 pub mod frame;
 pub mod fsutil;

@@ -1,4 +1,4 @@
-//! Proxy links: `postern://proxy?host=H&port=443&tls=1[&secret=S][&media=587]`.
+//! Proxy links: `postern://proxy?host=H&port=443&tls=1[&secret=S][&sni=NAME][&media=587]`.
 //!
 //! * `host` (required): a DNS name, an IPv4 address, or an IPv6 address in brackets.
 //! * `port` (optional, default 443): 1-65535.
@@ -6,6 +6,11 @@
 //! * `secret` (optional): the relay's secret (43 base64url characters). A relay with a
 //!   secret answers only clients that prove they hold it and shows everyone else a web
 //!   site (see [`crate::relay_auth`]).
+//! * `sni` (optional): the server name the client's TLS ClientHello carries, when it
+//!   should not be `host`: `sni=NAME` sends NAME (a name the relay's address also
+//!   answers for, or any name the network lets through), `sni=` (empty) sends none. Without
+//!   it the client sends `host` when `host` is a name, and none for an IP address, as a
+//!   browser does. See [`Sni`].
 //! * `media` (optional): port of an SNI media listener on the same host.
 //!
 //! Unknown parameters are ignored so newer links still import in older clients; repeated
@@ -30,8 +35,64 @@ pub struct ProxyLink {
     pub tls: bool,
     /// The relay's secret, for relays that show non-clients a cover site.
     pub secret: Option<RelaySecret>,
+    /// The server name the TLS ClientHello carries.
+    pub sni: Sni,
     /// Optional media port (SNI passthrough listener).
     pub media: Option<u16>,
+}
+
+/// Which server name (SNI) a client puts in its TLS ClientHello to a relay. Censors read
+/// it in clear and block by it, so a link may name another one, or none, separately from
+/// the address the client dials.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sni {
+    /// The link's host when it is a DNS name; none when it is an IP address (as browsers
+    /// do). The default, written as no `sni=` parameter.
+    #[default]
+    Host,
+    /// This name (a valid DNS name, lower-case).
+    Name(String),
+    /// No server name at all (`sni=` with nothing after it).
+    Omit,
+}
+
+impl Sni {
+    /// Reads an `sni=` value: empty means none, anything else must be a DNS name.
+    pub fn parse(v: &str) -> Result<Sni, LinkError> {
+        if v.is_empty() {
+            return Ok(Sni::Omit);
+        }
+        let lower = v.to_ascii_lowercase();
+        let lower = lower.strip_suffix('.').unwrap_or(&lower).to_string();
+        if lower.parse::<IpAddr>().is_err() && is_valid_dns_name(&lower) && !lower.contains('_') {
+            Ok(Sni::Name(lower))
+        } else {
+            Err(LinkError::BadSni(v.into()))
+        }
+    }
+
+    /// The name to send when dialling `host`, if any.
+    pub fn name_for<'a>(&'a self, host: &'a str) -> Option<&'a str> {
+        match self {
+            Sni::Host if host.parse::<IpAddr>().is_err() => Some(host),
+            Sni::Host | Sni::Omit => None,
+            Sni::Name(n) => Some(n),
+        }
+    }
+
+    /// The value of the link's `sni=` parameter (`None`: the parameter is left out).
+    pub fn link_value(&self) -> Option<&str> {
+        match self {
+            Sni::Host => None,
+            Sni::Name(n) => Some(n),
+            Sni::Omit => Some(""),
+        }
+    }
+
+    pub fn is_host(&self) -> bool {
+        *self == Sni::Host
+    }
 }
 
 /// Why a link could not be read.
@@ -60,6 +121,9 @@ pub enum LinkError {
         "secret must be the 43 characters the relay printed (base64url); copy the whole link again"
     )]
     BadSecret,
+    /// `sni` is neither empty nor a DNS name.
+    #[error("sni {0:?} must be a DNS name (or empty, for none)")]
+    BadSni(String),
     /// A parameter appears twice.
     #[error("parameter {0:?} appears more than once")]
     Duplicate(String),
@@ -73,6 +137,7 @@ impl ProxyLink {
             port: 443,
             tls: true,
             secret: None,
+            sni: Sni::Host,
             media: None,
         }
     }
@@ -97,6 +162,9 @@ impl fmt::Display for ProxyLink {
         )?;
         if let Some(secret) = &self.secret {
             write!(f, "&secret={secret}")?;
+        }
+        if let Some(sni) = self.sni.link_value() {
+            write!(f, "&sni={sni}")?;
         }
         if let Some(m) = self.media {
             write!(f, "&media={m}")?;
@@ -150,6 +218,7 @@ impl FromStr for ProxyLink {
         }
         let query = query.split('#').next().unwrap_or("");
         let (mut host, mut port, mut tls, mut secret, mut media) = (None, None, None, None, None);
+        let mut sni = None;
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let slot_dup = |set: bool| {
                 if set {
@@ -179,6 +248,10 @@ impl FromStr for ProxyLink {
                     slot_dup(secret.is_some())?;
                     secret = Some(v.parse().map_err(|_| LinkError::BadSecret)?);
                 }
+                "sni" => {
+                    slot_dup(sni.is_some())?;
+                    sni = Some(Sni::parse(&v)?);
+                }
                 "media" => {
                     slot_dup(media.is_some())?;
                     media = Some(parse_port(&v, "media port")?);
@@ -191,6 +264,7 @@ impl FromStr for ProxyLink {
             port: port.unwrap_or(443),
             tls: tls.unwrap_or(true),
             secret,
+            sni: sni.unwrap_or_default(),
             media,
         })
     }
@@ -243,6 +317,36 @@ mod tests {
     }
 
     #[test]
+    fn sni_names_another_name_or_none() {
+        let l: ProxyLink = "postern://proxy?host=203.0.113.7&sni=CDN.Example.net."
+            .parse()
+            .unwrap();
+        assert_eq!(l.sni, Sni::Name("cdn.example.net".into()));
+        assert_eq!(l.sni.name_for(&l.host), Some("cdn.example.net"));
+        assert!(l.to_string().ends_with("&sni=cdn.example.net"), "{l}");
+        let l: ProxyLink = "postern://proxy?host=relay.example.org&sni="
+            .parse()
+            .unwrap();
+        assert_eq!(l.sni, Sni::Omit);
+        assert_eq!(l.sni.name_for(&l.host), None);
+        assert_eq!(
+            l.to_string(),
+            "postern://proxy?host=relay.example.org&port=443&tls=1&sni="
+        );
+        // Without `sni=`: the host if it is a name, nothing for an address.
+        assert_eq!(
+            Sni::Host.name_for("relay.example.org"),
+            Some("relay.example.org")
+        );
+        assert_eq!(Sni::Host.name_for("203.0.113.7"), None);
+        assert_eq!(Sni::Host.name_for("2001:db8::1"), None);
+        let e = |s: &str| s.parse::<ProxyLink>().unwrap_err().to_string();
+        assert!(e("postern://proxy?host=a.org&sni=10.0.0.1").contains("DNS name"));
+        assert!(e("postern://proxy?host=a.org&sni=bad name").contains("DNS name"));
+        assert!(e("postern://proxy?host=a.org&sni=&sni=b.org").contains("more than once"));
+    }
+
+    #[test]
     fn errors_are_specific() {
         let e = |s: &str| s.parse::<ProxyLink>().unwrap_err().to_string();
         assert_eq!(e("postern://proxy?port=443"), "missing host");
@@ -282,12 +386,21 @@ mod tests {
         ]
     }
 
+    fn sni_strategy() -> impl Strategy<Value = Sni> {
+        prop_oneof![
+            Just(Sni::Host),
+            Just(Sni::Omit),
+            "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\\.[a-z]{2,6}){1,3}".prop_map(Sni::Name),
+        ]
+    }
+
     proptest! {
         #[test]
         fn round_trip(host in host_strategy(), port in 1u16.., tls: bool,
-                      with_secret: bool, media in proptest::option::of(1u16..)) {
+                      with_secret: bool, sni in sni_strategy(),
+                      media in proptest::option::of(1u16..)) {
             let secret = with_secret.then(RelaySecret::generate);
-            let link = ProxyLink { host, port, tls, secret, media };
+            let link = ProxyLink { host, port, tls, secret, sni, media };
             let parsed: ProxyLink = link.to_string().parse().unwrap();
             prop_assert_eq!(parsed, link);
         }

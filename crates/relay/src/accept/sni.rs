@@ -1,15 +1,17 @@
 //! SNI routing: read a TLS ClientHello (possibly spread over many TCP segments and several
 //! TLS records), extract the server name and match it against an allow-list.
 //!
-//! Framing (records, handshake reassembly, size bound) is done here; the ClientHello itself is
-//! parsed by the `tls-parser` crate.
+//! Framing (records, handshake reassembly, size bound) is shared with the testbed's censor
+//! ([`postern_protocol::client_hello`]); the ClientHello itself is parsed by the `tls-parser`
+//! crate.
 
+use postern_protocol::client_hello::{self, Framing, HelloError};
 use std::net::IpAddr;
 use tls_parser::{
     parse_tls_client_hello_extensions, parse_tls_message_handshake, SNIType, TlsExtension,
     TlsMessage, TlsMessageHandshake,
 };
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 /// Why a ClientHello was not usable for routing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,76 +52,22 @@ pub enum Progress {
     Done(String),
 }
 
-const RECORD_HEADER: usize = 5;
+impl From<HelloError> for SniError {
+    fn from(e: HelloError) -> Self {
+        match e {
+            HelloError::NotTls => SniError::NotTls,
+            HelloError::TooLarge => SniError::TooLarge,
+            HelloError::Eof => SniError::Eof,
+            HelloError::Io(e) => SniError::Io(e),
+        }
+    }
+}
 
 /// Examines `buf` (bytes from the start of the connection) without consuming them.
 pub fn examine(buf: &[u8], max: usize) -> Result<Progress, SniError> {
-    let mut handshake = Vec::new();
-    let mut pos = 0;
-    loop {
-        // Is the reassembled handshake message complete?
-        if handshake.len() >= 4 {
-            if handshake[0] != 0x01 {
-                return Err(SniError::NotTls);
-            }
-            let len = u32::from_be_bytes([0, handshake[1], handshake[2], handshake[3]]) as usize;
-            if len + 4 > max {
-                return Err(SniError::TooLarge);
-            }
-            if handshake.len() >= len + 4 {
-                return extract(&handshake[..len + 4]).map(Progress::Done);
-            }
-        }
-        if pos >= buf.len() {
-            return if buf.len() >= max {
-                Err(SniError::TooLarge)
-            } else {
-                Ok(Progress::NeedMore(buf.len() + 1))
-            };
-        }
-        let rest = &buf[pos..];
-        // Validate as much of the record header as we have, byte by byte.
-        if rest[0] != 0x16 {
-            return Err(SniError::NotTls);
-        }
-        if rest.len() >= 2 && rest[1] != 0x03 {
-            return Err(SniError::NotTls);
-        }
-        if rest.len() >= 3 && rest[2] > 0x04 {
-            return Err(SniError::NotTls);
-        }
-        if rest.len() < RECORD_HEADER {
-            return if buf.len() >= max {
-                Err(SniError::TooLarge)
-            } else {
-                Ok(Progress::NeedMore(buf.len() + 1))
-            };
-        }
-        let rlen = u16::from_be_bytes([rest[3], rest[4]]) as usize;
-        if rlen == 0 || rlen > 16384 {
-            return Err(SniError::NotTls);
-        }
-        if pos + RECORD_HEADER + rlen > max {
-            return Err(SniError::TooLarge);
-        }
-        let avail = (rest.len() - RECORD_HEADER).min(rlen);
-        handshake.extend_from_slice(&rest[RECORD_HEADER..RECORD_HEADER + avail]);
-        pos += RECORD_HEADER + avail;
-        if avail < rlen {
-            // Partial record: only a complete handshake message (checked above) can finish.
-            if handshake.len() >= 4 {
-                if handshake[0] != 0x01 {
-                    return Err(SniError::NotTls);
-                }
-                let len =
-                    u32::from_be_bytes([0, handshake[1], handshake[2], handshake[3]]) as usize;
-                if len + 4 > max {
-                    return Err(SniError::TooLarge);
-                }
-            }
-            // Nothing changes until this record is complete.
-            return Ok(Progress::NeedMore(pos - avail + rlen));
-        }
+    match client_hello::examine(buf, max)? {
+        Framing::NeedMore(n) => Ok(Progress::NeedMore(n)),
+        Framing::Complete(message) => extract(&message).map(Progress::Done),
     }
 }
 
@@ -184,27 +132,8 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<(String, Vec<u8>), SniError> {
     let mut buf = Vec::with_capacity(1024.min(max));
-    let mut chunk = [0u8; 2048];
-    // Re-examine only once enough bytes arrived to change the answer, so a client sending
-    // one byte per segment costs O(n), not O(n^2).
-    let mut need = 0;
-    loop {
-        if buf.len() >= need {
-            match examine(&buf, max)? {
-                Progress::Done(name) => return Ok((name, buf)),
-                Progress::NeedMore(n) => need = n,
-            }
-        }
-        let want = (max - buf.len()).min(chunk.len());
-        let n = io
-            .read(&mut chunk[..want])
-            .await
-            .map_err(|e| SniError::Io(e.kind().to_string()))?;
-        if n == 0 {
-            return Err(SniError::Eof);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let message = client_hello::read(io, max, &mut buf).await?;
+    Ok((extract(&message)?, buf))
 }
 
 pub use postern_protocol::link::is_valid_dns_name;
