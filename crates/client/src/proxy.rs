@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use postern_protocol::link::{is_valid_dns_name, ProxyLink};
+use postern_protocol::link::{is_valid_dns_name, ProxyLink, Sni};
 use postern_protocol::relay_auth::RelaySecret;
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +79,9 @@ pub struct ProxyEntry {
     /// shows everyone without it a web site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<RelaySecret>,
+    /// The server name its TLS ClientHello carries (from the link's `sni=`).
+    #[serde(default, skip_serializing_if = "Sni::is_host")]
+    pub sni: Sni,
     pub media: Option<u16>,
 }
 
@@ -103,6 +106,11 @@ impl ProxyEntry {
         if self.secret.is_some() {
             s.push_str(", with secret");
         }
+        match &self.sni {
+            Sni::Host => {}
+            Sni::Name(n) => s.push_str(&format!(", SNI {n}")),
+            Sni::Omit => s.push_str(", no SNI"),
+        }
         if let Some(m) = self.media {
             s.push_str(&format!(", media port {m}"));
         }
@@ -115,6 +123,7 @@ impl ProxyEntry {
             port: self.port,
             tls: self.tls,
             secret: self.secret.clone(),
+            sni: self.sni.clone(),
             media: self.media,
         }
     }
@@ -133,6 +142,7 @@ impl ProxyEntry {
                 port: link.port,
                 tls: link.tls,
                 secret: link.secret,
+                sni: link.sni,
                 media: link.media,
             });
         }
@@ -169,6 +179,7 @@ impl ProxyEntry {
             port,
             tls: port == 443,
             secret: None,
+            sni: Sni::Host,
             media: None,
         })
     }
@@ -182,6 +193,11 @@ impl fmt::Display for ProxyEntry {
             self.address(),
             if self.tls { "TLS" } else { "plain" }
         )?;
+        match &self.sni {
+            Sni::Host => {}
+            Sni::Name(n) => write!(f, ", SNI {n}")?,
+            Sni::Omit => f.write_str(", no SNI")?,
+        }
         if let Some(m) = self.media {
             write!(f, ", media port {m}")?;
         }

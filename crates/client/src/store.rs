@@ -10,6 +10,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use postern_protocol::link::Sni;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use vodozemac::olm::{Account, AccountPickle, Session, SessionPickle};
@@ -330,7 +331,7 @@ impl LocalStore {
     /// Saved proxies in the order they were added.
     pub async fn proxies(&self) -> Result<Vec<crate::proxy::ProxyEntry>, ClientError> {
         let rows =
-            sqlx::query("SELECT host, port, tls, media_port, secret FROM proxies ORDER BY id")
+            sqlx::query("SELECT host, port, tls, media_port, secret, sni FROM proxies ORDER BY id")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows
@@ -343,6 +344,11 @@ impl LocalStore {
                 // Written by this client from a checked secret; a damaged one is dropped
                 // (the relay then shows its cover site, and the user re-imports the link).
                 secret: r.get::<Option<String>, _>(4).and_then(|s| s.parse().ok()),
+                // Likewise checked when saved; a damaged name falls back to the default.
+                sni: match r.get::<Option<String>, _>(5) {
+                    None => Sni::Host,
+                    Some(v) => Sni::parse(&v).unwrap_or_default(),
+                },
             })
             .collect())
     }
@@ -358,9 +364,9 @@ impl LocalStore {
                 .fetch_one(&mut *tx)
                 .await?;
         sqlx::query(
-            "INSERT INTO proxies (host, port, tls, media_port, added_ms, secret) VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO proxies (host, port, tls, media_port, added_ms, secret, sni) VALUES (?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT(host, port) DO UPDATE SET tls = excluded.tls, media_port = excluded.media_port,
-                 secret = excluded.secret",
+                 secret = excluded.secret, sni = excluded.sni",
         )
         .bind(&p.host)
         .bind(i64::from(p.port))
@@ -368,6 +374,7 @@ impl LocalStore {
         .bind(p.media.map(i64::from))
         .bind(postern_protocol::now_ms() as i64)
         .bind(p.secret.as_ref().map(|s| s.to_string()))
+        .bind(p.sni.link_value())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -393,7 +400,7 @@ impl LocalStore {
                 .map(|(_, _, ms)| *ms)
                 .unwrap_or_else(|| postern_protocol::now_ms() as i64);
             sqlx::query(
-                "INSERT INTO proxies (host, port, tls, media_port, added_ms, secret) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO proxies (host, port, tls, media_port, added_ms, secret, sni) VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&p.host)
             .bind(i64::from(p.port))
@@ -401,6 +408,7 @@ impl LocalStore {
             .bind(p.media.map(i64::from))
             .bind(added_ms)
             .bind(p.secret.as_ref().map(|s| s.to_string()))
+            .bind(p.sni.link_value())
             .execute(&mut *tx)
             .await?;
         }

@@ -124,6 +124,7 @@ mod tests {
             port: n,
             tls: false,
             secret: None,
+            sni: Default::default(),
             media: None,
         })
     }

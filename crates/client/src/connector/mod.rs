@@ -3,6 +3,7 @@
 //! * [`route`]: one route (direct, relay, TLS relay) opened stage by stage, each failure
 //!   named in the user's words; [`relay_proof`]: the proof a relay with a secret asks
 //!   for first (a token in the TLS session, or an HTTP upgrade request on a plain port);
+//!   [`browser_tls`]: the TLS layer to relays, with a ClientHello shaped like Chrome's;
 //! * [`race`]: routes raced Happy-Eyeballs style, the first to finish the server's
 //!   handshake wins;
 //! * [`health`]: outcomes remembered in the profile, deciding which routes go first;
@@ -14,6 +15,7 @@
 //! The connector knows nothing about messages: what a connection is used for is the
 //! [`OnConnected`] handler's business (the client's outbox and inbox).
 
+pub mod browser_tls;
 pub(crate) mod connection;
 pub mod health;
 pub mod liveness;
@@ -351,6 +353,7 @@ impl Connector {
             port,
             tls: false,
             secret: None,
+            sni: Default::default(),
             media: None,
         });
         let progress = Progress::new(&route);

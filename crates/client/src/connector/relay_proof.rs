@@ -3,7 +3,8 @@
 //! relay's link; everyone else gets the relay's cover web site.
 //!
 //! * Over TLS: right after the handshake, a token bound to the TLS session (an HMAC keyed
-//!   by the secret over the session's exporter master secret, captured per connection).
+//!   by the secret over the session's exporter master secret, captured per connection by
+//!   [`super::browser_tls`]).
 //! * On a plain port: an HTTP/1.1 `GET` whose path is a fresh HTTP token, shaped like a
 //!   WebSocket upgrade; the relay answers `101 Switching Protocols`. The client does not
 //!   wait for the answer: its Noise handshake follows at once, and [`Upgraded`] reads the
@@ -11,11 +12,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use postern_protocol::relay_auth::{ExporterCapture, RelaySecret};
+use postern_protocol::relay_auth::RelaySecret;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest answer head accepted from a relay's port 80.
@@ -24,14 +24,6 @@ const MAX_ANSWER_HEAD: usize = 4096;
 /// What the far end says when it is a web site rather than a relay that took the proof:
 /// the link's secret is missing, wrong or old.
 pub const WEB_SITE_ANSWER: &str = "the relay answered as a web site";
-
-/// A copy of `base` for one connection, with a hook that captures its exporter secret.
-pub fn capturing(base: &rustls::ClientConfig) -> (Arc<rustls::ClientConfig>, Arc<ExporterCapture>) {
-    let capture = Arc::new(ExporterCapture::default());
-    let mut config = base.clone();
-    config.key_log = capture.clone();
-    (Arc::new(config), capture)
-}
 
 /// The HTTP request that opens a plain connection to a relay with a secret.
 pub fn upgrade_request(secret: &RelaySecret, host: &str) -> String {

@@ -17,13 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::connection::BoxStream;
-use super::relay_proof;
+use super::{browser_tls, relay_proof};
 use crate::timeouts::{CONNECT_TIMEOUT, RESOLVE_TIMEOUT, TLS_TIMEOUT};
 
 /// A way to reach the service.
@@ -330,7 +329,16 @@ pub async fn dial(
         // A relay with a secret on a plain port: an HTTP request carrying the proof; the
         // Noise handshake follows without waiting for the answer.
         use tokio::io::AsyncWriteExt;
-        let request = relay_proof::upgrade_request(&secret, &route.host());
+        // The name shown in the request's Host header: the link's `sni=` name if it has one
+        // (a censor reads both alike), else the relay's host.
+        let shown = match route {
+            Route::Relay(p) => match &p.sni {
+                postern_protocol::link::Sni::Name(n) => n.clone(),
+                _ => route.host(),
+            },
+            Route::Direct { .. } => route.host(),
+        };
+        let request = relay_proof::upgrade_request(&secret, &shown);
         stream
             .write_all(request.as_bytes())
             .await
@@ -338,28 +346,18 @@ pub async fn dial(
         return Ok((Box::new(relay_proof::Upgraded::new(stream)), seen));
     }
     let started = Instant::now();
-    let name = match route.host().parse::<std::net::IpAddr>() {
-        Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(route.host())
-            .map_err(|e| (Stage::Tls, Failure::TlsFailed(e.to_string())))?,
+    let sni = match route {
+        Route::Relay(p) => p.sni.name_for(&p.host),
+        Route::Direct { .. } => None,
     };
-    // A relay with a secret: this connection's own configuration, to capture the session's
-    // exporter secret that the proof is bound to.
-    let (config, capture) = match &secret {
-        Some(_) => {
-            let (config, capture) = relay_proof::capturing(&tls_config());
-            (config, Some(capture))
-        }
-        None => (tls_config(), None),
-    };
-    let connector = tokio_rustls::TlsConnector::from(config);
-    let mut tls = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
-        Err(_) => return Err((Stage::Tls, Failure::TimedOut)),
-        Ok(Err(e)) => return Err((Stage::Tls, Failure::TlsFailed(e.to_string()))),
-        Ok(Ok(s)) => s,
-    };
-    if let (Some(secret), Some(capture)) = (&secret, capture) {
-        let exporter = capture.take().ok_or_else(|| {
+    let (mut tls, exporter) =
+        match tokio::time::timeout(TLS_TIMEOUT, browser_tls::connect(tcp, sni)).await {
+            Err(_) => return Err((Stage::Tls, Failure::TimedOut)),
+            Ok(Err(e)) => return Err((Stage::Tls, Failure::TlsFailed(e.to_string()))),
+            Ok(Ok(s)) => s,
+        };
+    if let Some(secret) = &secret {
+        let exporter = exporter.ok_or_else(|| {
             (
                 Stage::Tls,
                 Failure::TlsFailed(
@@ -459,13 +457,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-}
-
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(|| Arc::new(postern_protocol::tls::relay_client_config()))
-        .clone()
 }
 
 #[cfg(test)]
