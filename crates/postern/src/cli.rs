@@ -147,7 +147,8 @@ Examples:
   postern proxy add relay.example.org
   postern proxy add relay.example.org:5222
   postern proxy add 'postern://proxy?host=relay.example.org&port=443&tls=1'
-  postern proxy add 203.0.113.7:80 --no-tls")]
+  postern proxy add 203.0.113.7:80 --no-tls
+  postern proxy add 203.0.113.7 --sni cdn.example.net")]
     Add {
         /// Address or link.
         address: String,
@@ -160,6 +161,13 @@ Examples:
         /// The relay's media port (checked by `postern proxy check`).
         #[arg(long, value_name = "PORT")]
         media: Option<u16>,
+        /// Server name for the TLS ClientHello instead of the host (as the link's `sni=NAME`),
+        /// e.g. when the relay's own name is blocked.
+        #[arg(long, value_name = "NAME", conflicts_with = "no_sni")]
+        sni: Option<String>,
+        /// No server name in the TLS ClientHello at all (as the link's `sni=`).
+        #[arg(long)]
+        no_sni: bool,
     },
     /// List saved proxies and the proxy mode.
     List {
@@ -187,6 +195,7 @@ Examples:
   postern proxy check
   postern proxy check relay.example.org
   postern proxy check relay.example.org:8443 --tls
+  postern proxy check relay.example.org --no-sni
   postern proxy check 'postern://proxy?host=relay.example.org&port=443&tls=1&media=587'")]
     Check {
         /// Address or link to test (need not be saved).
@@ -197,6 +206,13 @@ Examples:
         /// Test with TLS off.
         #[arg(long)]
         no_tls: bool,
+        /// Server name for the TLS ClientHello instead of the host (as the link's `sni=NAME`),
+        /// e.g. when the relay's own name is blocked.
+        #[arg(long, value_name = "NAME", conflicts_with = "no_sni")]
+        sni: Option<String>,
+        /// No server name in the TLS ClientHello at all (as the link's `sni=`).
+        #[arg(long)]
+        no_sni: bool,
         /// One JSON object per proxy instead of text.
         #[arg(long)]
         json: bool,

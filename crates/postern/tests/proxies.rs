@@ -469,3 +469,77 @@ fn a_relay_with_a_secret_carries_only_holders_of_its_link() {
         "{stats}"
     );
 }
+
+/// Issue 13: the link names the server name the ClientHello carries (`sni=NAME`, `sni=` for
+/// none), apart from the address dialled, and a relay takes any of them. Through a TLS relay
+/// with a secret, whose proof is bound to the TLS session the client's BoringSSL negotiated.
+#[test]
+fn a_relay_is_reached_whatever_server_name_the_link_chooses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let state = tmp.path().join("relay-state");
+    let state_arg = state.to_str().unwrap();
+    let relay = TestRelay::start(&[
+        "--upstream",
+        &server.addr.to_string(),
+        "--tls",
+        "127.0.0.1:0",
+        "--secret",
+        "--state-dir",
+        state_arg,
+    ]);
+    let port = relay.addr("tls").port().to_string();
+    let link = ok(
+        &tmp.path().join("operator"),
+        &[
+            "relay",
+            "link",
+            "--host",
+            "localhost",
+            "--port",
+            &port,
+            "--secret",
+            "--state-dir",
+            state_arg,
+            "--no-qr",
+        ],
+    );
+    let link = link.trim();
+    let alice = tmp.path().join("alice");
+    account(&alice, "alice", &server);
+    for (variant, shown) in [
+        (link.to_string(), None),
+        (
+            format!("{link}&sni=www.example.net"),
+            Some("SNI www.example.net"),
+        ),
+        (format!("{link}&sni="), Some("no SNI")),
+    ] {
+        let check = ok(&alice, &["proxy", "check", &variant]);
+        assert!(
+            check.contains("works: the server proved its identity"),
+            "{variant}: {check}"
+        );
+        if let Some(shown) = shown {
+            assert!(check.contains(shown), "{variant}: {check}");
+        }
+    }
+    // The same through the flags, and a saved proxy keeps its choice.
+    let check = ok(
+        &alice,
+        &["proxy", "check", link, "--sni", "cdn.example.org"],
+    );
+    assert!(check.contains("SNI cdn.example.org"), "{check}");
+    ok(&alice, &["proxy", "add", link, "--no-sni"]);
+    ok(&alice, &["proxy", "use", "on"]);
+    let list = ok(&alice, &["proxy", "list"]);
+    assert!(list.contains("&sni="), "the saved link keeps sni=: {list}");
+    let bob = tmp.path().join("bob");
+    account(&bob, "bob", &server);
+    ok(&alice, &["send", "bob", "with no server name"]);
+    assert!(ok(&bob, &["inbox"]).contains("alice: with no server name"));
+    // A name that is not a DNS name is refused, saying why.
+    let bad = postern(&alice, &["proxy", "add", &format!("{link}&sni=10.0.0.1")]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be a DNS name"));
+}

@@ -6,6 +6,7 @@ use anyhow::bail;
 use postern_client::{
     route, Client, ClientError, ConnectMode, DialReport, ProxyEntry, ProxyMode, Route,
 };
+use postern_protocol::link::Sni;
 
 use crate::cli::ProxyCommand;
 use crate::hints;
@@ -24,9 +25,12 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             tls,
             no_tls,
             media,
+            sni,
+            no_sni,
         } => {
             let mut entry = ProxyEntry::parse(&address)?;
             apply_tls_flags(&mut entry, tls, no_tls);
+            apply_sni_flags(&mut entry, sni.as_deref(), no_sni)?;
             if media.is_some() {
                 entry.media = media;
             }
@@ -94,6 +98,8 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             address,
             tls,
             no_tls,
+            sni,
+            no_sni,
             json,
         } => {
             let mut targets = match address {
@@ -105,6 +111,7 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             }
             for p in &mut targets {
                 apply_tls_flags(p, tls, no_tls);
+                apply_sni_flags(p, sni.as_deref(), no_sni)?;
             }
             let mut failed = 0;
             for p in targets {
@@ -142,6 +149,21 @@ fn apply_tls_flags(entry: &mut ProxyEntry, tls: bool, no_tls: bool) {
     if no_tls {
         entry.tls = false;
     }
+}
+
+/// `--sni NAME` / `--no-sni` override the link's `sni=` (clap makes them exclusive).
+fn apply_sni_flags(entry: &mut ProxyEntry, sni: Option<&str>, no_sni: bool) -> anyhow::Result<()> {
+    if let Some(name) = sni {
+        entry.sni = match Sni::parse(name)? {
+            // `--sni ''` would mean "none"; say it the explicit way.
+            Sni::Omit => bail!("--sni needs a name; use --no-sni to send none"),
+            s => s,
+        };
+    }
+    if no_sni {
+        entry.sni = Sni::Omit;
+    }
+    Ok(())
 }
 
 fn mode_meaning(mode: ProxyMode) -> &'static str {

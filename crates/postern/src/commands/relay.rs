@@ -539,6 +539,7 @@ pub fn links_for(
                     port: l.listen.port(),
                     tls: l.tls,
                     secret: secret.cloned(),
+                    sni: Default::default(),
                     media,
                 },
             )
@@ -593,6 +594,7 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
                     port,
                     tls: !args.no_tls,
                     secret,
+                    sni: Default::default(),
                     media: args.media,
                 },
             )]
