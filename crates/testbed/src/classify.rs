@@ -5,6 +5,9 @@
 //! * [`fully_encrypted`]: China's detector of fully encrypted traffic (Wu et al., USENIX
 //!   Security 2023, Algorithm 1): a first packet is blocked unless one of five exemptions
 //!   applies.
+//! * [`sni_block`] and [`ja4_block`]: block lists applied to a whole TLS ClientHello, by
+//!   the server name it carries (net4people/bbs #516, #579) or by its JA4 fingerprint
+//!   (Russia 2026; telemt README, tdesktop PRs); see [`crate::fingerprint`].
 
 use std::fmt;
 
@@ -151,6 +154,27 @@ pub fn fully_encrypted(data: &[u8]) -> Verdict {
     ))
 }
 
+/// A ClientHello naming a listed server is blocked; one naming another, or none, passes.
+pub fn sni_block(hello: &crate::fingerprint::Hello, names: &[&str]) -> Verdict {
+    match hello.sni.as_deref() {
+        Some(name) if names.contains(&name) => {
+            Verdict::Block(format!("SNI {name} is on the block list"))
+        }
+        Some(name) => Verdict::Allow(format!("SNI {name} is not listed")),
+        None => Verdict::Allow("no SNI".into()),
+    }
+}
+
+/// A ClientHello whose JA4 is listed is blocked.
+pub fn ja4_block(hello: &crate::fingerprint::Hello, fingerprints: &[&str]) -> Verdict {
+    let ja4 = hello.ja4();
+    if fingerprints.contains(&ja4.as_str()) {
+        Verdict::Block(format!("JA4 {ja4} is on the block list"))
+    } else {
+        Verdict::Allow(format!("JA4 {ja4} is not listed"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +252,21 @@ mod tests {
         let mut q = vec![0, 29, 0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         q.extend(b"\x07example\x03org\x00\x00\x01\x00\x01");
         assert_eq!(allowlist(&q), Verdict::Allow("DNS query".into()));
+    }
+
+    #[test]
+    fn block_lists_match_the_hello_not_the_port() {
+        use crate::fingerprint::{Hello, RUSTLS_DEFAULT_JA4};
+        let hello =
+            Hello::parse(&crate::fingerprint::rustls_hello("relay-a.postern.test")).unwrap();
+        assert!(sni_block(&hello, &["relay-a.postern.test"]).is_block());
+        assert!(!sni_block(&hello, &["relay-b.postern.test"]).is_block());
+        let unnamed = Hello {
+            sni: None,
+            ..hello.clone()
+        };
+        assert!(!sni_block(&unnamed, &["relay-a.postern.test"]).is_block());
+        assert!(ja4_block(&hello, &[RUSTLS_DEFAULT_JA4]).is_block());
+        assert!(!ja4_block(&hello, &["t13d1516h2_8daaf6152771_d8a2da3f94cd"]).is_block());
     }
 }

@@ -24,7 +24,25 @@ pub enum Dpi {
     Allowlist(&'static [u16]),
     /// Wu et al. 2023: on every TCP port, random-looking first data is black-holed.
     FullyEncrypted,
+    /// On every TCP port, TLS flows whose ClientHello names one of these servers (SNI)
+    /// are black-holed.
+    SniBlock(&'static [&'static str]),
+    /// On every TCP port, TLS flows whose ClientHello has one of these JA4 fingerprints
+    /// are black-holed.
+    Ja4Block(&'static [&'static str]),
 }
+
+impl Dpi {
+    /// Whether the interceptor must read the whole TLS ClientHello (not only the first
+    /// data) to decide.
+    pub fn reads_client_hello(&self) -> bool {
+        matches!(self, Dpi::SniBlock(_) | Dpi::Ja4Block(_))
+    }
+}
+
+/// The names the testbed's relays are published under (resolved in the client's
+/// namespace by its own hosts file; `testbed/run` writes it).
+pub const RELAY_NAMES: &[&str] = &["relay-a.postern.test", "relay-b.postern.test"];
 
 #[derive(Debug, Clone, Copy)]
 pub struct Profile {
@@ -85,6 +103,24 @@ pub const PROFILES: &[Profile] = &[
         block_hosts: &[Host::Server],
         block_ports: &[],
         dpi: Some(Dpi::FullyEncrypted),
+        freeze: false,
+    },
+    Profile {
+        name: "sni-block",
+        summary: "TLS flows naming relay-a.postern.test or relay-b.postern.test (SNI) are black-holed, plus ip-block",
+        source: "net4people/bbs #516, #579 (SNI block lists on mobile networks during shutdowns)",
+        block_hosts: &[Host::Server],
+        block_ports: &[],
+        dpi: Some(Dpi::SniBlock(RELAY_NAMES)),
+        freeze: false,
+    },
+    Profile {
+        name: "ja4-block",
+        summary: "TLS flows with rustls's default ClientHello (by JA4) are black-holed, plus ip-block",
+        source: "telemt README, tdesktop PRs (Russia, June 2026: a messenger's proxy clients blocked by the JA4 of their ClientHello)",
+        block_hosts: &[Host::Server],
+        block_ports: &[],
+        dpi: Some(Dpi::Ja4Block(&[crate::fingerprint::RUSTLS_DEFAULT_JA4])),
         freeze: false,
     },
     Profile {
@@ -179,6 +215,12 @@ impl Profile {
                 Some(Dpi::FullyEncrypted) => s.push_str(&format!(
                     "    iifname \"{iif}\" meta l4proto tcp counter redirect to :{port} comment \"fully-encrypted detector\"\n"
                 )),
+                Some(Dpi::SniBlock(_)) => s.push_str(&format!(
+                    "    iifname \"{iif}\" meta l4proto tcp counter redirect to :{port} comment \"SNI block list\"\n"
+                )),
+                Some(Dpi::Ja4Block(_)) => s.push_str(&format!(
+                    "    iifname \"{iif}\" meta l4proto tcp counter redirect to :{port} comment \"JA4 block list\"\n"
+                )),
                 None => {}
             }
             s.push_str("  }\n");
@@ -210,6 +252,8 @@ mod tests {
             "fully-encrypted",
             "relay-a-blocked",
             "flow-freeze",
+            "sni-block",
+            "ja4-block",
         ] {
             assert!(find(n).is_some(), "{n}");
         }
@@ -242,6 +286,26 @@ mod tests {
             !r.contains("counter drop") && !r.contains("redirect"),
             "{r}"
         );
+    }
+
+    #[test]
+    fn sni_and_ja4_block_inspect_every_tcp_flow_and_name_their_sources() {
+        let p = find("sni-block").unwrap();
+        assert_eq!(p.dpi, Some(Dpi::SniBlock(RELAY_NAMES)));
+        assert!(p.source.contains("net4people/bbs #516"), "{}", p.source);
+        assert!(p
+            .ruleset(&net())
+            .contains("meta l4proto tcp counter redirect to :15001 comment \"SNI block list\""));
+        let p = find("ja4-block").unwrap();
+        assert_eq!(
+            p.dpi,
+            Some(Dpi::Ja4Block(&[crate::fingerprint::RUSTLS_DEFAULT_JA4]))
+        );
+        assert!(p.source.contains("telemt"), "{}", p.source);
+        assert!(p.ruleset(&net()).contains("comment \"JA4 block list\""));
+        for p in [find("sni-block").unwrap(), find("ja4-block").unwrap()] {
+            assert!(p.dpi.unwrap().reads_client_hello() && p.block_hosts == [Host::Server]);
+        }
     }
 
     #[test]

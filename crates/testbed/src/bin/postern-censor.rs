@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use postern_testbed::classify::{self, Verdict};
+use postern_testbed::fingerprint::Hello;
 use postern_testbed::freeze::{self, Forwarded};
 use postern_testbed::profile::{self, Dpi, Network, Profile, PROFILES, TABLE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,8 @@ const FIRST_DATA_WAIT: Duration = Duration::from_secs(10);
 /// How long a black-holed (or frozen) flow is held (silently) before it is dropped.
 const BLACK_HOLE_HOLD: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest ClientHello the interceptor reads (a browser's is under 2 KiB).
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -241,6 +244,27 @@ async fn flow(
     Ok(())
 }
 
+/// Under `sni-block` and `ja4-block`: reads the whole ClientHello (bounded in size and
+/// time) and classifies it. What is not TLS, or not a complete hello in time, passes: these
+/// censors block listed TLS clients, not everything they cannot read.
+async fn read_client_hello(client: &mut TcpStream, dpi: Dpi) -> (Vec<u8>, Verdict) {
+    let mut first = Vec::new();
+    let read = postern_protocol::client_hello::read(client, MAX_CLIENT_HELLO, &mut first);
+    let verdict = match tokio::time::timeout(FIRST_DATA_WAIT, read).await {
+        Err(_) => Verdict::Allow("no complete ClientHello in time".into()),
+        Ok(Err(e)) => Verdict::Allow(format!("not inspected: {e}")),
+        Ok(Ok(message)) => match Hello::parse(&message) {
+            Err(e) => Verdict::Allow(format!("not inspected: {e}")),
+            Ok(hello) => match dpi {
+                Dpi::SniBlock(names) => classify::sni_block(&hello, names),
+                Dpi::Ja4Block(list) => classify::ja4_block(&hello, list),
+                other => Verdict::Allow(format!("{other:?} does not judge ClientHellos")),
+            },
+        },
+    };
+    (first, verdict)
+}
+
 /// Reads and classifies the flow's first client data. Returns it when the flow may go on;
 /// black-holes the flow (for `BLACK_HOLE_HOLD`) and returns `None` otherwise.
 async fn inspect(
@@ -251,20 +275,23 @@ async fn inspect(
     dpi: Dpi,
     profile: &Profile,
 ) -> anyhow::Result<Option<Vec<u8>>> {
-    let mut first = vec![0u8; 16 * 1024];
-    let n = match tokio::time::timeout(FIRST_DATA_WAIT, client.read(&mut first)).await {
-        Ok(r) => r?,
-        Err(_) => 0,
-    };
-    first.truncate(n);
-    let verdict = if n == 0 {
-        Verdict::Allow("no first data to inspect".into())
+    let (first, verdict) = if dpi.reads_client_hello() {
+        read_client_hello(client, dpi).await
     } else {
-        match dpi {
+        let mut first = vec![0u8; 16 * 1024];
+        let n = match tokio::time::timeout(FIRST_DATA_WAIT, client.read(&mut first)).await {
+            Ok(r) => r?,
+            Err(_) => 0,
+        };
+        first.truncate(n);
+        let verdict = match dpi {
+            _ if n == 0 => Verdict::Allow("no first data to inspect".into()),
             Dpi::Allowlist(_) => classify::allowlist(&first),
-            Dpi::FullyEncrypted => classify::fully_encrypted(&first),
-        }
+            _ => classify::fully_encrypted(&first),
+        };
+        (first, verdict)
     };
+    let n = first.len();
     eprintln!(
         "censor: flow {id} {peer} -> {dst}: first data {n} bytes: {verdict} [{}]",
         profile.name

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 #[command(name = "postern-prober", about = "The Postern testbed's active prober")]
 struct Args {
     /// NAME=HOST:PORT, repeatable.
-    #[arg(long = "target", value_name = "NAME=HOST:PORT", required_unless_present_any = ["compare", "compare_tls"])]
+    #[arg(long = "target", value_name = "NAME=HOST:PORT", required_unless_present_any = ["compare", "compare_tls", "rustls_handshake"])]
     targets: Vec<String>,
     /// Seconds to wait for each connection to end after the probe is sent.
     #[arg(long, default_value_t = 15)]
@@ -40,6 +40,42 @@ struct Args {
     /// The relays' secret: adds the replay probe (a genuine client's first bytes, sent again).
     #[arg(long, value_name = "SECRET")]
     secret: Option<String>,
+    /// HOST:PORT: one TLS handshake with rustls's default ClientHello (what Postern's client
+    /// sent before it spoke like a browser), naming `--sni`; says whether it completed
+    /// within `--wait` seconds (the `ja4-block` scenario's control).
+    #[arg(long, value_name = "HOST:PORT")]
+    rustls_handshake: Option<SocketAddr>,
+    /// The server name for `--rustls-handshake`.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "rustls_handshake",
+        default_value = "relay.example"
+    )]
+    sni: String,
+}
+
+/// `--rustls-handshake`: prints "completed in N ms" or "no answer after N s".
+async fn rustls_handshake(addr: SocketAddr, sni: &str, wait: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect {addr}: timed out"))??;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
+    let config = std::sync::Arc::new(postern_protocol::tls::relay_client_config());
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    match tokio::time::timeout(wait, handshake).await {
+        Ok(Ok(_)) => println!(
+            "rustls handshake with {addr} (SNI {sni}): completed in {} ms",
+            started.elapsed().as_millis()
+        ),
+        Ok(Err(e)) => println!("rustls handshake with {addr} (SNI {sni}): failed: {e}"),
+        Err(_) => println!(
+            "rustls handshake with {addr} (SNI {sni}): no answer after {} s",
+            wait.as_secs()
+        ),
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -131,6 +167,9 @@ async fn probe(name: String, addr: SocketAddr, kind: &'static str, wait: Duratio
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(addr) = args.rustls_handshake {
+        return rustls_handshake(addr, &args.sni, Duration::from_secs(args.wait)).await;
+    }
     if !args.compare.is_empty() || !args.compare_tls.is_empty() {
         return compare::run(&args).await;
     }
