@@ -269,6 +269,47 @@ pub async fn download(t: &Target, len: u64) -> Result<Bulk> {
     Ok(Bulk { bytes: len, secs })
 }
 
+/// Sends `len` verified bytes through the echo upstream and reads them back at the same
+/// time on one connection: both directions of the relay busy at once, as when media goes
+/// both ways. The rate is bytes per second each way.
+pub async fn duplex(t: &Target, len: u64) -> Result<Bulk> {
+    let mut s = connect(t).await?.stream;
+    s.write_all(b"E").await?;
+    let start = Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let writer = async move {
+        let mut sent = 0u64;
+        while sent < len {
+            let n = ((len - sent) as usize).min(CHUNK);
+            wr.write_all(expected(sent, n)).await?;
+            sent += n as u64;
+        }
+        wr.flush().await?;
+        anyhow::Ok(wr)
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        while got < len {
+            let want = ((len - got) as usize).min(CHUNK);
+            let n = rd.read(&mut buf[..want]).await?;
+            if n == 0 {
+                bail!("echo cut after {got} of {len} bytes");
+            }
+            if !verify(got, &buf[..n]) {
+                bail!("echo corrupted near byte {got}");
+            }
+            got += n as u64;
+        }
+        anyhow::Ok(rd)
+    };
+    // Both halves on the same task, polled together: neither direction waits for the other.
+    let (wr, rd) = tokio::try_join!(writer, reader)?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(rd.unsplit(wr));
+    Ok(Bulk { bytes: len, secs })
+}
+
 /// Runs `f` once with `probe` bytes to estimate the rate, then with enough bytes for about
 /// `dur`. Returns the long run and the total bytes moved by both.
 pub async fn timed_bulk<F, Fut>(probe: u64, dur: Duration, f: F) -> Result<(Bulk, u64)>
@@ -291,6 +332,10 @@ pub struct Rr {
     pub p50_us: f64,
     /// 99th percentile latency, µs.
     pub p99_us: f64,
+    /// 99.9th percentile latency, µs.
+    pub p999_us: f64,
+    /// Round trips completed.
+    pub count: u64,
     /// Bytes moved (both ways).
     #[allow(dead_code)]
     pub bytes: u64,
@@ -347,6 +392,8 @@ pub async fn request_response(t: &Target, conns: usize, dur: Duration) -> Result
         rate: all.len() as f64 / secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        count: all.len() as u64,
         bytes: all.len() as u64 * 128,
     })
 }
@@ -471,7 +518,8 @@ mod tests {
         let rr = request_response(&t, 3, Duration::from_millis(100))
             .await
             .unwrap();
-        assert!(rr.rate > 0.0 && rr.p50_us <= rr.p99_us);
+        assert!(rr.rate > 0.0 && rr.p50_us <= rr.p99_us && rr.p99_us <= rr.p999_us);
+        assert_eq!(duplex(&t, 3_000_017).await.unwrap().bytes, 3_000_017);
         assert_eq!(open_idle(&t, 20, 5).await.unwrap().len(), 20);
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
     about = "Benchmark postern relay against HAProxy and nginx on loopback"
 )]
 struct Args {
-    /// Seconds per bulk transfer (each way, plain and TLS).
+    /// Seconds per bulk transfer (each way alone, then both at once; plain and TLS).
     #[arg(long, default_value_t = 3.0)]
     bulk_secs: f64,
     /// Seconds per request/response run.
@@ -92,21 +92,27 @@ struct Row {
 mod r {
     pub const UP: usize = 0;
     pub const DOWN: usize = 1;
-    pub const TLS_UP: usize = 2;
-    pub const TLS_DOWN: usize = 3;
-    pub const RR: usize = 4;
-    pub const RR_P50: usize = 5;
-    pub const RR_P99: usize = 6;
-    pub const TLS_RR: usize = 7;
-    pub const TLS_RR_P50: usize = 8;
-    pub const TLS_RR_P99: usize = 9;
-    pub const IDLE: usize = 10;
-    pub const TLS_IDLE: usize = 11;
-    pub const HS: usize = 12;
-    pub const HS_RESUMED: usize = 13;
-    pub const CPU: usize = 14;
-    pub const TLS_CPU: usize = 15;
-    pub const HS_PER_CPU: usize = 16;
+    pub const DUPLEX: usize = 2;
+    pub const TLS_UP: usize = 3;
+    pub const TLS_DOWN: usize = 4;
+    pub const TLS_DUPLEX: usize = 5;
+    pub const RR: usize = 6;
+    pub const RR_P50: usize = 7;
+    pub const RR_P99: usize = 8;
+    pub const RR_P999: usize = 9;
+    pub const RR_CPU: usize = 10;
+    pub const TLS_RR: usize = 11;
+    pub const TLS_RR_P50: usize = 12;
+    pub const TLS_RR_P99: usize = 13;
+    pub const TLS_RR_P999: usize = 14;
+    pub const TLS_RR_CPU: usize = 15;
+    pub const IDLE: usize = 16;
+    pub const TLS_IDLE: usize = 17;
+    pub const HS: usize = 18;
+    pub const HS_RESUMED: usize = 19;
+    pub const CPU: usize = 20;
+    pub const TLS_CPU: usize = 21;
+    pub const HS_PER_CPU: usize = 22;
 }
 
 fn rows() -> Vec<Row> {
@@ -120,14 +126,30 @@ fn rows() -> Vec<Row> {
     vec![
         row("bulk plain, client→upstream", "MiB/s", true, 0),
         row("bulk plain, upstream→client", "MiB/s", true, 0),
+        row(
+            "bulk plain, both ways at once (echo)",
+            "MiB/s each way",
+            true,
+            0,
+        ),
         row("bulk TLS, client→upstream", "MiB/s", true, 0),
         row("bulk TLS, upstream→client", "MiB/s", true, 0),
+        row(
+            "bulk TLS, both ways at once (echo)",
+            "MiB/s each way",
+            true,
+            0,
+        ),
         row("req/resp plain, 50 conns × 64 B", "req/s", true, 0),
         row("req/resp plain p50", "µs", false, 0),
         row("req/resp plain p99", "µs", false, 0),
+        row("req/resp plain p99.9", "µs", false, 0),
+        row("req/resp plain, relay CPU per million", "CPU-s/M", false, 1),
         row("req/resp TLS, 50 conns × 64 B", "req/s", true, 0),
         row("req/resp TLS p50", "µs", false, 0),
         row("req/resp TLS p99", "µs", false, 0),
+        row("req/resp TLS p99.9", "µs", false, 0),
+        row("req/resp TLS, relay CPU per million", "CPU-s/M", false, 1),
         row("idle memory plain", "KiB/conn", false, 2),
         row("idle memory TLS", "KiB/conn", false, 2),
         row("TLS handshakes (full)", "conn/s", true, 0),
@@ -195,13 +217,28 @@ fn render(rows: &[Row]) -> String {
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
 
-/// Bulk both ways on `t`; returns (up MiB/s, down MiB/s, bytes moved).
-async fn bulk_pair(t: &Target, secs: f64) -> Result<(f64, f64, u64)> {
+/// Bulk rates on one target, MiB/s: each way alone, then both at once.
+struct BulkRates {
+    up: f64,
+    down: f64,
+    duplex: f64,
+    /// Bytes the relay carried (each direction counted).
+    bytes: u64,
+}
+
+/// Bulk on `t`: up, down, then full duplex through the echo.
+async fn bulk_rates(t: &Target, secs: f64) -> Result<BulkRates> {
     let dur = Duration::from_secs_f64(secs);
     let probe = 16 * CHUNK as u64 * 16; // 16 MiB
     let (up, b1) = load::timed_bulk(probe, dur, |n| load::upload(t, n)).await?;
     let (down, b2) = load::timed_bulk(probe, dur, |n| load::download(t, n)).await?;
-    Ok((up.rate() / MIB, down.rate() / MIB, b1 + b2))
+    let (duplex, b3) = load::timed_bulk(probe, dur, |n| load::duplex(t, n)).await?;
+    Ok(BulkRates {
+        up: up.rate() / MIB,
+        down: down.rate() / MIB,
+        duplex: duplex.rate() / MIB,
+        bytes: b1 + b2 + 2 * b3,
+    })
 }
 
 /// Idle memory per connection, KiB, on a freshly started relay.
@@ -254,7 +291,7 @@ async fn bench_peer(kind: Kind, setup: &Setup, a: &Args, rows: &mut [Row]) -> Re
         bench_bulk(&relay, &plain, &tls, c, a, rows).await?;
     }
     if on("rr") {
-        bench_rr(&plain, &tls, c, a, rows).await?;
+        bench_rr(&relay, &plain, &tls, c, a, rows).await?;
     }
     if on("hs") {
         bench_hs(&relay, &tls, c, a, rows).await?;
@@ -274,20 +311,71 @@ async fn bench_bulk(
     let kind = relay.kind;
     eprintln!("== {}: bulk", kind.name());
     let cpu0 = relay.cpu();
-    let (up, down, bytes) = bulk_pair(plain, a.bulk_secs).await?;
+    let b = bulk_rates(plain, a.bulk_secs).await?;
     let cpu1 = relay.cpu();
-    rows[r::UP].vals[c] = Some(up);
-    rows[r::DOWN].vals[c] = Some(down);
-    rows[r::CPU].vals[c] = Some((cpu1 - cpu0) / (bytes as f64 / GIB));
-    let (up, down, bytes) = bulk_pair(tls, a.bulk_secs).await?;
+    rows[r::UP].vals[c] = Some(b.up);
+    rows[r::DOWN].vals[c] = Some(b.down);
+    rows[r::DUPLEX].vals[c] = Some(b.duplex);
+    rows[r::CPU].vals[c] = Some((cpu1 - cpu0) / (b.bytes as f64 / GIB));
+    let b = bulk_rates(tls, a.bulk_secs).await?;
     let cpu2 = relay.cpu();
-    rows[r::TLS_UP].vals[c] = Some(up);
-    rows[r::TLS_DOWN].vals[c] = Some(down);
-    rows[r::TLS_CPU].vals[c] = Some((cpu2 - cpu1) / (bytes as f64 / GIB));
+    rows[r::TLS_UP].vals[c] = Some(b.up);
+    rows[r::TLS_DOWN].vals[c] = Some(b.down);
+    rows[r::TLS_DUPLEX].vals[c] = Some(b.duplex);
+    rows[r::TLS_CPU].vals[c] = Some((cpu2 - cpu1) / (b.bytes as f64 / GIB));
+    Ok(())
+}
+
+/// Rows of one request/response run: rate, p50, p99, p99.9, relay CPU per million.
+struct RrRows {
+    rate: usize,
+    p50: usize,
+    p99: usize,
+    p999: usize,
+    cpu: usize,
+}
+
+const RR_PLAIN: RrRows = RrRows {
+    rate: r::RR,
+    p50: r::RR_P50,
+    p99: r::RR_P99,
+    p999: r::RR_P999,
+    cpu: r::RR_CPU,
+};
+const RR_TLS: RrRows = RrRows {
+    rate: r::TLS_RR,
+    p50: r::TLS_RR_P50,
+    p99: r::TLS_RR_P99,
+    p999: r::TLS_RR_P999,
+    cpu: r::TLS_RR_CPU,
+};
+
+/// One request/response run on `t`, its figures in column `c`; `relay` (none for the
+/// no-relay column) gives the relay's CPU time per million round trips.
+async fn rr_into(
+    t: &Target,
+    relay: Option<&Running>,
+    at: &RrRows,
+    c: usize,
+    a: &Args,
+    rows: &mut [Row],
+) -> Result<()> {
+    let cpu0 = relay.map(Running::cpu);
+    let rr = load::request_response(t, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
+    rows[at.rate].vals[c] = Some(rr.rate);
+    rows[at.p50].vals[c] = Some(rr.p50_us);
+    rows[at.p99].vals[c] = Some(rr.p99_us);
+    rows[at.p999].vals[c] = Some(rr.p999_us);
+    if let (Some(relay), Some(cpu0)) = (relay, cpu0) {
+        if rr.count > 0 {
+            rows[at.cpu].vals[c] = Some((relay.cpu() - cpu0) / (rr.count as f64 / 1e6));
+        }
+    }
     Ok(())
 }
 
 async fn bench_rr(
+    relay: &Running,
     plain: &Target,
     tls: &Target,
     c: usize,
@@ -295,15 +383,8 @@ async fn bench_rr(
     rows: &mut [Row],
 ) -> Result<()> {
     eprintln!("   request/response");
-    let rr = load::request_response(plain, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
-    rows[r::RR].vals[c] = Some(rr.rate);
-    rows[r::RR_P50].vals[c] = Some(rr.p50_us);
-    rows[r::RR_P99].vals[c] = Some(rr.p99_us);
-    let rr = load::request_response(tls, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
-    rows[r::TLS_RR].vals[c] = Some(rr.rate);
-    rows[r::TLS_RR_P50].vals[c] = Some(rr.p50_us);
-    rows[r::TLS_RR_P99].vals[c] = Some(rr.p99_us);
-    Ok(())
+    rr_into(plain, Some(relay), &RR_PLAIN, c, a, rows).await?;
+    rr_into(tls, Some(relay), &RR_TLS, c, a, rows).await
 }
 
 async fn bench_hs(
@@ -436,16 +517,13 @@ async fn one_round(
         tls: None,
     };
     if a.tests.iter().any(|t| t == "bulk") {
-        let (up, down, _) = bulk_pair(&direct, a.bulk_secs).await?;
-        rows[r::UP].vals[0] = Some(up);
-        rows[r::DOWN].vals[0] = Some(down);
+        let b = bulk_rates(&direct, a.bulk_secs).await?;
+        rows[r::UP].vals[0] = Some(b.up);
+        rows[r::DOWN].vals[0] = Some(b.down);
+        rows[r::DUPLEX].vals[0] = Some(b.duplex);
     }
     if a.tests.iter().any(|t| t == "rr") {
-        let rr =
-            load::request_response(&direct, a.rr_conns, Duration::from_secs_f64(a.rr_secs)).await?;
-        rows[r::RR].vals[0] = Some(rr.rate);
-        rows[r::RR_P50].vals[0] = Some(rr.p50_us);
-        rows[r::RR_P99].vals[0] = Some(rr.p99_us);
+        rr_into(&direct, None, &RR_PLAIN, 0, a, &mut rows).await?;
     }
 
     for k in have {
