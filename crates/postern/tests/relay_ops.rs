@@ -442,3 +442,139 @@ fn doctor_and_proxy_check_against_a_real_server_and_relay() {
     assert!(out(&o).contains("✗ service via"), "{}", show(&o));
     drop(relay);
 }
+
+/// A self-signed certificate valid for `days`, written as `cert`/`key` (openssl CLI).
+fn certificate(cert: &Path, key: &Path, days: u32) {
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-subj",
+            "/CN=relay.test",
+            "-addext",
+            "subjectAltName=DNS:relay.test",
+        ])
+        .args([
+            "-days",
+            &days.to_string(),
+            "-keyout",
+            s(key),
+            "-out",
+            s(cert),
+        ])
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(o.status.success(), "{}", show(&o));
+}
+
+/// SIGHUP re-reads the certificate files too; `relay doctor` sees the new one, and its
+/// expiry check fails for a certificate that expires too soon.
+#[test]
+fn sighup_reloads_certificates_and_doctor_checks_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    certificate(&cert, &key, 30);
+    let upstream = echo_server();
+    let tls = closed_port();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[pool.chat]\nservers = [\"{upstream}\"]\n\
+             send_proxy = \"none\"\n\n[[listener]]\nname = \"https\"\nlisten = \"{tls}\"\n\
+             tls = true\npool = \"chat\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config);
+    let doctor = || {
+        let o = postern(&[
+            "relay",
+            "doctor",
+            "--config",
+            s(&config),
+            "--state-dir",
+            s(dir.path()),
+            "--host",
+            "127.0.0.1",
+            "--min-days",
+            "100",
+        ]);
+        out(&o)
+    };
+    let report = doctor();
+    let line = report
+        .lines()
+        .find(|l| l.contains("certificate:"))
+        .unwrap_or_else(|| panic!("{report}"))
+        .to_string();
+    assert!(
+        line.starts_with("✗ certificate: expires") && line.contains("(29 days left)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("fix: renew the certificate files"),
+        "{report}"
+    );
+
+    // New files, SIGHUP: the listener serves the new certificate.
+    certificate(&cert, &key, 400);
+    signal(&relay, nix::sys::signal::Signal::SIGHUP);
+    let started = Instant::now();
+    loop {
+        let report = doctor();
+        if report.contains("✓ certificate: self-signed certificate valid until") {
+            assert!(report.contains("(399 days)"), "{report}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not reloaded:\n{report}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // DNS: a name that resolves here passes, one that does not fails with what to do.
+    let o = postern(&[
+        "relay",
+        "doctor",
+        "--config",
+        s(&config),
+        "--state-dir",
+        s(dir.path()),
+        "--host",
+        "localhost",
+    ]);
+    assert!(out(&o).contains("✓ DNS: localhost → "), "{}", show(&o));
+    let o = postern(&[
+        "relay",
+        "doctor",
+        "--config",
+        s(&config),
+        "--state-dir",
+        s(dir.path()),
+        "--host",
+        "relay.invalid",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        out(&o).contains("✗ DNS: relay.invalid does not resolve"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        out(&o).contains("fix: at your DNS provider"),
+        "{}",
+        show(&o)
+    );
+    drop(relay);
+}
