@@ -15,11 +15,16 @@ use std::path::PathBuf;
 const RELAY_AFTER: &str = "What it does:
   The relay moves bytes and never holds a key: messages are end-to-end encrypted and the chat
   protocol authenticates the server through the relay. With no --config/--preset it uses the
-  \"postern\" preset: plain TCP on 80 and 5222, TLS on 443, on IPv4 and IPv6 (self-signed certificate, random
-  subject, regenerated at every start), status page on 127.0.0.1:8199 (this machine only),
-  PROXY v2 header sent upstream.
+  \"postern\" preset: plain TCP on 80 and 5222, TLS on 443, each on IPv4 and IPv6 (self-signed
+  certificate, random subject, regenerated at every start), status page on 127.0.0.1:8199
+  (this machine only), PROXY v2 header sent upstream.
 
 Examples:
+  # A volunteer's relay in two commands (docs/volunteer-guide.md), then check it:
+  sudo deploy/install.sh
+  sudo postern relay setup --domain relay.example.org --network network.toml
+  sudo postern relay doctor
+
   # Standard ports in front of a Postern server (needs root or CAP_NET_BIND_SERVICE for 80/443):
   postern relay --upstream chat.example.org:5222
 
@@ -45,6 +50,10 @@ Examples:
   # (the built-in page, --cover-dir DIR, or --cover-upstream HOST:PORT of a real site):
   postern relay --upstream chat.example.org:5222 --secret --cover-dir /var/www/html
   postern relay link --host relay.example.org --secret
+
+Signals: SIGHUP reloads the configuration file and certificates (established connections
+stay); SIGTERM/Ctrl-C stops accepting, lets connections finish for limits.shutdown_grace (5 s),
+then closes.
 
 On the relay's machine, open http://127.0.0.1:8199/ (or tunnel it: ssh -L 8199:127.0.0.1:8199
 relay) to see whether the relay works. To read it from elsewhere, publish it with a token:
