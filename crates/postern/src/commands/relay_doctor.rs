@@ -179,7 +179,7 @@ pub async fn run(args: &DoctorArgs) -> anyhow::Result<()> {
                 Verdict::Fail,
                 "configuration",
                 &format!("{e:#}"),
-                Some("write one: sudo postern relay setup --domain NAME --network FILE (or pass --config FILE)"),
+                Some("write one: sudo postern relay setup --domain NAME --network FILE (or pass --config FILE); if it exists but cannot be read, run the doctor with sudo"),
             );
             bail!("the relay has no usable configuration");
         }
