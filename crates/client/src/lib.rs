@@ -38,7 +38,7 @@ pub use client::{Client, RECONNECTS_PER_OPERATION};
 pub use connector::connection::{BoxStream, Stream};
 pub use connector::health::RouteHealth;
 pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
-pub use connector::{ConnectMode, ConnectReport};
+pub use connector::{check_route_without_profile, ConnectMode, ConnectReport};
 pub use error::ClientError;
 pub use events::{Event, IncomingMessage, MessageId, MessageIdError};
 pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};

@@ -196,7 +196,9 @@ Examples:
   postern proxy check relay.example.org
   postern proxy check relay.example.org:8443 --tls
   postern proxy check relay.example.org --no-sni
-  postern proxy check 'postern://proxy?host=relay.example.org&port=443&tls=1&media=587'")]
+  postern proxy check 'postern://proxy?host=relay.example.org&port=443&tls=1&media=587'
+  postern proxy check 'postern://proxy?host=relay.example.org&port=443&tls=1' --network network.toml
+      # no profile needed: e.g. a relay's volunteer checking it from another machine")]
     Check {
         /// Address or link to test (need not be saved).
         address: Option<String>,
@@ -216,6 +218,11 @@ Examples:
         /// One JSON object per proxy instead of text.
         #[arg(long)]
         json: bool,
+        /// Check without a profile or account: the server must prove it holds the key in
+        /// this network file (what a relay's volunteer, or anyone given only the link and
+        /// the network file, can run from anywhere). Needs ADDRESS|LINK.
+        #[arg(long, value_name = "FILE", requires = "address")]
+        network: Option<PathBuf>,
     },
 }
 

@@ -59,6 +59,9 @@ pub struct RunningRelay {
     cut: CancellationToken,
     tracker: TaskTracker,
     grace: Duration,
+    /// The tasks holding listening sockets (client listeners, stats): they end when `stop`
+    /// is cancelled, and their ports are free once they have.
+    accepting: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> &'static str {
@@ -71,15 +74,39 @@ fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> &'static str {
     }
 }
 
+/// A listening socket. IPv6 addresses listen for IPv6 only (`IPV6_V6ONLY`), so `[::]:443`
+/// can sit beside `0.0.0.0:443` whatever the system's `bindv6only` default.
+fn listen_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // As std and tokio do on Unix: rebinding right after a restart or reload works even
+    // while connections accepted on the old socket are still open.
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The error says the system has no IPv6 (disabled, or no such address family).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    // EAFNOSUPPORT is 97 on Linux, 47 on the BSDs and macOS.
+    e.kind() == std::io::ErrorKind::AddrNotAvailable
+        || matches!(e.raw_os_error(), Some(97) if cfg!(target_os = "linux"))
+        || matches!(e.raw_os_error(), Some(47) if !cfg!(target_os = "linux"))
+}
+
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, RelayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RelayError::Bind {
-            name: name.to_string(),
-            addr,
-            hint: bind_hint(&source, addr),
-            source,
-        })
+    listen_socket(addr).map_err(|source| RelayError::Bind {
+        name: name.to_string(),
+        addr,
+        hint: bind_hint(&source, addr),
+        source,
+    })
 }
 
 impl Relay {
@@ -155,7 +182,21 @@ impl Relay {
         // Bind everything first so a failure leaves nothing running.
         let mut bound = Vec::new();
         for lc in config.listeners.iter().filter(|l| l.enabled) {
-            let socket = bind(&lc.name, lc.listen).await?;
+            let socket = match bind(&lc.name, lc.listen).await {
+                Ok(s) => s,
+                // `[::]` beside `0.0.0.0` in the standard set: a machine without IPv6
+                // still runs the relay on IPv4.
+                Err(RelayError::Bind { source, .. })
+                    if lc.listen.is_ipv6()
+                        && lc.listen.ip().is_unspecified()
+                        && no_ipv6(&source) =>
+                {
+                    tracing::warn!(listener = %lc.name, addr = %lc.listen,
+                        "this machine has no IPv6: listener not opened ({source})");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let addr = socket.local_addr().map_err(|source| RelayError::Bind {
                 name: lc.name.clone(),
                 addr: lc.listen,
@@ -207,8 +248,9 @@ impl Relay {
                 socket,
             ));
         }
+        let mut accepting = Vec::new();
         for (listener, socket) in runners {
-            tracker.spawn(listener.run(socket, stop.clone()));
+            accepting.push(tracker.spawn(listener.run(socket, stop.clone())));
         }
         if let Some(acme) = acme {
             tracker.spawn(acme.run(stop.clone()));
@@ -230,13 +272,13 @@ impl Relay {
             if let Some(a) = stats_addr {
                 tracing::info!(addr = %a, "stats page listening");
             }
-            tracker.spawn(crate::stats::http::serve(
+            accepting.push(tracker.spawn(crate::stats::http::serve(
                 socket,
                 metrics.clone(),
                 stop.clone(),
                 Duration::from_secs(60),
                 stats_access,
-            ));
+            )));
         }
         Ok(RunningRelay {
             listeners,
@@ -246,6 +288,7 @@ impl Relay {
             cut,
             tracker,
             grace: limits.shutdown_grace,
+            accepting,
         })
     }
 }
@@ -293,6 +336,23 @@ impl RunningRelay {
             _ = self.stop.cancelled() => {}
         }
         self.shutdown().await
+    }
+
+    /// Stops accepting and returns once every listening socket (stats included) is closed,
+    /// so a new relay can listen on the same ports; open connections go on untouched (until
+    /// they end, [`RunningRelay::shutdown`], or this is dropped). A configuration reload is
+    /// `stop_accepting` on the old relay, then [`Relay::start`] with the new configuration.
+    pub async fn stop_accepting(&mut self) {
+        self.stop.cancel();
+        for task in self.accepting.drain(..) {
+            let _ = task.await;
+        }
+    }
+
+    /// Connections (and other tasks) still running: 0 once a relay that stopped accepting
+    /// has no connection left.
+    pub fn tasks(&self) -> usize {
+        self.tracker.len()
     }
 
     /// Stops accepting, lets open connections finish for the grace period, then cuts them.

@@ -1212,7 +1212,15 @@ fn example_config_and_preset_files_load_and_validate() {
         .filter(|l| l.enabled)
         .map(|l| l.listen.port())
         .collect();
-    assert_eq!(enabled, [80, 443, 5222]);
+    // IPv4 and IPv6.
+    assert_eq!(enabled, [80, 443, 5222, 80, 443, 5222]);
+    let v6: Vec<bool> = postern
+        .listeners
+        .iter()
+        .filter(|l| l.enabled)
+        .map(|l| l.listen.is_ipv6())
+        .collect();
+    assert_eq!(v6, [false, false, false, true, true, true]);
     assert_eq!(postern.stats.unwrap().listen.port(), 8199);
 }
 

@@ -161,6 +161,31 @@ async fn attempt(
     }
 }
 
+/// The green tick without a profile (`postern proxy check LINK --network FILE`,
+/// `postern relay doctor`): the real path over `route`, then a Noise handshake in which the
+/// server must prove it holds `server_key`. The client side uses a throwaway key, so no
+/// account is needed and nothing is registered or remembered.
+pub async fn check_route_without_profile(route: &Route, server_key: &[u8; 32]) -> DialReport {
+    let progress = Progress::new(route);
+    let keys = StaticKeypair::generate();
+    match attempt(
+        route.clone(),
+        progress.clone(),
+        &keys,
+        server_key,
+        ConnectMode::SendOnly,
+    )
+    .await
+    {
+        Ok((conn, _pushes)) => conn.shutdown().await,
+        Err((Stage::Handshake, Failure::ServiceDidNotAnswer)) if speaks_tls(route).await => {
+            progress.fail(Stage::Handshake, Failure::SpeaksTls)
+        }
+        Err((stage, failure)) => progress.fail(stage, failure),
+    }
+    progress.report()
+}
+
 /// Races `routes` and returns the winning connection. Used directly only to register
 /// (before a profile, and so a route memory, exists).
 pub(crate) async fn race_routes(

@@ -6,6 +6,8 @@ mod dev;
 mod messaging;
 mod proxy;
 pub mod relay;
+pub mod relay_doctor;
+pub mod relay_setup;
 mod server;
 
 use std::path::PathBuf;

@@ -12,6 +12,27 @@ use crate::cli::ProxyCommand;
 use crate::hints;
 
 pub async fn run(home: PathBuf, cmd: ProxyCommand) -> anyhow::Result<()> {
+    if let ProxyCommand::Check {
+        address: Some(address),
+        tls,
+        no_tls,
+        sni,
+        no_sni,
+        json,
+        network: Some(network),
+    } = &cmd
+    {
+        return check_without_profile(
+            address,
+            *tls,
+            *no_tls,
+            sni.as_deref(),
+            *no_sni,
+            *json,
+            network,
+        )
+        .await;
+    }
     let client = Client::open(&home).await?;
     let result = proxy_command(&client, cmd).await;
     client.close().await;
@@ -101,6 +122,7 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             sni,
             no_sni,
             json,
+            network: _,
         } => {
             let mut targets = match address {
                 Some(a) => vec![ProxyEntry::parse(&a)?],
@@ -136,6 +158,35 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
                 bail!("{failed} proxy check(s) failed");
             }
         }
+    }
+    Ok(())
+}
+
+/// `postern proxy check LINK --network FILE`: no profile, a throwaway client key.
+async fn check_without_profile(
+    address: &str,
+    tls: bool,
+    no_tls: bool,
+    sni: Option<&str>,
+    no_sni: bool,
+    json: bool,
+    network: &std::path::Path,
+) -> anyhow::Result<()> {
+    let file = postern_protocol::network::NetworkFile::load(network)?;
+    let key = file
+        .server_key()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", network.display()))?;
+    let mut p = ProxyEntry::parse(address)?;
+    apply_tls_flags(&mut p, tls, no_tls);
+    apply_sni_flags(&mut p, sni, no_sni)?;
+    let report = postern_client::check_route_without_profile(&Route::Relay(p.clone()), &key).await;
+    if json {
+        println!("{}", serde_json::json!({ "proxy": p, "check": report }));
+    } else {
+        print_check(&p, &report, None);
+    }
+    if report.failed.is_some() {
+        bail!("the proxy check failed");
     }
     Ok(())
 }

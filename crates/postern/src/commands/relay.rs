@@ -15,11 +15,16 @@ use std::path::PathBuf;
 const RELAY_AFTER: &str = "What it does:
   The relay moves bytes and never holds a key: messages are end-to-end encrypted and the chat
   protocol authenticates the server through the relay. With no --config/--preset it uses the
-  \"postern\" preset: plain TCP on 80 and 5222, TLS on 443 (self-signed certificate, random
-  subject, regenerated at every start), status page on 127.0.0.1:8199 (this machine only),
-  PROXY v2 header sent upstream.
+  \"postern\" preset: plain TCP on 80 and 5222, TLS on 443, each on IPv4 and IPv6 (self-signed
+  certificate, random subject, regenerated at every start), status page on 127.0.0.1:8199
+  (this machine only), PROXY v2 header sent upstream.
 
 Examples:
+  # A volunteer's relay in two commands (docs/volunteer-guide.md), then check it:
+  sudo deploy/install.sh
+  sudo postern relay setup --domain relay.example.org --network network.toml
+  sudo postern relay doctor
+
   # Standard ports in front of a Postern server (needs root or CAP_NET_BIND_SERVICE for 80/443):
   postern relay --upstream chat.example.org:5222
 
@@ -45,6 +50,10 @@ Examples:
   # (the built-in page, --cover-dir DIR, or --cover-upstream HOST:PORT of a real site):
   postern relay --upstream chat.example.org:5222 --secret --cover-dir /var/www/html
   postern relay link --host relay.example.org --secret
+
+Signals: SIGHUP reloads the configuration file and certificates (established connections
+stay); SIGTERM/Ctrl-C stops accepting, lets connections finish for limits.shutdown_grace (5 s),
+then closes.
 
 On the relay's machine, open http://127.0.0.1:8199/ (or tunnel it: ssh -L 8199:127.0.0.1:8199
 relay) to see whether the relay works. To read it from elsewhere, publish it with a token:
@@ -229,14 +238,46 @@ pub enum RelayCommand {
 
 Link format: postern://proxy?host=H&port=P&tls=1[&secret=S][&media=M] (see docs/relay.md).")]
     Link(LinkArgs),
+    /// Write this relay's configuration (standard ports, ACME with --domain, a fresh
+    /// secret) and print the link and QR code to share: the volunteer guide's second command.
+    #[command(after_help = "Examples:
+  sudo postern relay setup --domain relay.example.org --network network.toml
+  sudo postern relay setup --network network.toml            # by IP, self-signed certificate
+  postern relay setup --upstream chat.example.org:5222 --state-dir ~/relay \\
+      --plain 0.0.0.0:15222 --tls 0.0.0.0:8443                 # unprivileged, high ports
+
+It writes relay.toml into the state directory (/var/lib/postern-relay after deploy/install.sh)
+and never replaces an existing one without --force. Then start the relay (sudo systemctl
+restart postern-relay, or postern relay --config FILE) and check it: postern relay doctor.")]
+    Setup(super::relay_setup::SetupArgs),
+    /// Check this relay from its own machine, no account needed: configuration, DNS,
+    /// ports, certificate, and a real handshake with the service through the relay; says
+    /// what to fix, exits nonzero if a check failed.
+    #[command(after_help = "Examples:
+  sudo postern relay doctor                     # the relay set up by postern relay setup
+  postern relay doctor --config relay.toml --network network.toml
+
+From another machine, anyone with the link and the network file can check it too:
+  postern proxy check LINK --network network.toml")]
+    Doctor(super::relay_doctor::DoctorArgs),
 }
 
 /// Flags of `postern relay link`.
 #[derive(Debug, Clone, Args)]
 pub struct LinkArgs {
     /// The relay's public DNS name or IP address (the name users' phones will connect to).
-    #[arg(long, value_name = "NAME")]
-    pub host: String,
+    /// With --config it defaults to the file's ACME domain, else its first tls.names entry
+    /// (what `postern relay setup` writes).
+    #[arg(long, value_name = "NAME", required_unless_present = "config")]
+    pub host: Option<String>,
+
+    /// The relay's --plain addresses: one link per address, with its port (repeatable).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["config", "port", "no_tls"])]
+    pub plain: Vec<SocketAddr>,
+
+    /// The relay's --tls addresses: one link per address (repeatable).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["config", "port", "no_tls"])]
+    pub tls: Vec<SocketAddr>,
 
     /// Chat port users connect to (default 443).
     #[arg(long, value_name = "PORT", conflicts_with = "config")]
@@ -305,7 +346,9 @@ fn replace_listeners(
         let mut l = base.clone();
         l.listen = *addr;
         l.enabled = true;
-        l.name = if i < old.len() {
+        // Keep a standard name only for the same address family (`--tls A --tls B` must
+        // not call an IPv4 address "https-v6").
+        l.name = if i < old.len() && base.listen.is_ipv6() == addr.is_ipv6() {
             base.name.clone()
         } else {
             format!("{kind}-{}", i + 1)
@@ -528,9 +571,12 @@ pub fn links_for(
         .iter()
         .find(|l| l.enabled && l.sni.is_some() && !l.tls && !l.accept_proxy)
         .map(|l| l.listen.port());
+    let mut ports = std::collections::BTreeSet::new();
     cfg.listeners
         .iter()
         .filter(|l| l.enabled && l.pool.is_some() && !l.accept_proxy)
+        // One link per port: `[::]:443` beside `0.0.0.0:443` is the same link.
+        .filter(|l| ports.insert(l.listen.port()))
         .map(|l| {
             (
                 l.name.clone(),
@@ -547,6 +593,16 @@ pub fn links_for(
         .collect()
 }
 
+/// The public name a configuration carries: its first ACME domain, else its first
+/// `tls.names` entry (`postern relay setup` writes both).
+pub fn config_host(cfg: &RelayConfig) -> Option<String> {
+    cfg.tls
+        .acme
+        .as_ref()
+        .and_then(|a| a.domains.first().cloned())
+        .or_else(|| cfg.tls.names.first().cloned())
+}
+
 /// Terminal QR code (two rows per character) for `data`.
 pub fn qr(data: &str) -> anyhow::Result<String> {
     use qrcode::render::unicode::Dense1x2;
@@ -560,15 +616,29 @@ pub fn qr(data: &str) -> anyhow::Result<String> {
 }
 
 fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
+    let loaded = match &args.config {
+        Some(path) => Some(RelayConfig::load(path)?),
+        None => None,
+    };
+    let host =
+        match (&args.host, &loaded) {
+            (Some(h), _) => h.clone(),
+            (None, Some(cfg)) => config_host(cfg).with_context(|| {
+                format!(
+                "{} names no public host (no [tls.acme] domain, no tls.names): pass --host NAME",
+                args.config.as_deref().unwrap_or(std::path::Path::new("")).display()
+            )
+            })?,
+            (None, None) => bail!("--host NAME is needed (or --config FILE)"),
+        };
     // Validate the host the same way clients will.
-    let check: ProxyLink = ProxyLink::new(args.host.clone())
+    let check: ProxyLink = ProxyLink::new(host.clone())
         .to_string()
         .parse()
-        .with_context(|| format!("--host {:?}", args.host))?;
+        .with_context(|| format!("--host {host:?}"))?;
     let host = check.host;
-    let links = match &args.config {
-        Some(path) => {
-            let mut cfg = RelayConfig::load(path)?;
+    let links = match (&args.config, loaded) {
+        (Some(path), Some(mut cfg)) => {
             set_state_dir(&mut cfg, args.state_dir.as_ref());
             let secret = relay_secret(cfg.secret.as_ref(), cfg.state_dir.as_deref())?;
             let l = links_for(&cfg, &host, secret.as_ref());
@@ -577,7 +647,7 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
             }
             l
         }
-        None => {
+        _ => {
             let port = args.port.unwrap_or(443);
             if port == 0 {
                 bail!("--port must be 1-65535");
@@ -587,22 +657,36 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
             });
             let state_dir = args.state_dir.clone().or_else(default_state_dir);
             let secret = relay_secret(settings.as_ref(), state_dir.as_deref())?;
-            vec![(
-                "relay".to_string(),
-                ProxyLink {
-                    host,
-                    port,
-                    tls: !args.no_tls,
-                    secret,
-                    sni: Default::default(),
-                    media: args.media,
-                },
-            )]
+            let link = |port: u16, tls: bool| ProxyLink {
+                host: host.clone(),
+                port,
+                tls,
+                secret: secret.clone(),
+                sni: Default::default(),
+                media: args.media,
+            };
+            if args.plain.is_empty() && args.tls.is_empty() {
+                vec![("relay".to_string(), link(port, !args.no_tls))]
+            } else {
+                // The same addresses as the relay's flags, one link each (a port once).
+                let mut v: Vec<(String, ProxyLink)> = Vec::new();
+                for (tls, addrs) in [(true, &args.tls), (false, &args.plain)] {
+                    for a in addrs {
+                        if a.port() == 0 {
+                            bail!("--plain/--tls {a}: a link needs a real port");
+                        }
+                        if !v.iter().any(|(_, l)| l.port == a.port()) {
+                            v.push((a.to_string(), link(a.port(), tls)));
+                        }
+                    }
+                }
+                v
+            }
         }
     };
     let mut text = String::new();
     for (name, link) in links {
-        if args.config.is_some() {
+        if args.config.is_some() || !args.plain.is_empty() || !args.tls.is_empty() {
             text.push_str(&format!("# listener {name}\n"));
         }
         text.push_str(&format!("{link}\n"));
@@ -623,26 +707,144 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
 
 /// Runs `postern relay` (or `postern relay link`) until SIGINT/SIGTERM.
 pub async fn run(cli: RelayCli) -> anyhow::Result<()> {
-    if let Some(RelayCommand::Link(args)) = &cli.command {
-        return print_links(args);
+    match &cli.command {
+        Some(RelayCommand::Link(args)) => return print_links(args),
+        Some(RelayCommand::Setup(args)) => return super::relay_setup::run(args),
+        Some(RelayCommand::Doctor(args)) => return super::relay_doctor::run(args).await,
+        None => {}
     }
     let cfg = build_config(&cli)?;
-    let relay = Relay::start(cfg).await?;
+    let mut relay = Relay::start(cfg.clone()).await?;
+    let mut current = cfg;
     // Handlers first: a SIGTERM sent as soon as "relay ready" appears must stop the relay
-    // gracefully, not kill it with the default action.
+    // gracefully, not kill it with the default action; a SIGHUP must reload, not kill.
     let stop = super::shutdown_signal();
+    tokio::pin!(stop);
+    let mut hup = reload_signal()?;
+    print_ready(&relay);
+    // Scripts (and tests) wait for this line: every listener above is accepting.
+    println!("relay ready");
+    // Relays replaced by a reload: no longer accepting, their connections left to finish.
+    let mut retired: Vec<postern_relay::RunningRelay> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => {}
+        }
+        retired.retain(|r| r.tasks() > 0);
+        match reload(&cli, &mut relay, &current).await {
+            Ok((old, cfg)) => {
+                retired.push(old);
+                current = cfg;
+                print_ready(&relay);
+                println!("relay reloaded");
+            }
+            Err(Reload::Failed(e)) => {
+                tracing::error!("reload failed, still running the previous configuration: {e:#}");
+                println!("relay reload failed: {e:#}");
+            }
+            Err(Reload::Fatal(e)) => {
+                // Not listening any more: exit so the service manager restarts the relay.
+                let all = std::iter::once(relay).chain(retired).map(|r| r.shutdown());
+                futures::future::join_all(all).await;
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    // Every relay stops accepting now; open connections get the grace period, together.
+    let all = std::iter::once(relay).chain(retired).map(|r| r.shutdown());
+    futures::future::join_all(all).await;
+    Ok(())
+}
+
+fn print_ready(relay: &postern_relay::RunningRelay) {
     for (name, kind, addr) in relay.listeners() {
         println!("listening: {name} {kind} {addr}");
     }
     if let Some(a) = relay.stats_addr() {
         println!("status page: http://{a}/");
     }
-    // Scripts (and tests) wait for this line: every listener above is accepting.
-    println!("relay ready");
-    stop.await;
-    tracing::info!("shutting down");
-    relay.shutdown().await;
-    Ok(())
+}
+
+/// SIGHUP (systemd's `ExecReload`). Elsewhere: a stream that never fires.
+struct ReloadSignal {
+    #[cfg(unix)]
+    inner: tokio::signal::unix::Signal,
+}
+
+impl ReloadSignal {
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.inner.recv().await.is_none() {
+                std::future::pending::<()>().await
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await
+    }
+}
+
+fn reload_signal() -> anyhow::Result<ReloadSignal> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(ReloadSignal {
+            inner: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(ReloadSignal {})
+}
+
+/// Re-reads the configuration (file and certificates; the flags stay) and replaces the
+/// running relay's listeners, leaving established connections on the old one. On failure the
+/// relay keeps (or gets back) the configuration it had.
+enum Reload {
+    /// Nothing changed: the previous configuration runs.
+    Failed(anyhow::Error),
+    /// Neither the new nor the previous configuration could listen again.
+    Fatal(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Reload {
+    fn from(e: E) -> Self {
+        Reload::Failed(e.into())
+    }
+}
+
+async fn reload(
+    cli: &RelayCli,
+    relay: &mut postern_relay::RunningRelay,
+    current: &RelayConfig,
+) -> Result<(postern_relay::RunningRelay, RelayConfig), Reload> {
+    let cfg = build_config(cli).context("the new configuration is invalid")?;
+    // The certificate files must load before the old listeners close.
+    if cfg.listeners.iter().any(|l| l.enabled && l.tls) && cfg.tls.cert.is_some() {
+        postern_relay::accept::tls::acceptor(&cfg.tls)
+            .map_err(|e| anyhow::anyhow!("the new certificate cannot be used: {e}"))?;
+    }
+    relay.stop_accepting().await;
+    let new = match Relay::start(cfg.clone()).await {
+        Ok(new) => new,
+        Err(e) => {
+            // Back to what ran before (its ports were just freed).
+            let back = match Relay::start(current.clone()).await {
+                Ok(b) => b,
+                Err(again) => {
+                    return Err(Reload::Fatal(anyhow::anyhow!(
+                        "reload failed ({e}) and the previous configuration could not listen again ({again})"
+                    )))
+                }
+            };
+            let _ = std::mem::replace(relay, back);
+            return Err(Reload::Failed(e.into()));
+        }
+    };
+    let old = std::mem::replace(relay, new);
+    tracing::info!("configuration reloaded");
+    Ok((old, cfg))
 }
 
 #[cfg(test)]
@@ -714,7 +916,10 @@ mod tests {
             [
                 ("http".into(), 80, false, false),
                 ("https".into(), 443, true, false),
-                ("chat".into(), 5222, false, false)
+                ("chat".into(), 5222, false, false),
+                ("http-v6".into(), 80, false, false),
+                ("https-v6".into(), 443, true, false),
+                ("chat-v6".into(), 5222, false, false)
             ]
         );
         assert_eq!(c.pools["chat"].servers, ["chat.example.org:5222"]);
@@ -761,7 +966,7 @@ mod tests {
         assert_eq!(c.limits.maxconn, 10);
         assert!(c.log_client_addresses);
         let c = cfg(&["--upstream", "a.example:1", "--accept-proxy", "--no-stats"]).unwrap();
-        assert_eq!(enabled(&c).len(), 6);
+        assert_eq!(enabled(&c).len(), 9);
         assert!(c.stats.is_none());
     }
 
