@@ -75,6 +75,45 @@ fn link_prints_link_and_qr() {
     let (ok, _, err) = run(&["relay", "link", "--host", "bad host!"]);
     assert!(!ok);
     assert!(err.contains("invalid host"), "{err}");
+
+    // A server name other than the host, or none, for relays whose own name is blocked.
+    let (ok, out, err) = run(&[
+        "relay",
+        "link",
+        "--host",
+        "relay.example.org",
+        "--sni",
+        "www.example.net",
+        "--no-qr",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "postern://proxy?host=relay.example.org&port=443&tls=1&sni=www.example.net"
+    );
+    let (ok, out, err) = run(&[
+        "relay",
+        "link",
+        "--host",
+        "relay.example.org",
+        "--no-sni",
+        "--no-qr",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "postern://proxy?host=relay.example.org&port=443&tls=1&sni="
+    );
+    let (ok, _, err) = run(&[
+        "relay",
+        "link",
+        "--host",
+        "relay.example.org",
+        "--sni",
+        "not a name",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("must be a DNS name"), "{err}");
 }
 
 #[test]

@@ -4,7 +4,7 @@ mod account;
 mod app;
 mod dev;
 mod messaging;
-mod proxy;
+pub mod proxy;
 pub mod relay;
 pub mod relay_doctor;
 pub mod relay_setup;

@@ -204,17 +204,26 @@ fn apply_tls_flags(entry: &mut ProxyEntry, tls: bool, no_tls: bool) {
 
 /// `--sni NAME` / `--no-sni` override the link's `sni=` (clap makes them exclusive).
 fn apply_sni_flags(entry: &mut ProxyEntry, sni: Option<&str>, no_sni: bool) -> anyhow::Result<()> {
-    if let Some(name) = sni {
-        entry.sni = match Sni::parse(name)? {
-            // `--sni ''` would mean "none"; say it the explicit way.
-            Sni::Omit => bail!("--sni needs a name; use --no-sni to send none"),
-            s => s,
-        };
-    }
-    if no_sni {
-        entry.sni = Sni::Omit;
+    if let Some(chosen) = sni_from_flags(sni, no_sni)? {
+        entry.sni = chosen;
     }
     Ok(())
+}
+
+/// The server name `--sni NAME` / `--no-sni` choose, if either is given (`proxy add`,
+/// `proxy check` and `relay link` take the same pair).
+pub fn sni_from_flags(sni: Option<&str>, no_sni: bool) -> anyhow::Result<Option<Sni>> {
+    if no_sni {
+        return Ok(Some(Sni::Omit));
+    }
+    match sni {
+        None => Ok(None),
+        Some(name) => match Sni::parse(name)? {
+            // `--sni ''` would mean "none"; say it the explicit way.
+            Sni::Omit => bail!("--sni needs a name; use --no-sni to send none"),
+            s => Ok(Some(s)),
+        },
+    }
 }
 
 fn mode_meaning(mode: ProxyMode) -> &'static str {

@@ -309,6 +309,16 @@ pub struct LinkArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Server name the links tell clients to put in their TLS ClientHello instead of the
+    /// host (`sni=NAME`), e.g. a name of this server that is not on a block list. The relay
+    /// accepts any name.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_sni")]
+    pub sni: Option<String>,
+
+    /// The links tell clients to send no server name at all (`sni=`).
+    #[arg(long)]
+    pub no_sni: bool,
+
     /// Do not draw the QR code.
     #[arg(long)]
     pub no_qr: bool,
@@ -684,8 +694,12 @@ fn print_links(args: &LinkArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let sni = super::proxy::sni_from_flags(args.sni.as_deref(), args.no_sni)?;
     let mut text = String::new();
-    for (name, link) in links {
+    for (name, mut link) in links {
+        if let Some(sni) = &sni {
+            link.sni = sni.clone();
+        }
         if args.config.is_some() || !args.plain.is_empty() || !args.tls.is_empty() {
             text.push_str(&format!("# listener {name}\n"));
         }
