@@ -49,7 +49,8 @@ AES128-SHA:AES256-SHA";
 const GROUPS: &str = "X25519MLKEM768:X25519:P-256:P-384";
 
 /// Chrome's signature algorithms, in order: the post-quantum ML-DSA ones first.
-const SIGALGS: &str = "mldsa44:mldsa65:mldsa87:ecdsa_secp256r1_sha256:rsa_pss_rsae_sha256:rsa_pkcs1_sha256:\
+const SIGALGS: &str =
+    "mldsa44:mldsa65:mldsa87:ecdsa_secp256r1_sha256:rsa_pss_rsae_sha256:rsa_pkcs1_sha256:\
 ecdsa_secp384r1_sha384:rsa_pss_rsae_sha384:rsa_pkcs1_sha384:\
 rsa_pss_rsae_sha512:rsa_pkcs1_sha512";
 
@@ -176,8 +177,7 @@ fn configuration(
     // returning.
     let ok = unsafe {
         boring_sys::SSL_set_alps_use_new_codepoint(ssl, 1);
-        boring_sys::SSL_add_application_settings(ssl, b"h2".as_ptr(), 2, std::ptr::null(), 0)
-            == 1
+        boring_sys::SSL_add_application_settings(ssl, b"h2".as_ptr(), 2, std::ptr::null(), 0) == 1
             && boring_sys::SSL_set1_requested_trust_anchors(
                 ssl,
                 TRUST_ANCHOR_IDS.as_ptr(),
