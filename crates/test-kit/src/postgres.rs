@@ -115,7 +115,48 @@ impl Postgres {
                 .arg("start")
                 .output(),
         );
+        pg.watchdog();
         pg
+    }
+
+    /// One cluster for the whole test process (each test takes its own database). Statics
+    /// are never dropped, so a watchdog stops it when the process exits.
+    pub fn shared() -> &'static Postgres {
+        static SHARED: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Postgres::start)
+    }
+
+    /// Creates a database with a fresh unique name and returns its URL.
+    pub fn fresh_database(&self) -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.create_database(&format!("t{}_{n}", std::process::id()))
+    }
+
+    /// Stops the cluster and deletes its directory once this process has ended, however
+    /// it ends (a panic, or a test binary exiting with the shared cluster still up).
+    fn watchdog(&self) {
+        let stop = format!(
+            "{} -D {} -m immediate -w stop",
+            self.bin.join("pg_ctl").display(),
+            self.root.join("data").display()
+        );
+        let stop = match &self.run_as {
+            Some(user) => format!("runuser -u {user} -- {stop}"),
+            None => stop,
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             if [ -d {root} ]; then cd /; {stop} >/dev/null 2>&1; rm -rf {root}; fi",
+            pid = std::process::id(),
+            root = self.root.display(),
+        );
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
     }
 
     fn command(&self, program: &str) -> Command {
