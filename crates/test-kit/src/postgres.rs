@@ -52,13 +52,12 @@ impl Postgres {
     /// Installs PostgreSQL if missing (as root), makes a cluster and starts it; returns once
     /// it accepts connections.
     pub fn start() -> Postgres {
-        if bin_dir().is_none() {
-            crate::apt::ensure(
-                &["/usr/lib/postgresql/does-not-exist"],
-                &["postgresql"],
-                "the PostgreSQL tests",
-            );
-        }
+        crate::apt::ensure_that(
+            || bin_dir().is_some(),
+            "/usr/lib/postgresql/*/bin/initdb",
+            &["postgresql"],
+            "the PostgreSQL tests",
+        );
         let bin = bin_dir().expect("the postgresql package installs /usr/lib/postgresql/*/bin");
         let root = std::env::temp_dir().join(format!(
             "postern-pg-{}-{}",
