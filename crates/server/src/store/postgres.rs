@@ -82,10 +82,16 @@ pub struct PgStore {
     listener: Arc<tokio::task::JoinHandle<()>>,
 }
 
+/// A deadlock or serialization failure, or a unique violation: two nodes registered the
+/// same username (or device key) at once; run again, the check before the insert then
+/// sees the other node's row and answers "taken" as on one node.
 fn is_retryable(e: &ServerError) -> bool {
     match e {
         ServerError::Database(sqlx::Error::Database(d)) => {
-            matches!(d.code().as_deref(), Some("40P01") | Some("40001"))
+            matches!(
+                d.code().as_deref(),
+                Some("40P01") | Some("40001") | Some("23505")
+            )
         }
         _ => false,
     }
@@ -1044,5 +1050,34 @@ mod tests {
         );
         n1.close().await;
         n2.close().await;
+    }
+
+    #[tokio::test]
+    async fn two_nodes_registering_one_name_at_once_get_one_account() {
+        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
+        let hub = Arc::new(Hub::default());
+        let (n1, n2) = tokio::join!(
+            PgStore::open(&url, hub.clone()),
+            PgStore::open(&url, hub.clone())
+        );
+        let (n1, n2) = (n1.unwrap(), n2.unwrap());
+        for round in 0..10u8 {
+            let name = format!("user{round}");
+            let (k1, k2) = ([round; 32], [round + 100; 32]);
+            let (a, b) = tokio::join!(
+                n1.register(&name, &k1, &[1; 32], &[2; 32], &[], None),
+                n2.register(&name, &k2, &[1; 32], &[2; 32], &[], None)
+            );
+            let outcomes = [a.unwrap(), b.unwrap()];
+            let registered = outcomes
+                .iter()
+                .filter(|o| matches!(o, RegisterOutcome::Registered(_)))
+                .count();
+            let taken = outcomes
+                .iter()
+                .filter(|o| matches!(o, RegisterOutcome::UsernameTaken))
+                .count();
+            assert_eq!((registered, taken), (1, 1), "{outcomes:?}");
+        }
     }
 }
