@@ -84,6 +84,8 @@ impl ServerProcess {
             .args(["--listen", "127.0.0.1:0"])
             .args(["--registrations-per-minute", "1000000"])
             .args(["--max-connections", &max_connections.to_string()])
+            // Every benchmark client comes from 127.0.0.1: no per-address cap.
+            .args(["--max-connections-per-source", "0"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
