@@ -32,6 +32,13 @@
 //!    database each), so this mode uses fewer clients; on a 2-core machine they compete
 //!    with the server for CPU, which the table reports.
 //!
+//! 3. **Scale-out** (`--mode scale-out`, run on its own): the thin-client load of 1.
+//!    against one node on SQLite, then against 1, 2 and 3 (`--max-nodes`) nodes sharing one
+//!    PostgreSQL database (a cluster the benchmark starts in a temporary directory, as in
+//!    the tests), clients spread round-robin over the nodes so that most messages cross
+//!    nodes (pushed through `LISTEN/NOTIFY`). One table compares throughput, latencies and
+//!    the CPU of all nodes together.
+//!
 //! Timestamps are taken in this process with one monotonic clock and joined by message id
 //! at the end, so no clock is shared with the server. Throughput is messages delivered
 //! divided by the time from the first send to the last delivery.
@@ -70,6 +77,9 @@ enum Mode {
     E2e,
     /// Both, one after the other (each with a fresh server).
     Both,
+    /// The thin-client load against SQLite and against 1, 2 and 3 nodes sharing one
+    /// PostgreSQL (started by the benchmark; Debian's postgresql, installed when root).
+    ScaleOut,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +95,9 @@ struct MessagingArgs {
     /// the disk you want to measure: the server fsyncs every acknowledged write.
     #[arg(long, value_name = "DIR")]
     tmp: Option<PathBuf>,
+    /// Most nodes on PostgreSQL in `--mode scale-out` (1, 2, … up to this).
+    #[arg(long, default_value_t = 3)]
+    max_nodes: usize,
     #[command(flatten)]
     thin: ThinArgs,
     #[command(flatten)]
@@ -145,6 +158,13 @@ async fn messaging(args: MessagingArgs) -> Result<()> {
             .tempdir_in(&parent)
             .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
         thin::run(&args.thin, &binary, dir.path()).await?;
+    }
+    if args.mode == Mode::ScaleOut {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-bench-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+        thin::scale_out(&args.thin, &binary, dir.path(), args.max_nodes.max(1)).await?;
     }
     if matches!(args.mode, Mode::E2e | Mode::Both) {
         let dir = tempfile::Builder::new()

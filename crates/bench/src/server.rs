@@ -20,6 +20,8 @@ pub struct ServerProcess {
     pub network: NetworkFile,
     /// The server's log (stderr), for the error message if something goes wrong.
     pub log: PathBuf,
+    /// Its data directory (`server.key` is there).
+    pub data: PathBuf,
 }
 
 /// What a client task needs to reach the server (cheap to clone).
@@ -40,7 +42,27 @@ impl ServerProcess {
     /// Initialises a data directory under `dir` and starts the server on a free loopback
     /// port, waiting until it prints that it is listening.
     pub fn start(binary: &Path, dir: &Path, max_connections: usize) -> Result<Self> {
-        let data = dir.join("server");
+        Self::start_node(binary, dir, "server", max_connections, &[], None)
+    }
+
+    /// Like [`ServerProcess::start`] with the data directory `dir/name`, extra `server run`
+    /// arguments (`--database URL`), and optionally the key of another node (`key_from`,
+    /// a `server.key` file) so that several nodes are one service.
+    pub fn start_node(
+        binary: &Path,
+        dir: &Path,
+        name: &str,
+        max_connections: usize,
+        extra: &[String],
+        key_from: Option<&Path>,
+    ) -> Result<Self> {
+        let data = dir.join(name);
+        if let Some(key) = key_from {
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            std::fs::copy(key, data.join("server.key"))
+                .with_context(|| format!("cannot copy {}", key.display()))?;
+        }
         let init = Command::new(binary)
             .args(["server", "init", "--data"])
             .arg(&data)
@@ -53,7 +75,7 @@ impl ServerProcess {
                 String::from_utf8_lossy(&init.stderr)
             );
         }
-        let log = dir.join("server.log");
+        let log = dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         let mut child = Command::new(binary)
@@ -62,6 +84,9 @@ impl ServerProcess {
             .args(["--listen", "127.0.0.1:0"])
             .args(["--registrations-per-minute", "1000000"])
             .args(["--max-connections", &max_connections.to_string()])
+            // Every benchmark client comes from 127.0.0.1: no per-address cap.
+            .args(["--max-connections-per-source", "0"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -74,6 +99,7 @@ impl ServerProcess {
             address: String::new(),
             network: NetworkFile::new("127.0.0.1:0", &[0; 32]),
             log,
+            data: data.clone(),
         };
         // The shared ready-line wait (it keeps draining stdout afterwards).
         let ready = postern_test_kit::process::wait_ready(

@@ -478,3 +478,203 @@ pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Pat
     }
     Ok(())
 }
+
+/// One configuration of the scale-out comparison.
+struct Setup {
+    label: String,
+    nodes: usize,
+    postgres: bool,
+}
+
+/// What one configuration measured.
+struct ScaleRow {
+    label: String,
+    delivered_per_s: f64,
+    accepted: String,
+    delivered: String,
+    cpu: String,
+    errors: String,
+}
+
+/// The same thin-client load against SQLite (one node) and PostgreSQL with 1, 2 and 3
+/// nodes (clients spread round-robin over the nodes, so most messages cross nodes), each
+/// against fresh servers and a fresh database; one table at the end.
+pub async fn scale_out(
+    args: &ThinArgs,
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    max_nodes: usize,
+) -> Result<()> {
+    if args.clients < 2 || args.senders == 0 || args.senders > args.clients {
+        bail!("need at least 2 clients and 1..=clients senders");
+    }
+    let mut setups = vec![Setup {
+        label: "SQLite, 1 node".into(),
+        nodes: 1,
+        postgres: false,
+    }];
+    for n in 1..=max_nodes {
+        setups.push(Setup {
+            label: format!("PostgreSQL, {n} node{}", if n == 1 { "" } else { "s" }),
+            nodes: n,
+            postgres: true,
+        });
+    }
+    // One PostgreSQL cluster (Debian's postgresql, started in a temporary directory as an
+    // ordinary user), a fresh database for each configuration.
+    let pg = postern_test_kit::postgres::Postgres::start();
+    let mut rows = Vec::new();
+    for (k, setup) in setups.iter().enumerate() {
+        let sub = dir.join(format!("setup{k}"));
+        std::fs::create_dir_all(&sub)?;
+        let extra = if setup.postgres {
+            vec![
+                "--database".to_string(),
+                pg.create_database(&format!("bench{k}")),
+            ]
+        } else {
+            Vec::new()
+        };
+        let mut nodes: Vec<ServerProcess> = Vec::new();
+        for i in 0..setup.nodes {
+            let key = nodes.first().map(|n| n.data.join("server.key"));
+            nodes.push(ServerProcess::start_node(
+                binary,
+                &sub,
+                &format!("node{}", i + 1),
+                args.clients + 1000,
+                &extra,
+                key.as_deref(),
+            )?);
+        }
+        println!("{}: {} node(s) ready", setup.label, nodes.len());
+        rows.push(scale_one(args, &setup.label, &mut nodes).await?);
+    }
+    let mut table = Table::default();
+    table.row(
+        "load",
+        format!(
+            "{} thin clients (spread over the nodes), {} senders, {} messages of {} B",
+            args.clients, args.senders, args.messages, args.body_bytes
+        ),
+    );
+    for r in &rows {
+        table.row(
+            format!("{}: delivered end to end", r.label),
+            format!("{:.0} messages/s", r.delivered_per_s),
+        );
+        table.row(
+            format!("{}: sent ✓ p50/p99/max", r.label),
+            r.accepted.clone(),
+        );
+        table.row(
+            format!("{}: delivery p50/p99/max", r.label),
+            r.delivered.clone(),
+        );
+        table.row(format!("{}: server CPU, all nodes", r.label), r.cpu.clone());
+        table.row(
+            format!("{}: errors (send / ack / dropped)", r.label),
+            r.errors.clone(),
+        );
+    }
+    table.print("Scale-out: the same load on SQLite and on 1..N nodes sharing PostgreSQL");
+    Ok(())
+}
+
+async fn scale_one(args: &ThinArgs, label: &str, nodes: &mut [ServerProcess]) -> Result<ScaleRow> {
+    let endpoints: Vec<Endpoint> = nodes.iter().map(|n| n.endpoint()).collect();
+    let at = |i: usize| endpoints[i % endpoints.len()].clone();
+    let jobs = (0..args.clients)
+        .map(|i| {
+            let server = at(i);
+            async move { register(&server, format!("load{i:05}")).await }
+        })
+        .collect();
+    let identities: Vec<Arc<Identity>> = bounded(args.concurrency, jobs)
+        .await
+        .with_context(|| format!("{label}: registering accounts"))?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let recorder = Arc::new(Recorder::new());
+    let failures = Arc::new(Failures::default());
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jobs = identities
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let server = at(i);
+            let (id, rec, fail, stop) = (
+                id.clone(),
+                recorder.clone(),
+                failures.clone(),
+                stopping.clone(),
+            );
+            async move { connect(&server, id, rec, fail, stop).await.map(Arc::new) }
+        })
+        .collect();
+    let clients: Arc<Vec<Arc<Connected>>> = Arc::new(
+        bounded(args.concurrency, jobs)
+            .await
+            .with_context(|| format!("{label}: connecting clients"))?,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_all =
+        |nodes: &[ServerProcess]| -> Result<f64> { nodes.iter().map(|n| n.cpu_seconds()).sum() };
+    let per_sender = args.messages.div_ceil(args.senders);
+    let cpu_before = cpu_all(nodes)?;
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for c in clients.iter().take(args.senders) {
+        handles.push(tokio::spawn(sender(
+            c.clone(),
+            clients.clone(),
+            per_sender,
+            args.body_bytes,
+            recorder.clone(),
+            failures.clone(),
+        )));
+    }
+    for h in handles {
+        h.await?
+            .with_context(|| format!("{label}: a sender failed"))?;
+    }
+    let accepted = Recorder::count(&recorder.accepted);
+    let deadline = Instant::now() + TIMEOUT;
+    while (Recorder::count(&recorder.delivered) < accepted
+        || Recorder::count(&recorder.receipts) < accepted)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total_secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_all(nodes)? - cpu_before;
+    for n in nodes.iter_mut() {
+        n.check_alive()?;
+    }
+    stopping.store(true, Ordering::Relaxed);
+    let s = recorder.summary();
+    if s.delivered.len() < s.accepted.len() {
+        bail!(
+            "{label}: {} of {} accepted messages were not delivered within {TIMEOUT:?}",
+            s.accepted.len() - s.delivered.len(),
+            s.accepted.len()
+        );
+    }
+    Ok(ScaleRow {
+        label: label.to_string(),
+        delivered_per_s: s.delivered_per_second(),
+        accepted: latency_cell(&s.accepted),
+        delivered: latency_cell(&s.delivered),
+        cpu: format!(
+            "{cpu:.1} s in {total_secs:.1} s ({:.0}% of one core)",
+            100.0 * cpu / total_secs
+        ),
+        errors: format!(
+            "{} / {} / {}",
+            failures.send_errors.load(Ordering::Relaxed),
+            failures.ack_errors.load(Ordering::Relaxed),
+            failures.disconnects.load(Ordering::Relaxed)
+        ),
+    })
+}

@@ -91,17 +91,19 @@ impl Client {
         let one_time_keys = crypto::unpublished_one_time_keys(&mut account, ONE_TIME_KEY_TARGET);
         let fallback_key = crypto::new_fallback_key(&mut account);
 
-        let (route, mode) = match &relay {
-            Some(p) => (Route::Relay(p.clone()), ProxyMode::On),
+        let (routes, mode) = match &relay {
+            Some(p) => (vec![Route::Relay(p.clone())], ProxyMode::On),
             None => (
-                Route::Direct {
-                    address: network.server.address.clone(),
-                },
+                network
+                    .server_addresses()
+                    .into_iter()
+                    .map(|address| Route::Direct { address })
+                    .collect(),
                 ProxyMode::Off,
             ),
         };
         let Connected { conn, .. } = connector::race_routes(
-            vec![route],
+            routes,
             &secrets.noise,
             &server_key,
             ConnectMode::SendOnly,
@@ -178,7 +180,7 @@ impl Client {
             store.clone(),
             secrets.noise.clone(),
             server_key,
-            info.network.server.address.clone(),
+            info.network.server_addresses(),
             events.clone(),
         ));
         let sessions = Sessions::new(store.clone());

@@ -250,6 +250,19 @@ pub struct ServerRunArgs {
     /// Address to listen on.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:5222")]
     pub listen: SocketAddr,
+    /// Where accounts and queues live: `sqlite` (the default: DIR/server.db) or a
+    /// PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DB (a unix socket:
+    /// postgres://USER@localhost/DB?host=/run/postgresql). Several server nodes given the
+    /// same PostgreSQL database serve the same users and wake each other's connections
+    /// (docs/server.md). Also read from POSTERN_DATABASE, which keeps a password out of
+    /// the process list.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "POSTERN_DATABASE",
+        default_value = "sqlite"
+    )]
+    pub database: String,
     /// Write client addresses to the logs (off by default, to protect users).
     #[arg(long)]
     pub log_client_addresses: bool,

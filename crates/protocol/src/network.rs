@@ -5,6 +5,8 @@
 //! [server]
 //! address = "chat.example.org:5222"
 //! public_key = "base64 of the server's 32-byte Noise static key"
+//! # Optional: more nodes of the same service (same key); clients race and fail over.
+//! addresses = ["node2.example.org:5222", "node3.example.org:5222"]
 //! ```
 //!
 //! The public key is the trust anchor: a client talks only to a server that proves it
@@ -15,6 +17,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::noise::{decode_key, encode_key};
+
+/// Most extra server addresses a network file may list.
+pub const MAX_ADDRESSES: usize = 32;
 
 /// A parsed network file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +34,10 @@ pub struct ServerEntry {
     pub address: String,
     /// Base64 of the server's Curve25519 static public key.
     pub public_key: String,
+    /// Further `host:port` addresses of the same service (other nodes holding the same
+    /// key): the client races them with `address` and fails over to one that works.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// Why a network file could not be used.
@@ -46,6 +55,7 @@ impl NetworkFile {
             server: ServerEntry {
                 address: address.into(),
                 public_key: encode_key(public_key),
+                addresses: Vec::new(),
             },
         }
     }
@@ -65,7 +75,28 @@ impl NetworkFile {
                 file.server.address
             )));
         }
+        if let Some(bad) = file.server.addresses.iter().find(|a| !a.contains(':')) {
+            return Err(invalid(format!(
+                "server.addresses: {bad:?} must be host:port"
+            )));
+        }
+        if file.server.addresses.len() > MAX_ADDRESSES {
+            return Err(invalid(format!(
+                "server.addresses: at most {MAX_ADDRESSES} addresses"
+            )));
+        }
         Ok(file)
+    }
+
+    /// Every address of the service: `address` first, then `addresses`, without repeats.
+    pub fn server_addresses(&self) -> Vec<String> {
+        let mut all = vec![self.server.address.clone()];
+        for a in &self.server.addresses {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all
     }
 
     pub fn load(path: &Path) -> Result<Self, NetworkFileError> {
@@ -117,6 +148,24 @@ mod tests {
         let back = NetworkFile::parse(&f.to_toml(), "test").unwrap();
         assert_eq!(back, f);
         assert_eq!(back.server_key().unwrap(), [7u8; 32]);
+    }
+
+    #[test]
+    fn several_addresses_round_trip_and_are_checked() {
+        let mut f = NetworkFile::new("a:1", &[7u8; 32]);
+        f.server.addresses = vec!["b:2".into(), "a:1".into(), "c:3".into()];
+        let back = NetworkFile::parse(&f.to_toml(), "test").unwrap();
+        assert_eq!(back.server_addresses(), vec!["a:1", "b:2", "c:3"]);
+        let key = f.server.public_key.clone();
+        let bad = format!("[server]\naddress='a:1'\npublic_key='{key}'\naddresses=['nope']");
+        let e = NetworkFile::parse(&bad, "n.toml").unwrap_err().to_string();
+        assert!(e.contains("server.addresses") && e.contains("nope"), "{e}");
+        // A file without the field (every older one) has one address.
+        let old = format!("[server]\naddress='a:1'\npublic_key='{key}'");
+        assert_eq!(
+            NetworkFile::parse(&old, "n").unwrap().server_addresses(),
+            vec!["a:1"]
+        );
     }
 
     #[test]

@@ -81,6 +81,18 @@ impl Hub {
         }
     }
 
+    /// Tells every connection to re-read its queue and receipts (after wake-ups from other
+    /// nodes may have been missed).
+    pub fn wake_all(&self) {
+        for conns in self.lock().values() {
+            for (_, s) in conns {
+                s.envelopes.store(true, Ordering::Release);
+                s.receipts.store(true, Ordering::Release);
+                s.notify.notify_one();
+            }
+        }
+    }
+
     pub fn online_devices(&self) -> usize {
         self.lock().len()
     }

@@ -5,9 +5,10 @@
 //! for every recipient device, and the server stores and forwards that ciphertext.
 //!
 //! * [`data_dir`]: the key, network file and database in one directory (`server init`).
-//! * [`store`]: SQLite through sqlx, one transaction per operation; what is acknowledged
-//!   is on disk.
-//! * [`hub`]: which devices are online, to wake their connections.
+//! * [`store`]: SQLite (default) or PostgreSQL through sqlx, group-committed; what is
+//!   acknowledged is on disk. Several nodes may share one PostgreSQL database.
+//! * [`hub`]: which devices are online on this node, to wake their connections (woken
+//!   from other nodes through PostgreSQL `LISTEN/NOTIFY`).
 //! * [`limits`]: every bound (handshake time, idle time, queue length, registrations,
 //!   connections per source, message rate, key claims), the bounded per-key limiter and the
 //!   refusal counters. Per-address limits count by `postern_protocol::net::SourceKey`.

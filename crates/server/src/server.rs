@@ -15,7 +15,7 @@ use crate::data_dir::DataDir;
 use crate::disk::DiskGuard;
 use crate::hub::Hub;
 use crate::limits::{Limits, Refusals, RegistrationLimiter, WindowLimiter};
-use crate::store::Store;
+use crate::store::{Database, Store};
 use crate::{connection, ServerError, Shared};
 use postern_protocol::net::PerSource;
 
@@ -30,6 +30,8 @@ const EXPIRE_BATCH: u32 = 500;
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// SQLite in the data directory, or a PostgreSQL URL.
+    pub database: Database,
     pub limits: Limits,
     /// Client addresses are kept out of logs unless the operator opts in.
     pub log_client_addresses: bool,
@@ -40,6 +42,7 @@ impl ServerConfig {
         Self {
             data_dir: data_dir.into(),
             listen,
+            database: Database::Sqlite,
             limits: Limits::default(),
             log_client_addresses: false,
         }
@@ -58,7 +61,11 @@ impl Server {
         let dir = DataDir::new(&config.data_dir);
         let keys = dir.load_key()?;
         dir.make_private()?;
-        let store = Store::open(&dir.database_path()).await?;
+        let hub = Arc::new(Hub::default());
+        let store = match &config.database {
+            Database::Sqlite => Store::open(&dir.database_path()).await?,
+            Database::Postgres(url) => Store::open_postgres(url, hub.clone()).await?,
+        };
         let listener = TcpListener::bind(config.listen).await.map_err(ServerError::io(
             format!(
                 "cannot listen on {} (is another server running there? ports below 1024 need root or CAP_NET_BIND_SERVICE)",
@@ -67,7 +74,7 @@ impl Server {
         ))?;
         let shared = Arc::new(Shared {
             store,
-            hub: Arc::new(Hub::default()),
+            hub,
             keys,
             registrations: RegistrationLimiter::new(config.limits.registrations_per_minute),
             per_source: PerSource::new(config.limits.max_connections_per_source),

@@ -11,9 +11,21 @@ static INSTALL: Mutex<()> = Mutex::new(());
 /// Makes sure every one of `programs` (absolute paths) exists, installing `packages` with
 /// apt-get if one is missing. `what` says what needs them ("the app's browser tests").
 pub fn ensure(programs: &[&str], packages: &[&str], what: &str) {
+    ensure_that(
+        || programs.iter().all(|p| Path::new(p).exists()),
+        &format!("{programs:?}"),
+        packages,
+        what,
+    )
+}
+
+/// Like [`ensure`] for what a fixed path cannot name (a versioned directory such as
+/// `/usr/lib/postgresql/*/bin`): `present` says whether it is there; `missing` names it in
+/// the failure.
+pub fn ensure_that(present: impl Fn() -> bool, missing: &str, packages: &[&str], what: &str) {
     // One installation at a time (tests run in parallel; dpkg has one lock).
     let _one_at_a_time = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
-    if programs.iter().all(|p| Path::new(p).exists()) {
+    if present() {
         return;
     }
     let line = format!("sudo apt-get install -y {}", packages.join(" "));
@@ -30,7 +42,5 @@ pub fn ensure(programs: &[&str], packages: &[&str], what: &str) {
         .status()
         .expect("run apt-get");
     assert!(status.success(), "{line} failed");
-    for p in programs {
-        assert!(Path::new(p).exists(), "{line} did not install {p}");
-    }
+    assert!(present(), "{line} did not install {missing}");
 }

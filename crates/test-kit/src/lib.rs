@@ -10,5 +10,6 @@
 
 pub mod apt;
 pub mod pebble;
+pub mod postgres;
 pub mod process;
 pub mod tls;

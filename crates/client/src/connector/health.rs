@@ -13,6 +13,9 @@
 //!
 //! A relay whose far end failed the server's authentication is **hostile** and is left
 //! out until a check through it succeeds again (`proxy check`) or the user saves it again.
+//! With several server addresses in the network file (several nodes of one service) each
+//! is a direct route of its own: a node that died fails its attempt, goes last, and the
+//! race moves on to the next at once.
 //! The direct route is never left out (an impostor on one network must not cut the user
 //! off the service for good); it only goes last, like any route that failed.
 //! The proxy mode decides what is allowed at all: `off` never yields a relay, `on` never
@@ -79,11 +82,16 @@ pub fn hostile(health: &HealthMap) -> Vec<Route> {
 }
 
 /// The routes `mode` allows, best first (see the module documentation).
-pub fn order(mode: ProxyMode, direct: Route, relays: Vec<Route>, health: &HealthMap) -> Vec<Route> {
+pub fn order(
+    mode: ProxyMode,
+    direct: Vec<Route>,
+    relays: Vec<Route>,
+    health: &HealthMap,
+) -> Vec<Route> {
     let allowed: Vec<Route> = match mode {
-        ProxyMode::Off => vec![direct],
+        ProxyMode::Off => direct,
         ProxyMode::On => relays,
-        ProxyMode::Auto => std::iter::once(direct).chain(relays).collect(),
+        ProxyMode::Auto => direct.into_iter().chain(relays).collect(),
     };
     let mut routes: Vec<(usize, Route)> = allowed
         .into_iter()
@@ -149,17 +157,20 @@ mod tests {
         let relays = vec![relay(1), relay(2)];
         let h = HealthMap::new();
         assert_eq!(
-            order(ProxyMode::Off, direct(), relays.clone(), &h),
+            order(ProxyMode::Off, vec![direct()], relays.clone(), &h),
             vec![direct()]
         );
-        assert_eq!(order(ProxyMode::On, direct(), relays.clone(), &h), relays);
         assert_eq!(
-            order(ProxyMode::Auto, direct(), relays, &h),
+            order(ProxyMode::On, vec![direct()], relays.clone(), &h),
+            relays
+        );
+        assert_eq!(
+            order(ProxyMode::Auto, vec![direct()], relays, &h),
             vec![direct(), relay(1), relay(2)]
         );
         // Even a direct route that worked last is not tried in mode on.
         let h = HealthMap::from([(direct(), ok_at(100))]);
-        assert!(!order(ProxyMode::On, direct(), vec![relay(1)], &h).contains(&direct()));
+        assert!(!order(ProxyMode::On, vec![direct()], vec![relay(1)], &h).contains(&direct()));
     }
 
     #[test]
@@ -172,7 +183,7 @@ mod tests {
         ]);
         let routes = order(
             ProxyMode::Auto,
-            direct(),
+            vec![direct()],
             vec![relay(1), relay(2), relay(3), relay(4)],
             &h,
         );
@@ -196,12 +207,29 @@ mod tests {
         assert_eq!(
             order(
                 ProxyMode::On,
-                direct(),
+                vec![direct()],
                 vec![relay(2), relay(1), relay(3)],
                 &h
             ),
             vec![relay(1), relay(3)]
         );
         assert_eq!(last_worked(&h), Some(relay(1)));
+    }
+
+    #[test]
+    fn with_several_server_addresses_a_dead_node_goes_last() {
+        let node = |n: u16| Route::Direct {
+            address: format!("node{n}.example:5222"),
+        };
+        let nodes = vec![node(1), node(2), node(3)];
+        let h = HealthMap::from([(node(1), failed_at(900)), (node(2), ok_at(100))]);
+        assert_eq!(
+            order(ProxyMode::Off, nodes.clone(), vec![relay(1)], &h),
+            vec![node(2), node(3), node(1)]
+        );
+        assert_eq!(
+            order(ProxyMode::Auto, nodes, vec![relay(1)], &HealthMap::new()),
+            vec![node(1), node(2), node(3), relay(1)]
+        );
     }
 }

@@ -231,8 +231,9 @@ pub(crate) struct Connector {
     store: LocalStore,
     keys: StaticKeypair,
     server_key: [u8; 32],
-    /// The server's address from the network file (the direct route).
-    direct: String,
+    /// The server's addresses from the network file (the direct routes: several when the
+    /// service runs several nodes).
+    direct: Vec<String>,
     events: broadcast::Sender<Event>,
 }
 
@@ -241,7 +242,7 @@ impl Connector {
         store: LocalStore,
         keys: StaticKeypair,
         server_key: [u8; 32],
-        direct: String,
+        direct: Vec<String>,
         events: broadcast::Sender<Event>,
     ) -> Self {
         Self {
@@ -266,10 +267,14 @@ impl Connector {
         self.store.set_setting(PROXY_MODE, &mode.to_string()).await
     }
 
-    pub fn direct_route(&self) -> Route {
-        Route::Direct {
-            address: self.direct.clone(),
-        }
+    /// A direct route to each of the network file's addresses.
+    pub fn direct_routes(&self) -> Vec<Route> {
+        self.direct
+            .iter()
+            .map(|address| Route::Direct {
+                address: address.clone(),
+            })
+            .collect()
     }
 
     pub async fn health(&self) -> Result<HealthMap, ClientError> {
@@ -285,7 +290,7 @@ impl Connector {
     async fn candidates_in(&self, mode: ProxyMode) -> Result<Vec<Route>, ClientError> {
         Ok(health::order(
             mode,
-            self.direct_route(),
+            self.direct_routes(),
             self.saved_relays().await?,
             &self.health().await?,
         ))
@@ -364,7 +369,8 @@ impl Connector {
         let report = progress.report();
         // Only routes the profile may use are remembered: checking an address before
         // saving it (or with other TLS settings) must not make it a route to race.
-        let known = *route == self.direct_route() || self.saved_relays().await?.contains(route);
+        let known =
+            self.direct_routes().contains(route) || self.saved_relays().await?.contains(route);
         if known {
             self.note(&[(route, &report)]).await?;
         }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use postern_protocol::net::TrustedProxies;
+use postern_server::store::Database;
 use postern_server::{DataDir, Limits, Server, ServerConfig};
 
 use crate::cli::{ServerCommand, ServerRunArgs};
@@ -36,8 +37,9 @@ pub async fn run(cmd: ServerCommand) -> anyhow::Result<()> {
 
 const MIB: u64 = 1024 * 1024;
 
-pub(crate) fn config(args: &ServerRunArgs) -> ServerConfig {
+pub(crate) fn config(args: &ServerRunArgs) -> anyhow::Result<ServerConfig> {
     let mut config = ServerConfig::new(&args.data, args.listen);
+    config.database = Database::parse(&args.database)?;
     config.log_client_addresses = args.log_client_addresses;
     config.limits = Limits {
         max_connections: args.max_connections,
@@ -56,11 +58,11 @@ pub(crate) fn config(args: &ServerRunArgs) -> ServerConfig {
         claims_per_target_per_minute: args.claims_per_user_per_minute,
         ..Limits::default()
     };
-    config
+    Ok(config)
 }
 
 async fn serve(args: ServerRunArgs) -> anyhow::Result<()> {
-    let server = Server::bind(config(&args)).await?;
+    let server = Server::bind(config(&args)?).await?;
     let stop = super::shutdown_signal();
     // Scripts and tests wait for this line (the real port when --listen used port 0).
     println!("postern server listening on {}", server.local_addr());

@@ -1,0 +1,1083 @@
+//! The PostgreSQL backend: several server nodes may share one database.
+//!
+//! The operations and their SQL mirror the SQLite backend (see `sqlite.rs`), with the same
+//! **group commit**: each node has one writer task that runs every waiting write in its
+//! own savepoint inside one transaction and commits once before answering. What differs:
+//!
+//! * **Several writers.** Every node has its own writer, so transactions of different nodes
+//!   run concurrently (READ COMMITTED). Uniqueness is kept by the constraints; the byte
+//!   quota by an atomic upsert. A connection reads its device's queue from a cursor (the
+//!   highest `seq` it has sent), which is only safe if rows of one device become visible in
+//!   `seq` order: each write therefore takes a transaction-scoped advisory lock on the
+//!   device's queue (or receipt list) before inserting, so two nodes queueing for the same
+//!   device commit one after the other. Locks taken in different orders by two batches can
+//!   deadlock; PostgreSQL then fails one statement, whose savepoint is rolled back, and
+//!   that write is retried (nothing was acknowledged).
+//! * **Cross-node wake-ups.** A node knows only its own connections ([`Hub`]). Every
+//!   batch that queued envelopes or receipts sends, inside its transaction, one
+//!   `NOTIFY postern_wake` listing the devices to wake (split only past PostgreSQL's 8000
+//!   byte payload limit); PostgreSQL delivers it at commit, to every node, and each node
+//!   wakes those of the devices that are connected to it. A node that loses its listening
+//!   connection may have missed notifications, so after reconnecting it wakes all its
+//!   devices (they re-read their queues: nothing is lost, only an extra read).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
+use sqlx::{Connection, PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::hub::Hub;
+use crate::ServerError;
+
+/// The channel every node listens on.
+const CHANNEL: &str = "postern_wake";
+/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7900;
+/// Times a write that lost a deadlock (or a serialization conflict) is tried again.
+const RETRIES: usize = 8;
+
+/// Advisory-lock keys: one per device's queue, one per device's receipts.
+fn queue_lock(device_id: i64) -> i64 {
+    device_id.wrapping_mul(2)
+}
+fn receipt_lock(device_id: i64) -> i64 {
+    device_id.wrapping_mul(2).wrapping_add(1)
+}
+
+/// Serializes inserts into one device's queue (or receipts) until the transaction ends.
+async fn lock(tx: &mut PgConnection, key: i64) -> Result<(), ServerError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A device another node may have to wake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    Envelopes(i64),
+    Receipts(i64),
+}
+
+/// What a write reports to the writer task: whether it succeeded (else its savepoint is
+/// rolled back), the devices to wake on other nodes, and how to answer its caller once
+/// the batch's commit is known.
+type Deferred = Box<dyn FnOnce(Result<(), String>) + Send>;
+type WriteJob = Box<
+    dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (bool, Vec<Wake>, Deferred)> + Send,
+>;
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    /// Reads only.
+    pool: PgPool,
+    writer: mpsc::Sender<WriteJob>,
+    listener: Arc<tokio::task::JoinHandle<()>>,
+}
+
+/// A deadlock or serialization failure, or a unique violation: two nodes registered the
+/// same username (or device key) at once; run again, the check before the insert then
+/// sees the other node's row and answers "taken" as on one node.
+fn is_retryable(e: &ServerError) -> bool {
+    match e {
+        ServerError::Database(sqlx::Error::Database(d)) => {
+            matches!(
+                d.code().as_deref(),
+                Some("40P01") | Some("40001") | Some("23505")
+            )
+        }
+        _ => false,
+    }
+}
+
+/// The NOTIFY payloads for a batch's wake-ups: `NODE e1,2 r3`, split below the limit.
+pub(crate) fn payloads(node: u64, wakes: &[Wake]) -> Vec<String> {
+    let mut envelopes: Vec<i64> = Vec::new();
+    let mut receipts: Vec<i64> = Vec::new();
+    for w in wakes {
+        match *w {
+            Wake::Envelopes(d) => envelopes.push(d),
+            Wake::Receipts(d) => receipts.push(d),
+        }
+    }
+    for v in [&mut envelopes, &mut receipts] {
+        v.sort_unstable();
+        v.dedup();
+    }
+    let mut out = Vec::new();
+    let mut current = format!("{node:x}");
+    let base = current.len();
+    for (tag, ids) in [('e', &envelopes), ('r', &receipts)] {
+        let mut open = false;
+        for id in ids.iter() {
+            let item = id.to_string();
+            if current.len() + item.len() + 2 > MAX_PAYLOAD {
+                out.push(std::mem::replace(&mut current, format!("{node:x}")));
+                open = false;
+            }
+            if open {
+                current.push(',');
+            } else {
+                current.push(' ');
+                current.push(tag);
+                open = true;
+            }
+            current.push_str(&item);
+        }
+    }
+    if current.len() > base {
+        out.push(current);
+    }
+    out
+}
+
+/// Applies a payload from another node to this node's connections.
+pub(crate) fn apply(payload: &str, node: u64, hub: &Hub) {
+    let mut tokens = payload.split_whitespace();
+    let Some(from) = tokens.next().and_then(|t| u64::from_str_radix(t, 16).ok()) else {
+        return;
+    };
+    if from == node {
+        // This node woke its own connections already.
+        return;
+    }
+    for t in tokens {
+        let (tag, ids) = t.split_at(t.char_indices().nth(1).map_or(t.len(), |(i, _)| i));
+        for id in ids.split(',').filter_map(|i| i.parse::<i64>().ok()) {
+            match tag {
+                "e" => hub.wake(id),
+                "r" => hub.wake_receipts(id),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Listens for other nodes' wake-ups until aborted; reconnects when the connection drops.
+async fn listen(options: PgConnectOptions, node: u64, hub: Arc<Hub>) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to PostgreSQL for wake-ups; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            tracing::warn!(error = %e, "cannot LISTEN for wake-ups; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Notifications sent while this node was not listening are lost: every connected
+        // device re-reads its queue.
+        hub.wake_all();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => apply(n.payload(), node, &hub),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the wake-up connection; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://…`), applies pending migrations (PostgreSQL's
+    /// advisory lock keeps nodes that start together from racing), starts the writer task
+    /// and the listener for other nodes' wake-ups, which it delivers to `hub`.
+    pub async fn open(url: &str, hub: Arc<Hub>) -> Result<Self, ServerError> {
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations-postgres").run(&pool).await?;
+        let conn = PgConnection::connect_with(&options).await?;
+        let node: u64 = rand::random();
+        let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(write_loop(conn, options.clone(), node, jobs));
+        let listener = Arc::new(tokio::spawn(listen(options, node, hub)));
+        Ok(Self {
+            pool,
+            writer,
+            listener,
+        })
+    }
+
+    /// Waits until every write submitted so far is committed, stops listening and closes
+    /// the read pool. (The writer task ends when the last handle is dropped.)
+    pub async fn close(&self) {
+        let _ = self.write(|_| Box::pin(async { Ok(()) })).await;
+        self.listener.abort();
+        self.pool.close().await;
+    }
+
+    async fn write<T, F>(&self, op: F) -> Result<T, ServerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
+            + Send
+            + Clone
+            + 'static,
+    {
+        self.write_waking(op, |_| Vec::new()).await
+    }
+
+    /// Runs `op` in the writer's next batch; returns its result once it is committed.
+    /// `wakes` names the devices other nodes must wake once it is. A write that lost a
+    /// deadlock is run again.
+    async fn write_waking<T, F>(&self, op: F, wakes: fn(&T) -> Vec<Wake>) -> Result<T, ServerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
+            + Send
+            + Clone
+            + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.submit(op.clone(), wakes).await {
+                Err(e) if attempt < RETRIES && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "retrying a database write");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn submit<T, F>(&self, op: F, wakes: fn(&T) -> Vec<Wake>) -> Result<T, ServerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
+            + Send
+            + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            Box::pin(async move {
+                let result = op(conn).await;
+                let ok = result.is_ok();
+                let woken = result.as_ref().map(wakes).unwrap_or_default();
+                let deferred: Deferred = Box::new(move |commit| {
+                    let _ = reply.send(match commit {
+                        Ok(()) => result,
+                        Err(e) => Err(ServerError::Config(format!("database commit failed: {e}"))),
+                    });
+                });
+                (ok, woken, deferred)
+            })
+        });
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| ServerError::Config("the database writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| ServerError::Config("the database write failed".into()))?
+    }
+
+    pub async fn device_by_noise_key(
+        &self,
+        noise_key: &[u8],
+    ) -> Result<Option<DeviceRecord>, ServerError> {
+        let row = sqlx::query(
+            "SELECT d.id, d.account_id, a.username FROM devices d
+             JOIN accounts a ON a.id = d.account_id WHERE d.noise_key = $1",
+        )
+        .bind(noise_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| DeviceRecord {
+            device_id: r.get(0),
+            account_id: r.get(1),
+            username: r.get(2),
+        }))
+    }
+
+    /// Creates an account with its first device and keys, atomically.
+    pub async fn register(
+        &self,
+        username: &str,
+        noise_key: &[u8],
+        curve25519: &[u8],
+        ed25519: &[u8],
+        one_time_keys: &[SignedKey],
+        fallback: Option<&SignedKey>,
+    ) -> Result<RegisterOutcome, ServerError> {
+        let (username, noise_key, curve25519, ed25519) = (
+            username.to_string(),
+            noise_key.to_vec(),
+            curve25519.to_vec(),
+            ed25519.to_vec(),
+        );
+        let (one_time_keys, fallback) = (one_time_keys.to_vec(), fallback.cloned());
+        self.write(move |tx| {
+            Box::pin(async move {
+                let taken: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM accounts WHERE username = $1")
+                        .bind(&username)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if taken.is_some() {
+                    return Ok(RegisterOutcome::UsernameTaken);
+                }
+                let known: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM devices WHERE noise_key = $1")
+                        .bind(&noise_key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if known.is_some() {
+                    return Ok(RegisterOutcome::DeviceAlreadyRegistered);
+                }
+                let now = now_ms();
+                let account_id: i64 = sqlx::query_scalar(
+                    "INSERT INTO accounts (username, created_ms) VALUES ($1, $2) RETURNING id",
+                )
+                .bind(&username)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                let device_id: i64 = sqlx::query_scalar(
+                    "INSERT INTO devices (account_id, noise_key, curve25519, ed25519, created_ms)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                )
+                .bind(account_id)
+                .bind(&noise_key)
+                .bind(&curve25519)
+                .bind(&ed25519)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                insert_keys(tx, device_id, &one_time_keys, fallback.as_ref()).await?;
+                Ok(RegisterOutcome::Registered(DeviceRecord {
+                    device_id,
+                    account_id,
+                    username,
+                }))
+            })
+        })
+        .await
+    }
+
+    pub async fn one_time_key_count(&self, device_id: i64) -> Result<u32, ServerError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u32)
+    }
+
+    /// Adds one-time keys (and optionally replaces the fallback key); returns the new count,
+    /// or `None` if the device would hold more than `max_keys`.
+    pub async fn upload_keys(
+        &self,
+        device_id: i64,
+        one_time_keys: &[SignedKey],
+        fallback: Option<&SignedKey>,
+        max_keys: u32,
+    ) -> Result<Option<u32>, ServerError> {
+        let (one_time_keys, fallback) = (one_time_keys.to_vec(), fallback.cloned());
+        self.write(move |tx| {
+            Box::pin(async move {
+                let have: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = $1")
+                        .bind(device_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if have as usize + one_time_keys.len() > max_keys as usize {
+                    return Ok(None);
+                }
+                insert_keys(tx, device_id, &one_time_keys, fallback.as_ref()).await?;
+                let now: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM one_time_keys WHERE device_id = $1")
+                        .bind(device_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                Ok(Some(now as u32))
+            })
+        })
+        .await
+    }
+
+    /// Hands out one key per device of `username`: a one-time key (deleted as it is handed
+    /// out) or, when none is left, the fallback key. `None` if the user does not exist.
+    ///
+    /// With `one_time == false` (the claim rate for this user is exhausted) every device's
+    /// fallback key is handed out and no one-time key is used up.
+    pub async fn claim_keys(
+        &self,
+        username: &str,
+        one_time: bool,
+    ) -> Result<Option<Vec<DeviceBundle>>, ServerError> {
+        let username = username.to_string();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "SELECT d.id, d.curve25519, d.ed25519 FROM devices d
+             JOIN accounts a ON a.id = d.account_id WHERE a.username = $1 ORDER BY d.id",
+                )
+                .bind(&username)
+                .fetch_all(&mut *tx)
+                .await?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let mut bundles = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let device_id: i64 = row.get(0);
+                    let otk = if one_time {
+                        sqlx::query(
+                            "DELETE FROM one_time_keys WHERE id =
+                   (SELECT id FROM one_time_keys WHERE device_id = $1 ORDER BY id LIMIT 1)
+                 RETURNING public_key, signature",
+                        )
+                        .bind(device_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    } else {
+                        None
+                    };
+                    let (key, is_fallback) = match otk {
+                        Some(r) => (
+                            Some(SignedKey {
+                                public_key: r.get(0),
+                                signature: r.get(1),
+                            }),
+                            false,
+                        ),
+                        None => {
+                            let fb = sqlx::query(
+                        "SELECT public_key, signature FROM fallback_keys WHERE device_id = $1",
+                    )
+                    .bind(device_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                            (
+                                fb.map(|r| SignedKey {
+                                    public_key: r.get(0),
+                                    signature: r.get(1),
+                                }),
+                                true,
+                            )
+                        }
+                    };
+                    bundles.push(DeviceBundle {
+                        device_id,
+                        curve25519: row.get(1),
+                        ed25519: row.get(2),
+                        key,
+                        is_fallback,
+                    });
+                }
+                Ok(Some(bundles))
+            })
+        })
+        .await
+    }
+
+    /// Writes one message to the recipient devices' queues; idempotent per message id, so a
+    /// sender that retries after a lost acknowledgement does not create duplicates.
+    pub async fn enqueue(
+        &self,
+        sender: &DeviceRecord,
+        recipient: &str,
+        message_id: &[u8],
+        ciphertexts: &[OutgoingCiphertext],
+        limits: EnqueueLimits,
+    ) -> Result<EnqueueOutcome, ServerError> {
+        let (sender, recipient, message_id, ciphertexts) = (
+            sender.clone(),
+            recipient.to_string(),
+            message_id.to_vec(),
+            ciphertexts.to_vec(),
+        );
+        self.write_waking(move |tx| Box::pin(async move {
+        let devices: Vec<i64> = sqlx::query_scalar(
+            "SELECT d.id FROM devices d JOIN accounts a ON a.id = d.account_id
+             WHERE a.username = $1 ORDER BY d.id",
+        )
+        .bind(&recipient)
+        .fetch_all(&mut *tx)
+        .await?;
+        if devices.is_empty() {
+            return Ok(EnqueueOutcome::UnknownRecipient);
+        }
+        let mut addressed: Vec<i64> = ciphertexts.iter().map(|c| c.device_id).collect();
+        addressed.sort_unstable();
+        addressed.dedup();
+        if addressed != devices || addressed.len() != ciphertexts.len() {
+            return Ok(EnqueueOutcome::DevicesChanged);
+        }
+        // In device order, so two nodes queueing for the same devices do not deadlock.
+        for d in &addressed {
+            lock(tx, queue_lock(*d)).await?;
+        }
+        let now = now_ms();
+        let already: Option<i64> = sqlx::query_scalar(
+            "SELECT 1::int8 FROM queue WHERE recipient_device = $1 AND message_id = $2 LIMIT 1",
+        )
+        .bind(addressed[0])
+        .bind(&message_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if already.is_none() {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT bytes FROM queued_bytes WHERE account_id = $1")
+                    .bind(sender.account_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or(0);
+            let adding: u64 = ciphertexts.iter().map(|c| c.body.len() as u64).sum();
+            if waiting.max(0) as u64 + adding > limits.max_queued_bytes {
+                return Ok(EnqueueOutcome::OverQuota);
+            }
+        }
+        for c in &ciphertexts {
+            let queued: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE recipient_device = $1")
+                    .bind(c.device_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if queued >= i64::from(limits.max_queue) {
+                return Ok(EnqueueOutcome::QueueFull);
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO queue
+                   (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT DO NOTHING",
+            )
+            .bind(c.device_id)
+            .bind(&message_id)
+            .bind(sender.device_id)
+            .bind(&sender.username)
+            .bind(now)
+            .bind(i64::from(c.olm_type))
+            .bind(&c.body)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() > 0 {
+                add_queued_bytes(tx, sender.account_id, c.body.len() as i64).await?;
+            }
+        }
+        Ok(EnqueueOutcome::Accepted {
+            server_time_ms: now as u64,
+            recipient_devices: devices,
+        })
+        }), |outcome| match outcome {
+            EnqueueOutcome::Accepted { recipient_devices, .. } => {
+                recipient_devices.iter().map(|d| Wake::Envelopes(*d)).collect()
+            }
+            _ => Vec::new(),
+        })
+        .await
+    }
+
+    /// Envelopes for `device_id` after queue position `after_seq`, oldest first.
+    pub async fn pending(
+        &self,
+        device_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedEnvelope>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT seq, message_id, sender, sender_device, server_time_ms, olm_type, ciphertext
+             FROM queue WHERE recipient_device = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(device_id)
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedEnvelope {
+                seq: r.get(0),
+                message_id: r.get(1),
+                sender: r.get(2),
+                sender_device: r.get(3),
+                server_time_ms: r.get::<i64, _>(4) as u64,
+                olm_type: r.get::<i64, _>(5) as u32,
+                ciphertext: r.get(6),
+            })
+            .collect())
+    }
+
+    /// The recipient stored the message: delete it and queue a receipt for the sender's
+    /// device. Returns that device (to wake it), or `None` if there was nothing to delete
+    /// (a repeated acknowledgement).
+    pub async fn ack_message(
+        &self,
+        device: &DeviceRecord,
+        message_id: &[u8],
+    ) -> Result<Option<i64>, ServerError> {
+        let (device, message_id) = (device.clone(), message_id.to_vec());
+        self.write_waking(
+            move |tx| {
+                Box::pin(async move {
+                    let deleted = sqlx::query(
+                        "DELETE FROM queue WHERE recipient_device = $1 AND message_id = $2
+             RETURNING sender_device, octet_length(ciphertext)::int8",
+                    )
+                    .bind(device.device_id)
+                    .bind(&message_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(row) = deleted else {
+                        return Ok(None);
+                    };
+                    let sender_device: i64 = row.get(0);
+                    release_queued_bytes(tx, sender_device, row.get(1)).await?;
+                    lock(tx, receipt_lock(sender_device)).await?;
+                    // The sender's device may have been deleted since; then there is no one to tell.
+                    let res = sqlx::query(
+                        "INSERT INTO receipts (device_id, message_id, recipient, server_time_ms)
+             SELECT id, $1, $2, $3 FROM devices WHERE id = $4
+             ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&message_id)
+                    .bind(&device.username)
+                    .bind(now_ms())
+                    .bind(sender_device)
+                    .execute(&mut *tx)
+                    .await?;
+                    Ok((res.rows_affected() > 0).then_some(sender_device))
+                })
+            },
+            |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect(),
+        )
+        .await
+    }
+
+    pub async fn pending_receipts(
+        &self,
+        device_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedReceipt>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT seq, message_id, recipient, server_time_ms, expired FROM receipts
+             WHERE device_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(device_id)
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedReceipt {
+                seq: r.get(0),
+                message_id: r.get(1),
+                recipient: r.get(2),
+                server_time_ms: r.get::<i64, _>(3) as u64,
+                expired: r.get::<i64, _>(4) != 0,
+            })
+            .collect())
+    }
+
+    /// Deletes up to `limit` queued messages older than `before_ms` (the queue
+    /// time-to-live) and queues an `expired` receipt for each sender's device. Returns the
+    /// sender devices to wake (one entry per expired message, possibly repeated).
+    pub async fn expire(&self, before_ms: u64, limit: u32) -> Result<Vec<i64>, ServerError> {
+        self.write_waking(move |tx| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "DELETE FROM queue WHERE seq IN
+                       (SELECT seq FROM queue WHERE server_time_ms < $1 ORDER BY server_time_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING message_id, sender_device, recipient_device, octet_length(ciphertext)::int8",
+                )
+                .bind(before_ms as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                let now = now_ms();
+                let mut wake = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let message_id: Vec<u8> = row.get(0);
+                    let sender_device: i64 = row.get(1);
+                    let recipient_device: i64 = row.get(2);
+                    release_queued_bytes(tx, sender_device, row.get(3)).await?;
+                    lock(tx, receipt_lock(sender_device)).await?;
+                    let res = sqlx::query(
+                        "INSERT INTO receipts
+                           (device_id, message_id, recipient, server_time_ms, expired)
+                         SELECT s.id, $1, a.username, $2, 1 FROM devices s, devices r
+                           JOIN accounts a ON a.id = r.account_id
+                         WHERE s.id = $3 AND r.id = $4
+             ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&message_id)
+                    .bind(now)
+                    .bind(sender_device)
+                    .bind(recipient_device)
+                    .execute(&mut *tx)
+                    .await?;
+                    if res.rows_affected() > 0 {
+                        wake.push(sender_device);
+                    }
+                }
+                Ok(wake)
+            })
+        }, |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect())
+        .await
+    }
+
+    pub async fn ack_receipt(&self, device_id: i64, message_id: &[u8]) -> Result<(), ServerError> {
+        let message_id = message_id.to_vec();
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query("DELETE FROM receipts WHERE device_id = $1 AND message_id = $2")
+                    .bind(device_id)
+                    .bind(&message_id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+/// Adds `bytes` to the account's undelivered bytes (the per-account quota).
+async fn add_queued_bytes(
+    tx: &mut PgConnection,
+    account_id: i64,
+    bytes: i64,
+) -> Result<(), ServerError> {
+    sqlx::query(
+        "INSERT INTO queued_bytes (account_id, bytes) VALUES ($1, $2)
+         ON CONFLICT(account_id) DO UPDATE SET bytes = queued_bytes.bytes + excluded.bytes",
+    )
+    .bind(account_id)
+    .bind(bytes)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// A message of `bytes` sent by `sender_device` left the queue (delivered or expired).
+async fn release_queued_bytes(
+    tx: &mut PgConnection,
+    sender_device: i64,
+    bytes: i64,
+) -> Result<(), ServerError> {
+    sqlx::query(
+        "UPDATE queued_bytes SET bytes = GREATEST(0, bytes - $1)
+         WHERE account_id = (SELECT account_id FROM devices WHERE id = $2)",
+    )
+    .bind(bytes)
+    .bind(sender_device)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_keys(
+    tx: &mut PgConnection,
+    device_id: i64,
+    one_time_keys: &[SignedKey],
+    fallback: Option<&SignedKey>,
+) -> Result<(), ServerError> {
+    for k in one_time_keys {
+        sqlx::query(
+            "INSERT INTO one_time_keys (device_id, public_key, signature) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(device_id)
+        .bind(&k.public_key)
+        .bind(&k.signature)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if let Some(k) = fallback {
+        sqlx::query(
+            "INSERT INTO fallback_keys (device_id, public_key, signature) VALUES ($1, $2, $3)
+             ON CONFLICT(device_id) DO UPDATE SET public_key = excluded.public_key,
+                                                  signature = excluded.signature",
+        )
+        .bind(device_id)
+        .bind(&k.public_key)
+        .bind(&k.signature)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs a statement; boxed so the writer task's future is provably `Send`.
+fn exec<'c>(
+    conn: &'c mut PgConnection,
+    sql: &'static str,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move { sqlx::query(sql).execute(conn).await.map(|_| ()) })
+}
+
+fn notify<'c>(
+    conn: &'c mut PgConnection,
+    payload: String,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(conn)
+            .await
+            .map(|_| ())
+    })
+}
+
+/// The writer task: batches of waiting writes, one transaction (and one NOTIFY) per batch.
+async fn write_loop(
+    mut conn: PgConnection,
+    options: PgConnectOptions,
+    node: u64,
+    mut jobs: mpsc::Receiver<WriteJob>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = jobs.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut wakes = Vec::new();
+        if let Err(e) = exec(&mut conn, "BEGIN").await {
+            // Dropping the jobs drops their reply channels: every caller gets an error,
+            // and nothing was acknowledged. The connection may be gone: open a new one.
+            tracing::error!(error = %e, "cannot start a database transaction");
+            batch.clear();
+            match PgConnection::connect_with(&options).await {
+                Ok(c) => conn = c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reconnect to PostgreSQL");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            let savepoint = exec(&mut conn, "SAVEPOINT op").await;
+            let (ok, woken, answer) = job(&mut conn).await;
+            if ok && savepoint.is_ok() {
+                wakes.extend(woken);
+            } else {
+                let _ = exec(&mut conn, "ROLLBACK TO op").await;
+            }
+            let _ = exec(&mut conn, "RELEASE op").await;
+            answers.push(answer);
+        }
+        let mut notified = Ok(());
+        for payload in payloads(node, &wakes) {
+            notified = notify(&mut conn, payload).await;
+            if notified.is_err() {
+                break;
+            }
+        }
+        let committed = match notified {
+            Ok(()) => exec(&mut conn, "COMMIT").await,
+            Err(e) => Err(e),
+        };
+        let committed = match committed {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "database commit failed");
+                let _ = exec(&mut conn, "ROLLBACK").await;
+                Err(e.to_string())
+            }
+        };
+        for answer in answers {
+            answer(committed.clone());
+        }
+    }
+    let _ = conn.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn payloads_split_below_the_limit_and_apply_to_local_devices_only() {
+        let wakes: Vec<Wake> = (0..3000)
+            .map(Wake::Envelopes)
+            .chain([Wake::Receipts(5000), Wake::Receipts(5000)])
+            .collect();
+        let out = payloads(0xabc, &wakes);
+        assert!(out.len() > 1);
+        assert!(out.iter().all(|p| p.len() < 8000 && p.starts_with("abc ")));
+        assert!(payloads(1, &[]).is_empty());
+        let hub = Arc::new(Hub::default());
+        let (e, r) = (hub.join(2999), hub.join(5000));
+        for p in &out {
+            apply(p, 0xabc, &hub); // this node's own: ignored
+        }
+        assert!(!e.signal.envelopes.load(Ordering::Acquire));
+        for p in &out {
+            apply(p, 0xdef, &hub);
+        }
+        assert!(e.signal.envelopes.load(Ordering::Acquire));
+        assert!(r.signal.receipts.load(Ordering::Acquire));
+        assert!(!r.signal.envelopes.load(Ordering::Acquire));
+        apply("garbage", 1, &hub);
+        apply("12 x1,2 e,, r-5", 1, &hub);
+    }
+
+    fn ct(device_id: i64, i: u32) -> Vec<OutgoingCiphertext> {
+        vec![OutgoingCiphertext {
+            device_id,
+            olm_type: 1,
+            body: i.to_be_bytes().to_vec(),
+        }]
+    }
+
+    async fn registered(s: &PgStore, name: &str, noise: u8) -> DeviceRecord {
+        match s
+            .register(name, &[noise; 32], &[1; 32], &[2; 32], &[], None)
+            .await
+            .unwrap()
+        {
+            RegisterOutcome::Registered(d) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Two nodes on one database: a message queued through one wakes the recipient's
+    /// connection on the other, and concurrent writers for one device never let a reader
+    /// with a cursor skip a row.
+    #[tokio::test]
+    async fn nodes_wake_each_other_and_cursors_skip_nothing() {
+        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
+        let (hub1, hub2) = (Arc::new(Hub::default()), Arc::new(Hub::default()));
+        let (n1, n2) = tokio::join!(
+            PgStore::open(&url, hub1.clone()),
+            PgStore::open(&url, hub2.clone())
+        );
+        let (n1, n2) = (n1.unwrap(), n2.unwrap());
+        let alice = registered(&n1, "alice", 1).await;
+        let bob = registered(&n2, "bob", 2).await;
+        let presence = hub2.join(bob.device_id);
+        let l = EnqueueLimits {
+            max_queue: 100_000,
+            max_queued_bytes: u64::MAX,
+        };
+        // Give the listeners time to subscribe: wait until a wake-up arrives.
+        let woken = async {
+            loop {
+                n1.enqueue(&alice, "bob", b"hello", &ct(bob.device_id, 0), l)
+                    .await
+                    .unwrap();
+                if tokio::time::timeout(
+                    Duration::from_millis(200),
+                    presence.signal.notify.notified(),
+                )
+                .await
+                .is_ok()
+                {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), woken)
+            .await
+            .expect("node 2 is woken for a message queued on node 1");
+        assert!(presence.signal.envelopes.swap(false, Ordering::AcqRel));
+
+        // Both nodes queue for bob at once while a reader follows a cursor.
+        let writers: Vec<_> = [n1.clone(), n2.clone()]
+            .into_iter()
+            .enumerate()
+            .map(|(k, node)| {
+                let alice = alice.clone();
+                tokio::spawn(async move {
+                    let mut tasks = Vec::new();
+                    for i in 0..200u32 {
+                        let (node, alice) = (node.clone(), alice.clone());
+                        let id = (k as u32 * 1000 + i + 1).to_be_bytes();
+                        tasks.push(tokio::spawn(async move {
+                            node.enqueue(&alice, "bob", &id, &ct(bob.device_id, i), l)
+                                .await
+                                .unwrap()
+                        }));
+                    }
+                    for t in tasks {
+                        assert!(matches!(t.await.unwrap(), EnqueueOutcome::Accepted { .. }));
+                    }
+                })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor = 0;
+        let mut done = false;
+        while !done {
+            done = writers.iter().all(|w| w.is_finished());
+            for e in n2.pending(bob.device_id, cursor, 1000).await.unwrap() {
+                cursor = e.seq;
+                seen.insert(e.message_id);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        for e in n2.pending(bob.device_id, cursor, 1000).await.unwrap() {
+            seen.insert(e.message_id);
+        }
+        assert_eq!(
+            seen.len(),
+            401,
+            "every message read once through the cursor"
+        );
+        n1.close().await;
+        n2.close().await;
+    }
+
+    #[tokio::test]
+    async fn two_nodes_registering_one_name_at_once_get_one_account() {
+        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
+        let hub = Arc::new(Hub::default());
+        let (n1, n2) = tokio::join!(
+            PgStore::open(&url, hub.clone()),
+            PgStore::open(&url, hub.clone())
+        );
+        let (n1, n2) = (n1.unwrap(), n2.unwrap());
+        for round in 0..10u8 {
+            let name = format!("user{round}");
+            let (k1, k2) = ([round; 32], [round + 100; 32]);
+            let (a, b) = tokio::join!(
+                n1.register(&name, &k1, &[1; 32], &[2; 32], &[], None),
+                n2.register(&name, &k2, &[1; 32], &[2; 32], &[], None)
+            );
+            let outcomes = [a.unwrap(), b.unwrap()];
+            let registered = outcomes
+                .iter()
+                .filter(|o| matches!(o, RegisterOutcome::Registered(_)))
+                .count();
+            let taken = outcomes
+                .iter()
+                .filter(|o| matches!(o, RegisterOutcome::UsernameTaken))
+                .count();
+            assert_eq!((registered, taken), (1, 1), "{outcomes:?}");
+        }
+    }
+}
