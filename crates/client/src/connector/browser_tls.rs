@@ -21,11 +21,12 @@
 //! caught here per connection.
 
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use boring::ex_data::Index;
 use boring::ssl::{
-    CertificateCompressionAlgorithm, CertificateCompressor, ConnectConfiguration, SslConnector,
-    SslMethod, SslVerifyMode, SslVersion,
+    CertificateCompressionAlgorithm, CertificateCompressor, ConnectConfiguration, Ssl,
+    SslConnector, SslMethod, SslVerifyMode, SslVersion,
 };
 use tokio::net::TcpStream;
 
@@ -138,13 +139,26 @@ fn exporter_from_key_log(line: &str) -> Option<Vec<u8>> {
     hex::decode(parts.next()?).ok()
 }
 
-/// The per-connection configuration: Chrome's settings, and a key-log hook that fills
-/// `slot`. A context per connection keeps the hook's secret from ever reaching another
-/// connection; building one costs microseconds, once per dial.
-fn configuration(
-    slot: ExporterSlot,
-    sni: Option<&str>,
-) -> Result<ConnectConfiguration, BrowserTlsError> {
+/// Where each connection's exporter slot lives on its `SSL` object, so that one shared
+/// context's key-log hook can fill the slot of the connection it is called for.
+fn slot_index() -> Result<Index<Ssl, ExporterSlot>, BrowserTlsError> {
+    static INDEX: OnceLock<Index<Ssl, ExporterSlot>> = OnceLock::new();
+    if let Some(i) = INDEX.get() {
+        return Ok(*i);
+    }
+    let i = Ssl::new_ex_index::<ExporterSlot>()?;
+    Ok(*INDEX.get_or_init(|| i))
+}
+
+/// Chrome's settings, built once per process: every dial shares the context (a context
+/// per dial would redo this setup, and the default verify paths' CA bundle read, each
+/// time), and only the per-connection `SSL` object is new.
+fn context() -> Result<&'static SslConnector, BrowserTlsError> {
+    static CONTEXT: OnceLock<SslConnector> = OnceLock::new();
+    if let Some(c) = CONTEXT.get() {
+        return Ok(c);
+    }
+    let index = slot_index()?;
     let mut b = SslConnector::builder(SslMethod::tls())?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
     b.set_max_proto_version(Some(SslVersion::TLS1_3))?;
@@ -159,12 +173,22 @@ fn configuration(
     b.add_certificate_compression_algorithm(Brotli)?;
     // The relay's certificate is camouflage; the server is authenticated by Noise.
     b.set_verify(SslVerifyMode::NONE);
-    b.set_keylog_callback(move |_, line| {
-        if let Some(secret) = exporter_from_key_log(line) {
+    b.set_keylog_callback(move |ssl, line| {
+        if let (Some(slot), Some(secret)) = (ssl.ex_data(index), exporter_from_key_log(line)) {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(secret);
         }
     });
-    let mut config = b.build().configure()?;
+    Ok(CONTEXT.get_or_init(|| b.build()))
+}
+
+/// One connection's configuration on the shared context: its server name, ECH GREASE,
+/// ALPS and trust anchors (per-`SSL` settings), and `slot` for its exporter secret.
+fn configuration(
+    slot: ExporterSlot,
+    sni: Option<&str>,
+) -> Result<ConnectConfiguration, BrowserTlsError> {
+    let mut config = context()?.configure()?;
+    config.set_ex_data(slot_index()?, slot);
     config.set_verify_hostname(false);
     config.set_use_server_name_indication(sni.is_some());
     config.set_enable_ech_grease(true);
