@@ -10,7 +10,7 @@ use common::*;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,17 +59,7 @@ struct TimedFollower {
 
 impl TimedFollower {
     fn start(home: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("--home")
-            .arg(home)
-            .args(["inbox", "--follow", "--json"])
-            .env_remove("POSTERN_HOME")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn follower");
-        let stdout = child.stdout.take().expect("stdout");
+        let (child, stdout) = spawn_follower(home);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         std::thread::spawn(move || {

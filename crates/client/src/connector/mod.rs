@@ -167,11 +167,22 @@ async fn attempt(
 /// account is needed and nothing is registered or remembered.
 pub async fn check_route_without_profile(route: &Route, server_key: &[u8; 32]) -> DialReport {
     let progress = Progress::new(route);
-    let keys = StaticKeypair::generate();
+    check_attempt(route, &progress, &StaticKeypair::generate(), server_key).await;
+    progress.report()
+}
+
+/// One check of `route`: the real path and the server handshake, then a clean close; each
+/// stage (or the failure, told apart from a TLS port dialled as plain) lands in `progress`.
+async fn check_attempt(
+    route: &Route,
+    progress: &Progress,
+    keys: &StaticKeypair,
+    server_key: &[u8; 32],
+) {
     match attempt(
         route.clone(),
         progress.clone(),
-        &keys,
+        keys,
         server_key,
         ConnectMode::SendOnly,
     )
@@ -183,7 +194,6 @@ pub async fn check_route_without_profile(route: &Route, server_key: &[u8; 32]) -
         }
         Err((stage, failure)) => progress.fail(stage, failure),
     }
-    progress.report()
 }
 
 /// Races `routes` and returns the winning connection. Used directly only to register
@@ -351,21 +361,7 @@ impl Connector {
         route: &Route,
         progress: &Progress,
     ) -> Result<DialReport, ClientError> {
-        match attempt(
-            route.clone(),
-            progress.clone(),
-            &self.keys,
-            &self.server_key,
-            ConnectMode::SendOnly,
-        )
-        .await
-        {
-            Ok((conn, _pushes)) => conn.shutdown().await,
-            Err((Stage::Handshake, Failure::ServiceDidNotAnswer)) if speaks_tls(route).await => {
-                progress.fail(Stage::Handshake, Failure::SpeaksTls)
-            }
-            Err((stage, failure)) => progress.fail(stage, failure),
-        }
+        check_attempt(route, progress, &self.keys, &self.server_key).await;
         let report = progress.report();
         // Only routes the profile may use are remembered: checking an address before
         // saving it (or with other TLS settings) must not make it a route to race.

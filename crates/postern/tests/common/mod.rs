@@ -200,19 +200,26 @@ pub struct Follower {
     lines: mpsc::Receiver<String>,
 }
 
+/// Starts `postern inbox --follow --json` for `home`; returns it with its stdout (one JSON
+/// object per line).
+pub fn spawn_follower(home: &Path) -> (Child, std::process::ChildStdout) {
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(["inbox", "--follow", "--json"])
+        .env_remove("POSTERN_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn follower");
+    let stdout = child.stdout.take().expect("stdout");
+    (child, stdout)
+}
+
 impl Follower {
     pub fn start(home: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("--home")
-            .arg(home)
-            .args(["inbox", "--follow", "--json"])
-            .env_remove("POSTERN_HOME")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn follower");
-        let stdout = child.stdout.take().expect("stdout");
+        let (child, stdout) = spawn_follower(home);
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
