@@ -36,8 +36,9 @@
 //!    against one node on SQLite, then against 1, 2 and 3 (`--max-nodes`) nodes sharing one
 //!    PostgreSQL database (a cluster the benchmark starts in a temporary directory, as in
 //!    the tests), clients spread round-robin over the nodes so that most messages cross
-//!    nodes (pushed through `LISTEN/NOTIFY`). One table compares throughput, latencies and
-//!    the CPU of all nodes together.
+//!    nodes (pushed through `LISTEN/NOTIFY`), and 2 nodes with accounts sharded across two
+//!    databases of that cluster. One table compares throughput, latencies and the CPU of
+//!    all nodes together.
 //!
 //! Timestamps are taken in this process with one monotonic clock and joined by message id
 //! at the end, so no clock is shared with the server. Throughput is messages delivered

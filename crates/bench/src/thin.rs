@@ -483,7 +483,8 @@ pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Pat
 struct Setup {
     label: String,
     nodes: usize,
-    postgres: bool,
+    /// PostgreSQL databases the accounts are sharded across (0: SQLite).
+    shards: usize,
 }
 
 /// What one configuration measured.
@@ -511,13 +512,21 @@ pub async fn scale_out(
     let mut setups = vec![Setup {
         label: "SQLite, 1 node".into(),
         nodes: 1,
-        postgres: false,
+        shards: 0,
     }];
     for n in 1..=max_nodes {
         setups.push(Setup {
             label: format!("PostgreSQL, {n} node{}", if n == 1 { "" } else { "s" }),
             nodes: n,
-            postgres: true,
+            shards: 1,
+        });
+    }
+    if max_nodes >= 2 {
+        // Accounts spread over two databases: most messages and receipts cross shards.
+        setups.push(Setup {
+            label: "PostgreSQL, 2 nodes, 2 shards".into(),
+            nodes: 2,
+            shards: 2,
         });
     }
     // One PostgreSQL cluster (Debian's postgresql, started in a temporary directory as an
@@ -527,14 +536,14 @@ pub async fn scale_out(
     for (k, setup) in setups.iter().enumerate() {
         let sub = dir.join(format!("setup{k}"));
         std::fs::create_dir_all(&sub)?;
-        let extra = if setup.postgres {
-            vec![
-                "--database".to_string(),
-                pg.create_database(&format!("bench{k}")),
-            ]
-        } else {
-            Vec::new()
-        };
+        let extra: Vec<String> = (0..setup.shards)
+            .flat_map(|i| {
+                [
+                    "--database".to_string(),
+                    pg.create_database(&format!("bench{k}_{i}")),
+                ]
+            })
+            .collect();
         let mut nodes: Vec<ServerProcess> = Vec::new();
         for i in 0..setup.nodes {
             let key = nodes.first().map(|n| n.data.join("server.key"));

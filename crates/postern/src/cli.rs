@@ -240,6 +240,31 @@ pub enum ServerCommand {
     },
     /// Serve clients (and relays) until SIGTERM or Ctrl-C.
     Run(ServerRunArgs),
+    /// Add PostgreSQL databases to a sharded service. Stop every node first; this moves
+    /// the accounts whose shard changes (with their devices, keys, queued messages and
+    /// receipts), then the nodes start with the new list. Safe to run again after an
+    /// interruption. Example, growing from one database to two:
+    ///   postern server reshard --database postgres://postern@db1/postern \
+    ///       --to postgres://postern@db1/postern --to postgres://postern@db2/postern
+    #[command(verbatim_doc_comment)]
+    Reshard(ServerReshardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerReshardArgs {
+    /// The databases the nodes use now, exactly as given to `server run` (repeat, in
+    /// order). Also read from POSTERN_DATABASE (URLs separated by spaces).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "POSTERN_DATABASE",
+        value_delimiter = ' ',
+        required = true
+    )]
+    pub database: Vec<String>,
+    /// The new list: the same URLs in the same order, then the new (empty) databases.
+    #[arg(long, value_name = "URL", required = true)]
+    pub to: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -253,16 +278,19 @@ pub struct ServerRunArgs {
     /// Where accounts and queues live: `sqlite` (the default: DIR/server.db) or a
     /// PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DB (a unix socket:
     /// postgres://USER@localhost/DB?host=/run/postgresql). Several server nodes given the
-    /// same PostgreSQL database serve the same users and wake each other's connections
-    /// (docs/server.md). Also read from POSTERN_DATABASE, which keeps a password out of
-    /// the process list.
+    /// same PostgreSQL database serve the same users and wake each other's connections.
+    /// Repeat it to shard accounts across several databases: every node must list the
+    /// same URLs in the same order, and the number of shards is fixed once accounts exist
+    /// (docs/server.md, "Sharding"). Also read from POSTERN_DATABASE (URLs separated by
+    /// spaces), which keeps a password out of the process list.
     #[arg(
         long,
         value_name = "URL",
         env = "POSTERN_DATABASE",
+        value_delimiter = ' ',
         default_value = "sqlite"
     )]
-    pub database: String,
+    pub database: Vec<String>,
     /// Write client addresses to the logs (off by default, to protect users).
     #[arg(long)]
     pub log_client_addresses: bool,

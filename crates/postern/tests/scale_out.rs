@@ -1,6 +1,7 @@
-//! Several `postern server` nodes sharing one PostgreSQL (a real one, started by
+//! Several `postern server` nodes sharing PostgreSQL (a real one, started by
 //! `postern_test_kit::postgres`): any node serves any client, a message to a device
-//! connected to another node is pushed at once (LISTEN/NOTIFY), and when a node is killed
+//! connected to another node is pushed at once (LISTEN/NOTIFY), also when sender and
+//! recipient live in different databases (shards), and when a node is killed
 //! (-9) under load its clients move to another node listed in their network file within
 //! 10 s, with no acknowledged message lost and none delivered twice.
 
@@ -16,10 +17,14 @@ use std::time::{Duration, Instant};
 
 use postern_test_kit::postgres::Postgres;
 
-/// Starts `n` nodes on database `url`, all holding the first node's key.
-fn start_nodes(tmp: &Path, url: &str, n: usize) -> Vec<TestServer> {
+/// Starts `n` nodes on the databases `urls` (shards, in order), all holding the first
+/// node's key.
+fn start_nodes(tmp: &Path, urls: &[String], n: usize) -> Vec<TestServer> {
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let args = ["--database", url];
+    let args: Vec<&str> = urls
+        .iter()
+        .flat_map(|u| ["--database", u.as_str()])
+        .collect();
     let first = TestServer::start_with(&tmp.join("node1"), listen, &args);
     let mut nodes = vec![first];
     for i in 2..=n {
@@ -118,11 +123,13 @@ fn send(home: &Path, to: &str, text: &str) -> Option<(String, Instant)> {
 }
 
 #[test]
-fn messages_to_devices_on_other_nodes_are_pushed_at_once_with_two_and_three_nodes() {
+fn messages_to_devices_on_other_nodes_and_shards_are_pushed_at_once_with_two_and_three_nodes() {
     let pg = Postgres::start();
-    let url = pg.create_database("crossnode");
+    // Two shards: alice and carol live in the second database, bob in the first, so
+    // every message and receipt below crosses databases as well as nodes.
+    let urls = [pg.create_database("shard_a"), pg.create_database("shard_b")];
     let tmp = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(tmp.path(), &url, 3);
+    let nodes = start_nodes(tmp.path(), &urls, 3);
     let homes: Vec<PathBuf> = ["alice", "bob", "carol"]
         .iter()
         .map(|n| tmp.path().join(n))
@@ -194,7 +201,7 @@ fn kill_9_of_a_node_under_load_loses_nothing_acknowledged_and_clients_move_withi
     let pg = Postgres::start();
     let url = pg.create_database("failover");
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(tmp.path(), &url, 2);
+    let mut nodes = start_nodes(tmp.path(), &[url], 2);
     let addrs = [nodes[0].addr, nodes[1].addr];
     let net = network(&nodes[0], &addrs, &tmp.path().join("network.toml"));
     let net = net.to_str().unwrap();
@@ -294,4 +301,64 @@ fn kill_9_of_a_node_under_load_loses_nothing_acknowledged_and_clients_move_withi
     assert!(senders_back < Duration::from_secs(10), "{senders_back:?}");
     assert!(bob_back < Duration::from_secs(10), "{bob_back:?}");
     assert!(nodes[0].is_running());
+}
+
+/// `postern server reshard`: a service on one database grows to two while a message
+/// waits for its recipient; after the move the old list is refused, and nodes on the new
+/// list deliver the message and its receipt, and carry on.
+#[test]
+fn reshard_grows_a_service_to_two_databases_and_nothing_waiting_is_lost() {
+    let pg = Postgres::start();
+    let (first, second) = (pg.create_database("grow_a"), pg.create_database("grow_b"));
+    let tmp = tempfile::tempdir().unwrap();
+    let node = start_nodes(tmp.path(), std::slice::from_ref(&first), 1).remove(0);
+    let (addr, data) = (node.addr, node.data.clone());
+    let net = network(&node, &[addr], &tmp.path().join("network.toml"));
+    let net = net.to_str().unwrap();
+    // With two shards alice lives in the second database, bob stays in the first.
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    ok(&alice, &["account", "create", "alice", "--network", net]);
+    ok(&bob, &["account", "create", "bob", "--network", net]);
+    ok(&alice, &["send", "bob", "sent before the move"]);
+    assert!(node.terminate(), "the node stops cleanly");
+
+    let mut reshard = std::process::Command::new(BIN);
+    reshard.args([
+        "server",
+        "reshard",
+        "--database",
+        &first,
+        "--to",
+        &first,
+        "--to",
+        &second,
+    ]);
+    let out = run(reshard);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Moved 1 account(s)"), "{stdout}");
+
+    let mut old_list = std::process::Command::new(BIN);
+    old_list.args(["server", "run", "--data"]).arg(&data).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        &first,
+    ]);
+    let out = run(old_list);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("set up as 2 shard(s)"), "{stderr}");
+
+    // The same address as before: the clients' network files name it.
+    let _node = TestServer::start_with(&data, addr, &["--database", &first, "--database", &second]);
+    assert!(ok(&bob, &["inbox"]).contains("sent before the move"));
+    ok(&alice, &["inbox"]);
+    assert!(ok(&alice, &["history", "bob"]).contains("✓✓ sent before the move"));
+    ok(&bob, &["send", "alice", "and after it"]);
+    assert!(ok(&alice, &["inbox"]).contains("and after it"));
 }

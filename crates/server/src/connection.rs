@@ -146,7 +146,12 @@ async fn run(
         .device_by_noise_key(handshake.client_static())
         .await?;
     let remaining = match &device {
-        Some(d) => shared.store.one_time_key_count(d.device_id).await?,
+        Some(d) => {
+            shared
+                .store
+                .one_time_key_count(&d.username, d.device_id)
+                .await?
+        }
         None => 0,
     };
     let send_only = handshake.hello().send_only;
@@ -232,10 +237,7 @@ async fn apply_ack(
             Ok(true)
         }
         client_frame::Body::AckReceipt(a) => {
-            shared
-                .store
-                .ack_receipt(device.device_id, &a.message_id)
-                .await?;
+            shared.store.ack_receipt(device, &a.message_id).await?;
             Ok(true)
         }
         _ => Ok(false),
@@ -350,6 +352,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let (Some(device), Some(presence)) = (&self.device, &self.presence) else {
             return Ok(());
         };
+        // Owned: the loops below update this session's cursors while using it.
+        let device = &device.clone();
         let device_id = device.device_id;
         let signal = &presence.signal;
         let keys_low = signal.keys_low.swap(false, Ordering::AcqRel);
@@ -359,7 +363,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             let batch = self
                 .shared
                 .store
-                .pending(device_id, self.envelope_cursor, PUSH_BATCH)
+                .pending(device, self.envelope_cursor, PUSH_BATCH)
                 .await?;
             let full = batch.len() == PUSH_BATCH as usize;
             for e in batch {
@@ -398,7 +402,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             let batch = self
                 .shared
                 .store
-                .pending_receipts(device_id, self.receipt_cursor, PUSH_BATCH)
+                .pending_receipts(device, self.receipt_cursor, PUSH_BATCH)
                 .await?;
             let full = batch.len() == PUSH_BATCH as usize;
             for r in batch {
@@ -414,7 +418,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             receipts = full;
         }
         if keys_low {
-            let remaining = self.shared.store.one_time_key_count(device_id).await?;
+            let remaining = self
+                .shared
+                .store
+                .one_time_key_count(&device.username, device_id)
+                .await?;
             let body = server_frame::Body::KeysLow(KeysLow {
                 one_time_keys_remaining: remaining,
             });
@@ -551,7 +559,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             match self
                 .shared
                 .store
-                .upload_keys(device.device_id, &otks, fallback.as_ref(), max)
+                .upload_keys(device, &otks, fallback.as_ref(), max)
                 .await?
             {
                 Some(n) => server_frame::Body::KeysUploaded(KeysUploaded {
@@ -591,7 +599,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let low = self.shared.limits.low_one_time_keys;
         let mut devices = Vec::with_capacity(bundles.len());
         for b in bundles {
-            if !b.is_fallback && self.shared.store.one_time_key_count(b.device_id).await? < low {
+            if !b.is_fallback
+                && self
+                    .shared
+                    .store
+                    .one_time_key_count(&c.username, b.device_id)
+                    .await?
+                    < low
+            {
                 self.shared.hub.keys_low(b.device_id);
             }
             devices.push(WireBundle {

@@ -62,10 +62,8 @@ impl Server {
         let keys = dir.load_key()?;
         dir.make_private()?;
         let hub = Arc::new(Hub::default());
-        let store = match &config.database {
-            Database::Sqlite => Store::open(&dir.database_path()).await?,
-            Database::Postgres(url) => Store::open_postgres(url, hub.clone()).await?,
-        };
+        let store =
+            Store::open_database(&config.database, &dir.database_path(), hub.clone()).await?;
         let listener = TcpListener::bind(config.listen).await.map_err(ServerError::io(
             format!(
                 "cannot listen on {} (is another server running there? ports below 1024 need root or CAP_NET_BIND_SERVICE)",

@@ -6,7 +6,7 @@ use postern_protocol::net::TrustedProxies;
 use postern_server::store::Database;
 use postern_server::{DataDir, Limits, Server, ServerConfig};
 
-use crate::cli::{ServerCommand, ServerRunArgs};
+use crate::cli::{ServerCommand, ServerReshardArgs, ServerRunArgs};
 
 pub async fn run(cmd: ServerCommand) -> anyhow::Result<()> {
     match cmd {
@@ -32,6 +32,7 @@ pub async fn run(cmd: ServerCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ServerCommand::Run(args) => serve(args).await,
+        ServerCommand::Reshard(args) => reshard(args).await,
     }
 }
 
@@ -39,7 +40,7 @@ const MIB: u64 = 1024 * 1024;
 
 pub(crate) fn config(args: &ServerRunArgs) -> anyhow::Result<ServerConfig> {
     let mut config = ServerConfig::new(&args.data, args.listen);
-    config.database = Database::parse(&args.database)?;
+    config.database = Database::parse_all(&args.database)?;
     config.log_client_addresses = args.log_client_addresses;
     config.limits = Limits {
         max_connections: args.max_connections,
@@ -67,5 +68,28 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<()> {
     // Scripts and tests wait for this line (the real port when --listen used port 0).
     println!("postern server listening on {}", server.local_addr());
     server.run_until(stop).await?;
+    Ok(())
+}
+
+async fn reshard(args: ServerReshardArgs) -> anyhow::Result<()> {
+    let Database::Postgres(from) = Database::parse_all(&args.database)? else {
+        anyhow::bail!("--database: resharding needs the PostgreSQL URLs the nodes use");
+    };
+    let Database::Postgres(to) = Database::parse_all(&args.to)? else {
+        anyhow::bail!("--to: give the PostgreSQL URLs of the new list of shards");
+    };
+    println!(
+        "Moving accounts from {} to {} shards (every node must be stopped)…",
+        from.len(),
+        to.len()
+    );
+    let report = postern_server::store::reshard::reshard(&from, &to).await?;
+    println!(
+        "Moved {} account(s): {} device(s), {} queued message(s), {} receipt(s).",
+        report.accounts_moved, report.devices_moved, report.messages_moved, report.receipts_moved
+    );
+    println!("Start every node with the new list, in this order:");
+    let flags: Vec<String> = to.iter().map(|u| format!("--database {u}")).collect();
+    println!("  postern server run --data DIR {}", flags.join(" "));
     Ok(())
 }

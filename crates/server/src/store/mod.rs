@@ -2,7 +2,8 @@
 //!
 //! * [`sqlite`] (the default): one embedded file, one server process.
 //! * [`postgres`]: PostgreSQL, which several server nodes may share; they wake each
-//!   other's connections through `LISTEN/NOTIFY`.
+//!   other's connections through `LISTEN/NOTIFY`. [`sharded`] spreads accounts over
+//!   several such databases by a hash of the username ([`placement`]).
 //!
 //! Both keep the same promise: every write that the protocol acknowledges is committed
 //! first, so an acknowledged message survives a crash, and a crash in the middle of an
@@ -24,10 +25,14 @@ use std::sync::Arc;
 use crate::hub::Hub;
 use crate::ServerError;
 
+pub mod placement;
 pub mod postgres;
+pub mod reshard;
+pub mod sharded;
 pub mod sqlite;
 
 pub use postgres::PgStore;
+pub use sharded::PgShards;
 pub use sqlite::SqliteStore;
 
 /// A device known to the server.
@@ -129,7 +134,7 @@ fn now_ms() -> i64 {
 #[derive(Clone)]
 enum Backend {
     Sqlite(SqliteStore),
-    Postgres(PgStore),
+    Postgres(PgShards),
 }
 
 /// Handle to the database; cheap to clone.
@@ -143,22 +148,46 @@ pub struct Store {
 pub enum Database {
     /// The SQLite file in the data directory (the default).
     Sqlite,
-    /// `postgres://…` (or `postgresql://…`).
-    Postgres(String),
+    /// One or more `postgres://…` (or `postgresql://…`) URLs, in shard order: accounts
+    /// are spread across them by a hash of the username.
+    Postgres(Vec<String>),
 }
 
 impl Database {
     /// Parses `--database`: `sqlite` or a `postgres://` / `postgresql://` URL.
     pub fn parse(s: &str) -> Result<Self, ServerError> {
-        if s == "sqlite" {
-            Ok(Database::Sqlite)
-        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            Ok(Database::Postgres(s.to_string()))
-        } else {
-            Err(ServerError::Config(format!(
-                "--database {s:?}: give `sqlite` or a postgres://USER@HOST/DB URL"
-            )))
+        Self::parse_all(&[s])
+    }
+
+    /// Parses every `--database` given: `sqlite` alone, or one or more PostgreSQL URLs
+    /// (the shards, in the order every node must use).
+    pub fn parse_all<S: AsRef<str>>(given: &[S]) -> Result<Self, ServerError> {
+        let given: Vec<&str> = given.iter().map(|s| s.as_ref().trim()).collect();
+        if given.is_empty() || given == ["sqlite"] {
+            return Ok(Database::Sqlite);
         }
+        let mut urls = Vec::with_capacity(given.len());
+        for s in given {
+            if s == "sqlite" {
+                return Err(ServerError::Config(
+                    "--database sqlite cannot be combined with PostgreSQL databases: \
+                     give `sqlite` alone, or only postgres:// URLs (one per shard)"
+                        .into(),
+                ));
+            }
+            if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+                return Err(ServerError::Config(format!(
+                    "--database {s:?}: give `sqlite` or a postgres://USER@HOST/DB URL"
+                )));
+            }
+            if urls.contains(&s.to_string()) {
+                return Err(ServerError::Config(format!(
+                    "--database {s:?} is given twice: each shard is a different database"
+                )));
+            }
+            urls.push(s.to_string());
+        }
+        Ok(Database::Postgres(urls))
     }
 }
 
@@ -183,9 +212,27 @@ impl Store {
     /// Connects to PostgreSQL at `url`, applies pending migrations, starts the writer task
     /// and the listener that wakes `hub`'s connections for writes made by other nodes.
     pub async fn open_postgres(url: &str, hub: Arc<Hub>) -> Result<Self, ServerError> {
+        Self::open_shards(&[url.to_string()], hub).await
+    }
+
+    /// Like [`Store::open_postgres`] for each of `urls`, with accounts sharded across
+    /// them; every node must be given the same URLs in the same order.
+    pub async fn open_shards(urls: &[String], hub: Arc<Hub>) -> Result<Self, ServerError> {
         Ok(Self {
-            backend: Backend::Postgres(PgStore::open(url, hub).await?),
+            backend: Backend::Postgres(PgShards::open(urls, hub).await?),
         })
+    }
+
+    /// Opens what `database` names (`sqlite_path` for the embedded store).
+    pub async fn open_database(
+        database: &Database,
+        sqlite_path: &Path,
+        hub: Arc<Hub>,
+    ) -> Result<Self, ServerError> {
+        match database {
+            Database::Sqlite => Self::open(sqlite_path).await,
+            Database::Postgres(urls) => Self::open_shards(urls, hub).await,
+        }
     }
 
     /// Waits until every write submitted so far is committed, then closes the database.
@@ -215,20 +262,37 @@ impl Store {
             .await)
     }
 
-    pub async fn one_time_key_count(&self, device_id: i64) -> Result<u32, ServerError> {
-        forward!(self, s => s.one_time_key_count(device_id).await)
+    /// One-time keys left for `device_id`, a device of `owner`'s account.
+    pub async fn one_time_key_count(
+        &self,
+        owner: &str,
+        device_id: i64,
+    ) -> Result<u32, ServerError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.one_time_key_count(device_id).await,
+            Backend::Postgres(s) => s.one_time_key_count(owner, device_id).await,
+        }
     }
 
     /// Adds one-time keys (and optionally replaces the fallback key); returns the new count,
     /// or `None` if the device would hold more than `max_keys`.
     pub async fn upload_keys(
         &self,
-        device_id: i64,
+        device: &DeviceRecord,
         one_time_keys: &[SignedKey],
         fallback: Option<&SignedKey>,
         max_keys: u32,
     ) -> Result<Option<u32>, ServerError> {
-        forward!(self, s => s.upload_keys(device_id, one_time_keys, fallback, max_keys).await)
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                s.upload_keys(device.device_id, one_time_keys, fallback, max_keys)
+                    .await
+            }
+            Backend::Postgres(s) => {
+                s.upload_keys(device, one_time_keys, fallback, max_keys)
+                    .await
+            }
+        }
     }
 
     /// Hands out one key per device of `username` (see [`SqliteStore::claim_keys`]).
@@ -252,14 +316,17 @@ impl Store {
         forward!(self, s => s.enqueue(sender, recipient, message_id, ciphertexts, limits).await)
     }
 
-    /// Envelopes for `device_id` after queue position `after_seq`, oldest first.
+    /// Envelopes for `device` after queue position `after_seq`, oldest first.
     pub async fn pending(
         &self,
-        device_id: i64,
+        device: &DeviceRecord,
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<QueuedEnvelope>, ServerError> {
-        forward!(self, s => s.pending(device_id, after_seq, limit).await)
+        match &self.backend {
+            Backend::Sqlite(s) => s.pending(device.device_id, after_seq, limit).await,
+            Backend::Postgres(s) => s.pending(device, after_seq, limit).await,
+        }
     }
 
     /// The recipient stored the message: delete it and queue a receipt for the sender's
@@ -274,11 +341,14 @@ impl Store {
 
     pub async fn pending_receipts(
         &self,
-        device_id: i64,
+        device: &DeviceRecord,
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<QueuedReceipt>, ServerError> {
-        forward!(self, s => s.pending_receipts(device_id, after_seq, limit).await)
+        match &self.backend {
+            Backend::Sqlite(s) => s.pending_receipts(device.device_id, after_seq, limit).await,
+            Backend::Postgres(s) => s.pending_receipts(device, after_seq, limit).await,
+        }
     }
 
     /// Deletes up to `limit` queued messages older than `before_ms` and queues an
@@ -287,8 +357,15 @@ impl Store {
         forward!(self, s => s.expire(before_ms, limit).await)
     }
 
-    pub async fn ack_receipt(&self, device_id: i64, message_id: &[u8]) -> Result<(), ServerError> {
-        forward!(self, s => s.ack_receipt(device_id, message_id).await)
+    pub async fn ack_receipt(
+        &self,
+        device: &DeviceRecord,
+        message_id: &[u8],
+    ) -> Result<(), ServerError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.ack_receipt(device.device_id, message_id).await,
+            Backend::Postgres(s) => s.ack_receipt(device, message_id).await,
+        }
     }
 }
 
@@ -335,6 +412,17 @@ mod tests {
                     }
                 )*
             }
+            /// Three shards: alice, bob and carol each live in another database
+            /// (see `the_suite_s_users_live_in_different_shards`).
+            mod sharded {
+                $(
+                    #[tokio::test]
+                    async fn $name() {
+                        let s = super::sharded_store(3).await;
+                        super::$name(s).await;
+                    }
+                )*
+            }
         };
     }
 
@@ -347,6 +435,45 @@ mod tests {
         expired_messages_leave_the_queue_and_tell_the_sender,
         a_sender_over_its_byte_quota_is_refused_but_retries_are_not
     );
+
+    async fn sharded_store(count: usize) -> Store {
+        let pg = postern_test_kit::postgres::Postgres::shared();
+        let urls: Vec<String> = (0..count).map(|_| pg.fresh_database()).collect();
+        let hub = Arc::new(crate::hub::Hub::default());
+        Store::open_shards(&urls, hub).await.unwrap()
+    }
+
+    #[test]
+    fn the_suite_s_users_live_in_different_shards() {
+        let shards: Vec<usize> = ["alice", "bob", "carol"]
+            .iter()
+            .map(|u| placement::shard_of(u, 3))
+            .collect();
+        assert_eq!(
+            shards,
+            vec![1, 0, 2],
+            "every message in the suite crosses shards"
+        );
+    }
+
+    #[test]
+    fn database_flags_parse_to_one_store() {
+        assert_eq!(Database::parse_all::<&str>(&[]).unwrap(), Database::Sqlite);
+        assert_eq!(Database::parse_all(&["sqlite"]).unwrap(), Database::Sqlite);
+        let two = ["postgres://a@h/one", "postgresql://a@h/two"];
+        assert_eq!(
+            Database::parse_all(&two).unwrap(),
+            Database::Postgres(two.iter().map(|s| s.to_string()).collect())
+        );
+        for bad in [
+            &["sqlite", "postgres://a@h/one"][..],
+            &["postgres://a@h/one", "postgres://a@h/one"],
+            &["mysql://a@h/one"],
+        ] {
+            let e = Database::parse_all(bad).unwrap_err().to_string();
+            assert!(e.contains("--database"), "{e}");
+        }
+    }
 
     async fn register(s: &Store, name: &str, noise: u8, otks: &[SignedKey]) -> DeviceRecord {
         match s
@@ -388,18 +515,19 @@ mod tests {
         let b = s.claim_keys("bob", true).await.unwrap().unwrap();
         assert!(b[0].is_fallback);
         assert_eq!(b[0].key.as_ref().unwrap().public_key, vec![99; 32]);
-        assert_eq!(s.one_time_key_count(bob.device_id).await.unwrap(), 0);
-        assert!(s.claim_keys("nobody", true).await.unwrap().is_none());
         assert_eq!(
-            s.upload_keys(bob.device_id, &[key(12)], None, 1)
+            s.one_time_key_count(&bob.username, bob.device_id)
                 .await
                 .unwrap(),
+            0
+        );
+        assert!(s.claim_keys("nobody", true).await.unwrap().is_none());
+        assert_eq!(
+            s.upload_keys(&bob, &[key(12)], None, 1).await.unwrap(),
             Some(1)
         );
         assert_eq!(
-            s.upload_keys(bob.device_id, &[key(13)], None, 1)
-                .await
-                .unwrap(),
+            s.upload_keys(&bob, &[key(13)], None, 1).await.unwrap(),
             None
         );
     }
@@ -421,7 +549,7 @@ mod tests {
                 EnqueueOutcome::Accepted { .. }
             ));
         }
-        let p = s.pending(bob.device_id, 0, 10).await.unwrap();
+        let p = s.pending(&bob, 0, 10).await.unwrap();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].sender, "alice");
         assert_eq!(
@@ -429,16 +557,12 @@ mod tests {
             Some(alice.device_id)
         );
         assert_eq!(s.ack_message(&bob, b"id-1").await.unwrap(), None);
-        assert!(s.pending(bob.device_id, 0, 10).await.unwrap().is_empty());
-        let r = s.pending_receipts(alice.device_id, 0, 10).await.unwrap();
+        assert!(s.pending(&bob, 0, 10).await.unwrap().is_empty());
+        let r = s.pending_receipts(&alice, 0, 10).await.unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].recipient, "bob");
-        s.ack_receipt(alice.device_id, b"id-1").await.unwrap();
-        assert!(s
-            .pending_receipts(alice.device_id, 0, 10)
-            .await
-            .unwrap()
-            .is_empty());
+        s.ack_receipt(&alice, b"id-1").await.unwrap();
+        assert!(s.pending_receipts(&alice, 0, 10).await.unwrap().is_empty());
     }
 
     async fn concurrent_writes_are_committed_in_batches_and_isolated(s: Store) {
@@ -470,7 +594,7 @@ mod tests {
                 EnqueueOutcome::Accepted { .. }
             ));
         }
-        assert_eq!(s.pending(bob.device_id, 0, 1000).await.unwrap().len(), 300);
+        assert_eq!(s.pending(&bob, 0, 1000).await.unwrap().len(), 300);
         s.close().await;
     }
 
@@ -533,8 +657,8 @@ mod tests {
         );
         let wake = s.expire(u64::MAX / 2, 100).await.unwrap();
         assert_eq!(wake, vec![alice.device_id]);
-        assert!(s.pending(bob.device_id, 0, 10).await.unwrap().is_empty());
-        let r = s.pending_receipts(alice.device_id, 0, 10).await.unwrap();
+        assert!(s.pending(&bob, 0, 10).await.unwrap().is_empty());
+        let r = s.pending_receipts(&alice, 0, 10).await.unwrap();
         assert_eq!(r.len(), 1);
         assert!(r[0].expired);
         assert_eq!(r[0].recipient, "bob");

@@ -30,10 +30,14 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::{Connection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::placement::Placement;
 use super::*;
 use crate::hub::Hub;
 use crate::ServerError;
 
+/// How nodes name their database connections, so `postern server reshard` can tell
+/// that a node is still running.
+pub(crate) const APPLICATION_NAME: &str = "postern-server";
 /// The channel every node listens on.
 const CHANNEL: &str = "postern_wake";
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
@@ -65,6 +69,16 @@ pub(crate) enum Wake {
     Receipts(i64),
 }
 
+/// A receipt owed to a sending device whose account lives in another shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignReceipt {
+    pub sender: String,
+    pub sender_device: i64,
+    pub message_id: Vec<u8>,
+    pub recipient: String,
+    pub expired: bool,
+}
+
 /// What a write reports to the writer task: whether it succeeded (else its savepoint is
 /// rolled back), the devices to wake on other nodes, and how to answer its caller once
 /// the batch's commit is known.
@@ -79,6 +93,7 @@ pub struct PgStore {
     /// Reads only.
     pool: PgPool,
     writer: mpsc::Sender<WriteJob>,
+    writer_task: Arc<tokio::task::JoinHandle<()>>,
     listener: Arc<tokio::task::JoinHandle<()>>,
 }
 
@@ -200,7 +215,7 @@ impl PgStore {
     /// advisory lock keeps nodes that start together from racing), starts the writer task
     /// and the listener for other nodes' wake-ups, which it delivers to `hub`.
     pub async fn open(url: &str, hub: Arc<Hub>) -> Result<Self, ServerError> {
-        let options = PgConnectOptions::from_str(url)?;
+        let options = PgConnectOptions::from_str(url)?.application_name(APPLICATION_NAME);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -210,19 +225,26 @@ impl PgStore {
         let conn = PgConnection::connect_with(&options).await?;
         let node: u64 = rand::random();
         let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(write_loop(conn, options.clone(), node, jobs));
+        let writer_task = Arc::new(tokio::spawn(write_loop(conn, options.clone(), node, jobs)));
         let listener = Arc::new(tokio::spawn(listen(options, node, hub)));
         Ok(Self {
             pool,
             writer,
+            writer_task,
             listener,
         })
     }
 
-    /// Waits until every write submitted so far is committed, stops listening and closes
-    /// the read pool. (The writer task ends when the last handle is dropped.)
+    /// Records (or checks) this database's place among the shards: see [`claim_shard`].
+    pub async fn claim_shard(&self, want: Placement) -> Result<(), ServerError> {
+        claim_shard(&self.pool, want).await
+    }
+
+    /// Waits until every write submitted so far is committed, then stops the writer and
+    /// the listener and closes the read pool; writes after this fail.
     pub async fn close(&self) {
         let _ = self.write(|_| Box::pin(async { Ok(()) })).await;
+        self.writer_task.abort();
         self.listener.abort();
         self.pool.close().await;
     }
@@ -559,8 +581,8 @@ impl PgStore {
             }
             let inserted = sqlx::query(
                 "INSERT INTO queue
-                   (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext, sender_account)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT DO NOTHING",
             )
             .bind(c.device_id)
@@ -570,6 +592,7 @@ impl PgStore {
             .bind(now)
             .bind(i64::from(c.olm_type))
             .bind(&c.body)
+            .bind(sender.account_id)
             .execute(&mut *tx)
             .await?;
             if inserted.rows_affected() > 0 {
@@ -620,8 +643,9 @@ impl PgStore {
     }
 
     /// The recipient stored the message: delete it and queue a receipt for the sender's
-    /// device. Returns that device (to wake it), or `None` if there was nothing to delete
-    /// (a repeated acknowledgement).
+    /// device, in one transaction. Returns that device (to wake it), or `None` if there was
+    /// nothing to delete (a repeated acknowledgement). Only for a sender whose account is in
+    /// this database; across shards see [`Self::queued_sender`].
     pub async fn ack_message(
         &self,
         device: &DeviceRecord,
@@ -631,33 +655,77 @@ impl PgStore {
         self.write_waking(
             move |tx| {
                 Box::pin(async move {
-                    let deleted = sqlx::query(
-                        "DELETE FROM queue WHERE recipient_device = $1 AND message_id = $2
-             RETURNING sender_device, octet_length(ciphertext)::int8",
-                    )
-                    .bind(device.device_id)
-                    .bind(&message_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    let Some(row) = deleted else {
+                    let Some(sender_device) =
+                        delete_queued(tx, device.device_id, &message_id).await?
+                    else {
                         return Ok(None);
                     };
-                    let sender_device: i64 = row.get(0);
-                    release_queued_bytes(tx, sender_device, row.get(1)).await?;
-                    lock(tx, receipt_lock(sender_device)).await?;
-                    // The sender's device may have been deleted since; then there is no one to tell.
-                    let res = sqlx::query(
-                        "INSERT INTO receipts (device_id, message_id, recipient, server_time_ms)
-             SELECT id, $1, $2, $3 FROM devices WHERE id = $4
-             ON CONFLICT DO NOTHING",
-                    )
-                    .bind(&message_id)
-                    .bind(&device.username)
-                    .bind(now_ms())
-                    .bind(sender_device)
-                    .execute(&mut *tx)
-                    .await?;
-                    Ok((res.rows_affected() > 0).then_some(sender_device))
+                    let queued =
+                        insert_receipt(tx, sender_device, &message_id, &device.username, false)
+                            .await?;
+                    Ok(queued.then_some(sender_device))
+                })
+            },
+            |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect(),
+        )
+        .await
+    }
+
+    /// The sending device and account name of a message waiting for `device_id`.
+    pub async fn queued_sender(
+        &self,
+        device_id: i64,
+        message_id: &[u8],
+    ) -> Result<Option<(i64, String)>, ServerError> {
+        let row = sqlx::query(
+            "SELECT sender_device, sender FROM queue WHERE recipient_device = $1 AND message_id = $2",
+        )
+        .bind(device_id)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Deletes a delivered message (its receipt was queued in the sender's shard first);
+    /// returns whether it was still there.
+    pub async fn delete_delivered(
+        &self,
+        device_id: i64,
+        message_id: &[u8],
+    ) -> Result<bool, ServerError> {
+        let message_id = message_id.to_vec();
+        self.write(move |tx| {
+            Box::pin(async move { Ok(delete_queued(tx, device_id, &message_id).await?.is_some()) })
+        })
+        .await
+    }
+
+    /// Queues receipts for sending devices of this database (from messages that left a
+    /// queue in another shard); returns the devices to wake.
+    pub async fn queue_receipts(
+        &self,
+        receipts: Vec<ForeignReceipt>,
+    ) -> Result<Vec<i64>, ServerError> {
+        self.write_waking(
+            move |tx| {
+                let receipts = receipts.clone();
+                Box::pin(async move {
+                    let mut woken = Vec::with_capacity(receipts.len());
+                    for r in &receipts {
+                        if insert_receipt(
+                            tx,
+                            r.sender_device,
+                            &r.message_id,
+                            &r.recipient,
+                            r.expired,
+                        )
+                        .await?
+                        {
+                            woken.push(r.sender_device);
+                        }
+                    }
+                    Ok(woken)
                 })
             },
             |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect(),
@@ -693,49 +761,57 @@ impl PgStore {
     }
 
     /// Deletes up to `limit` queued messages older than `before_ms` (the queue
-    /// time-to-live) and queues an `expired` receipt for each sender's device. Returns the
-    /// sender devices to wake (one entry per expired message, possibly repeated).
-    pub async fn expire(&self, before_ms: u64, limit: u32) -> Result<Vec<i64>, ServerError> {
+    /// time-to-live) and queues an `expired` receipt for each sender's device held by this
+    /// database (`placement`); receipts for senders in other shards are returned for the
+    /// caller to queue there. Returns the local sender devices to wake (one entry per
+    /// expired message, possibly repeated).
+    pub async fn expire(
+        &self,
+        before_ms: u64,
+        limit: u32,
+        placement: Placement,
+    ) -> Result<(Vec<i64>, Vec<ForeignReceipt>), ServerError> {
         self.write_waking(move |tx| {
             Box::pin(async move {
                 let rows = sqlx::query(
-                    "DELETE FROM queue WHERE seq IN
+                    "DELETE FROM queue q USING devices d JOIN accounts a ON a.id = d.account_id
+                     WHERE d.id = q.recipient_device AND q.seq IN
                        (SELECT seq FROM queue WHERE server_time_ms < $1 ORDER BY server_time_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
-                     RETURNING message_id, sender_device, recipient_device, octet_length(ciphertext)::int8",
+                     RETURNING q.message_id, q.sender_device, q.sender, a.username,
+                               octet_length(q.ciphertext)::int8, q.sender_account",
                 )
                 .bind(before_ms as i64)
                 .bind(i64::from(limit))
                 .fetch_all(&mut *tx)
                 .await?;
-                let now = now_ms();
                 let mut wake = Vec::with_capacity(rows.len());
+                let mut foreign = Vec::new();
                 for row in rows {
-                    let message_id: Vec<u8> = row.get(0);
-                    let sender_device: i64 = row.get(1);
-                    let recipient_device: i64 = row.get(2);
-                    release_queued_bytes(tx, sender_device, row.get(3)).await?;
-                    lock(tx, receipt_lock(sender_device)).await?;
-                    let res = sqlx::query(
-                        "INSERT INTO receipts
-                           (device_id, message_id, recipient, server_time_ms, expired)
-                         SELECT s.id, $1, a.username, $2, 1 FROM devices s, devices r
-                           JOIN accounts a ON a.id = r.account_id
-                         WHERE s.id = $3 AND r.id = $4
-             ON CONFLICT DO NOTHING",
+                    let receipt = ForeignReceipt {
+                        message_id: row.get(0),
+                        sender_device: row.get(1),
+                        sender: row.get(2),
+                        recipient: row.get(3),
+                        expired: true,
+                    };
+                    release_queued_bytes(tx, row.get(5), receipt.sender_device, row.get(4)).await?;
+                    if !placement.holds(&receipt.sender) {
+                        foreign.push(receipt);
+                    } else if insert_receipt(
+                        tx,
+                        receipt.sender_device,
+                        &receipt.message_id,
+                        &receipt.recipient,
+                        true,
                     )
-                    .bind(&message_id)
-                    .bind(now)
-                    .bind(sender_device)
-                    .bind(recipient_device)
-                    .execute(&mut *tx)
-                    .await?;
-                    if res.rows_affected() > 0 {
-                        wake.push(sender_device);
+                    .await?
+                    {
+                        wake.push(receipt.sender_device);
                     }
                 }
-                Ok(wake)
+                Ok((wake, foreign))
             })
-        }, |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect())
+        }, |(woken, _)| woken.iter().map(|d| Wake::Receipts(*d)).collect())
         .await
     }
 
@@ -753,6 +829,119 @@ impl PgStore {
         })
         .await
     }
+}
+
+/// Records (or checks) that this database is shard `want.index` of `want.count`, so a
+/// node given the databases in another order, or another number of them, refuses to
+/// start instead of placing accounts where other nodes will not look. A new shard
+/// other than the first starts its account and device ids at `want.first_id()`, so ids
+/// stay unique across shards; both happen in one transaction, before any node serves.
+pub(crate) async fn claim_shard(pool: &PgPool, want: Placement) -> Result<(), ServerError> {
+    let mut tx = pool.begin().await?;
+    let claimed = sqlx::query(
+        "INSERT INTO shard (shard_index, shard_count, created_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (only_row) DO NOTHING",
+    )
+    .bind(want.index as i64)
+    .bind(want.count as i64)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    let nth = want.index + 1;
+    if claimed {
+        let has_accounts: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts)")
+            .fetch_one(&mut *tx)
+            .await?;
+        if has_accounts && want.count > 1 {
+            return Err(ServerError::Config(format!(
+                "database {nth} of {} already holds accounts of an unsharded service: \
+                     going from one database to several moves accounts first \
+                     (docs/server.md, \"Resharding\")",
+                want.count
+            )));
+        }
+        if want.index > 0 {
+            let first = want.first_id();
+            for seq in ["accounts_id_seq", "devices_id_seq"] {
+                sqlx::query(&format!("ALTER SEQUENCE {seq} RESTART WITH {first}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        return Ok(());
+    }
+    let (index, count): (i64, i64) = sqlx::query_as("SELECT shard_index, shard_count FROM shard")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if count != want.count as i64 {
+        return Err(ServerError::Config(format!(
+            "the databases were set up as {count} shard(s) but {} --database URLs were \
+                 given: changing the number of shards moves accounts first \
+                 (docs/server.md, \"Resharding\")",
+            want.count
+        )));
+    }
+    if index != want.index as i64 {
+        return Err(ServerError::Config(format!(
+            "--database number {nth} is shard {} of {count}: give every node the same \
+                 --database URLs in the same order",
+            index + 1
+        )));
+    }
+    Ok(())
+}
+
+/// Deletes the message waiting for `device_id` and releases its bytes from the sender's
+/// quota; returns the sending device, or `None` if it was not there.
+async fn delete_queued(
+    tx: &mut PgConnection,
+    device_id: i64,
+    message_id: &[u8],
+) -> Result<Option<i64>, ServerError> {
+    let deleted = sqlx::query(
+        "DELETE FROM queue WHERE recipient_device = $1 AND message_id = $2
+         RETURNING sender_device, octet_length(ciphertext)::int8, sender_account",
+    )
+    .bind(device_id)
+    .bind(message_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = deleted else {
+        return Ok(None);
+    };
+    let sender_device: i64 = row.get(0);
+    release_queued_bytes(tx, row.get(2), sender_device, row.get(1)).await?;
+    Ok(Some(sender_device))
+}
+
+/// Queues a receipt (delivered, or `expired`) for `sender_device`, which must be a device
+/// of this database; returns whether it is new. The sender's device may have been
+/// deleted since: then there is no one to tell.
+async fn insert_receipt(
+    tx: &mut PgConnection,
+    sender_device: i64,
+    message_id: &[u8],
+    recipient: &str,
+    expired: bool,
+) -> Result<bool, ServerError> {
+    lock(tx, receipt_lock(sender_device)).await?;
+    let res = sqlx::query(
+        "INSERT INTO receipts (device_id, message_id, recipient, server_time_ms, expired)
+         SELECT id, $1, $2, $3, $4 FROM devices WHERE id = $5
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(message_id)
+    .bind(recipient)
+    .bind(now_ms())
+    .bind(i64::from(expired))
+    .bind(sender_device)
+    .execute(&mut *tx)
+    .await?;
+    Ok(res.rows_affected() > 0)
 }
 
 /// Adds `bytes` to the account's undelivered bytes (the per-account quota).
@@ -773,17 +962,21 @@ async fn add_queued_bytes(
 }
 
 /// A message of `bytes` sent by `sender_device` left the queue (delivered or expired).
+/// Rows queued before migration 0002 do not name the sending account: it is looked up
+/// (such rows come from an unsharded database, where the sender's device is too).
 async fn release_queued_bytes(
     tx: &mut PgConnection,
+    sender_account: Option<i64>,
     sender_device: i64,
     bytes: i64,
 ) -> Result<(), ServerError> {
     sqlx::query(
         "UPDATE queued_bytes SET bytes = GREATEST(0, bytes - $1)
-         WHERE account_id = (SELECT account_id FROM devices WHERE id = $2)",
+         WHERE account_id = COALESCE($3, (SELECT account_id FROM devices WHERE id = $2))",
     )
     .bind(bytes)
     .bind(sender_device)
+    .bind(sender_account)
     .execute(&mut *tx)
     .await?;
     Ok(())
