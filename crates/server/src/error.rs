@@ -18,6 +18,10 @@ pub enum ServerError {
     Protocol(#[from] ProtocolError),
     #[error("{0}")]
     Config(String),
+    /// Another server node was writing for the same device at that moment (PostgreSQL);
+    /// the write was rolled back and may simply be tried again.
+    #[error("another server node is busy with the same device: try again")]
+    Contended,
 }
 
 impl ServerError {

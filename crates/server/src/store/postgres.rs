@@ -10,9 +10,11 @@
 //!   highest `seq` it has sent), which is only safe if rows of one device become visible in
 //!   `seq` order: each write therefore takes a transaction-scoped advisory lock on the
 //!   device's queue (or receipt list) before inserting, so two nodes queueing for the same
-//!   device commit one after the other. Locks taken in different orders by two batches can
-//!   deadlock; PostgreSQL then fails one statement, whose savepoint is rolled back, and
-//!   that write is retried (nothing was acknowledged).
+//!   device commit one after the other. The sender's byte-quota row, written by the
+//!   sender's node and by the recipient's, is guarded the same way. Locks are tried, never
+//!   waited for: a write that finds one held by another node's open batch is rolled back
+//!   to its savepoint and submitted again to a later batch (nothing was acknowledged), so
+//!   batches of different nodes never wait on each other and cannot deadlock.
 //! * **Cross-node wake-ups.** A node knows only its own connections ([`Hub`]). Every
 //!   batch that queued envelopes or receipts sends, inside its transaction, one
 //!   `NOTIFY postern_wake` listing the devices to wake (split only past PostgreSQL's 8000
@@ -44,22 +46,43 @@ const CHANNEL: &str = "postern_wake";
 const MAX_PAYLOAD: usize = 7900;
 /// Times a write that lost a deadlock (or a serialization conflict) is tried again.
 const RETRIES: usize = 8;
+/// Times a write that found a device locked by another node's batch is tried again (with
+/// pauses growing to 20 ms: a few seconds in all) before its caller is told to retry.
+const CONTENDED_RETRIES: usize = 200;
 
-/// Advisory-lock keys: one per device's queue, one per device's receipts.
+/// Advisory-lock keys: one per device's queue, one per device's receipts, one per
+/// account's byte quota (ids are below 2^57, so the keys never collide).
 fn queue_lock(device_id: i64) -> i64 {
-    device_id.wrapping_mul(2)
+    device_id.wrapping_mul(4)
 }
 fn receipt_lock(device_id: i64) -> i64 {
-    device_id.wrapping_mul(2).wrapping_add(1)
+    device_id.wrapping_mul(4).wrapping_add(1)
+}
+/// The quota row is written by the sender's node (enqueue) and the recipient's (delivery):
+/// taken like the others, without waiting, so those two never wait on each other's row
+/// lock (which deadlocked nodes' batches in the scale-out benchmark).
+fn quota_lock(account_id: i64) -> i64 {
+    account_id.wrapping_mul(4).wrapping_add(2)
 }
 
 /// Serializes inserts into one device's queue (or receipts) until the transaction ends.
+///
+/// It does not wait: when another node's open batch holds the lock, this write gives way
+/// ([`ServerError::Contended`]: its savepoint is rolled back, the rest of the batch goes
+/// on) and is submitted again to this node's next batch. Waiting instead would hold every
+/// lock this batch already took while the other batch waits for them in turn — two nodes'
+/// batches of a few hundred writes over the same devices then deadlock, and each deadlock
+/// stalls both writers for PostgreSQL's `deadlock_timeout`.
 async fn lock(tx: &mut PgConnection, key: i64) -> Result<(), ServerError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(key)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-    Ok(())
+    if got {
+        Ok(())
+    } else {
+        Err(ServerError::Contended)
+    }
 }
 
 /// A device another node may have to wake.
@@ -271,11 +294,18 @@ impl PgStore {
             + Clone
             + 'static,
     {
-        let mut attempt = 0;
+        let (mut attempt, mut contended) = (0, 0);
         loop {
-            attempt += 1;
             match self.submit(op.clone(), wakes).await {
-                Err(e) if attempt < RETRIES && is_retryable(&e) => {
+                // Another node's batch holds a device this write needs: its commit is
+                // milliseconds away, so try again in a following batch.
+                Err(ServerError::Contended) if contended < CONTENDED_RETRIES => {
+                    contended += 1;
+                    let pause = Duration::from_millis(contended.min(20) as u64);
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) if attempt + 1 < RETRIES && is_retryable(&e) => {
+                    attempt += 1;
                     tracing::debug!(error = %e, attempt, "retrying a database write");
                 }
                 other => return other,
@@ -550,6 +580,7 @@ impl PgStore {
         for d in &addressed {
             lock(tx, queue_lock(*d)).await?;
         }
+        lock(tx, quota_lock(sender.account_id)).await?;
         let now = now_ms();
         let already: Option<i64> = sqlx::query_scalar(
             "SELECT 1::int8 FROM queue WHERE recipient_device = $1 AND message_id = $2 LIMIT 1",
@@ -970,15 +1001,24 @@ async fn release_queued_bytes(
     sender_device: i64,
     bytes: i64,
 ) -> Result<(), ServerError> {
-    sqlx::query(
-        "UPDATE queued_bytes SET bytes = GREATEST(0, bytes - $1)
-         WHERE account_id = COALESCE($3, (SELECT account_id FROM devices WHERE id = $2))",
-    )
-    .bind(bytes)
-    .bind(sender_device)
-    .bind(sender_account)
-    .execute(&mut *tx)
-    .await?;
+    let account = match sender_account {
+        Some(a) => Some(a),
+        None => {
+            sqlx::query_scalar("SELECT account_id FROM devices WHERE id = $1")
+                .bind(sender_device)
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+    };
+    let Some(account) = account else {
+        return Ok(());
+    };
+    lock(tx, quota_lock(account)).await?;
+    sqlx::query("UPDATE queued_bytes SET bytes = GREATEST(0, bytes - $1) WHERE account_id = $2")
+        .bind(bytes)
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
