@@ -376,7 +376,9 @@ mod tests {
         s.close().await;
         drop(s);
         // Wrong lists are refused before anything moves.
-        let e = reshard(std::slice::from_ref(&second), &to).await.unwrap_err();
+        let e = reshard(std::slice::from_ref(&second), &to)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("same order"), "{e}");
 
         let report = reshard(std::slice::from_ref(&first), &to).await.unwrap();

@@ -292,7 +292,11 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(swapped.contains("same order"), "{swapped}");
-        let fewer = open(std::slice::from_ref(&a)).await.err().unwrap().to_string();
+        let fewer = open(std::slice::from_ref(&a))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(fewer.contains("set up as 2 shard(s)"), "{fewer}");
         let more = open(&[a.clone(), b.clone(), pg.fresh_database()])
             .await
