@@ -7,9 +7,9 @@
 //!
 //! Both keep the same promise: every write that the protocol acknowledges is committed
 //! first, so an acknowledged message survives a crash, and a crash in the middle of an
-//! operation leaves no half-written state. Both **group commit**: one writer task per
-//! process runs each waiting write in its own savepoint inside one transaction, commits
-//! once, and only then answers each caller. Reads never wait for the writer.
+//! operation leaves no half-written state. Both **group commit**: a writer task (one for
+//! SQLite, a few per node for PostgreSQL) runs each waiting write in its own savepoint
+//! inside one transaction, commits once, and only then answers each caller. Reads never wait for the writer.
 //!
 //! **Why an enum and not a trait object.** Every operation is an `async fn`; a
 //! `dyn Trait` of them needs `async-trait` (a boxed future and an allocation per call, and

@@ -1,11 +1,12 @@
 //! The PostgreSQL backend: several server nodes may share one database.
 //!
 //! The operations and their SQL mirror the SQLite backend (see `sqlite.rs`), with the same
-//! **group commit**: each node has one writer task that runs every waiting write in its
-//! own savepoint inside one transaction and commits once before answering. What differs:
+//! **group commit**: a writer task runs every waiting write in its own savepoint inside one
+//! transaction and commits once before answering. What differs:
 //!
-//! * **Several writers.** Every node has its own writer, so transactions of different nodes
-//!   run concurrently (READ COMMITTED). Uniqueness is kept by the constraints; the byte
+//! * **Several writers.** Every node has [`WRITERS`] of them (a device's writes always go
+//!   to the same one), and every node its own, so transactions run concurrently (READ
+//!   COMMITTED). Uniqueness is kept by the constraints; the byte
 //!   quota by an atomic upsert. A connection reads its device's queue from a cursor (the
 //!   highest `seq` it has sent), which is only safe if rows of one device become visible in
 //!   `seq` order: each write therefore takes a transaction-scoped advisory lock on the
