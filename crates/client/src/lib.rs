@@ -8,7 +8,9 @@
 //!   authenticated Noise connection kept alive — pinged when silent, replaced when a
 //!   censor freezes it. It knows nothing about messages.
 //! * `sessions`: end-to-end encryption with Olm (vodozemac) to every device of a
-//!   contact, decryption, one-time key top-up ([`crypto`] holds the key rules).
+//!   contact, decryption, one-time key top-up ([`crypto`] holds the key rules); keys
+//!   pinned on first use, a later change accepted but marked in the conversation, and
+//!   [`safety`] numbers to compare them in person.
 //! * `outbox` / `inbox`: what the user typed until the server holds it (pending →
 //!   ✓ sent, or failed with the reason), and what arrives until it is stored and
 //!   acknowledged (duplicates dropped by id, receipts turning ✓ into ✓✓).
@@ -35,7 +37,7 @@ mod sessions;
 pub mod store;
 pub mod timeouts;
 
-pub use client::{Client, RECONNECTS_PER_OPERATION};
+pub use client::{Client, ContactSafety, RECONNECTS_PER_OPERATION};
 pub use connector::connection::{BoxStream, Stream};
 pub use connector::health::RouteHealth;
 pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
