@@ -142,8 +142,8 @@ function onPush(push) {
       break;
     case "event": {
       const e = push.event;
-      if (["incoming", "sent", "delivered", "failed", "undecryptable"].includes(e.type)) {
-        const peer = e.to || e.from;
+      if (["incoming", "sent", "delivered", "failed", "undecryptable", "key_changed"].includes(e.type)) {
+        const peer = e.to || e.from || e.contact;
         refreshChats();
         if (peer && peer === state.openPeer) refreshHistory(true);
       }
@@ -366,7 +366,8 @@ function renderChatList() {
     return;
   }
   replace(list, state.chats.map((c) => {
-    const preview = (c.last_outgoing ? (MARKS[c.last_status] || "") + " You: " : "") + c.last_text;
+    const preview = c.last_status === "key_changed" ? "⚠ Safety number changed"
+      : (c.last_outgoing ? (MARKS[c.last_status] || "") + " You: " : "") + c.last_text;
     return h("li", {
       class: c.peer === state.openPeer ? "open" : "",
       "data-test": "chat", "data-peer": c.peer,
@@ -433,8 +434,11 @@ function renderConversation() {
       send();
     }
   });
+  views.safety = h("div", { class: "safety", "data-test": "safety", hidden: true });
   replace(views.main,
-    h("div", { class: "conv-head" }, h("div", { class: "avatar" }, peer.slice(0, 1)), h("span", { "data-test": "conversation-peer" }, peer)),
+    h("div", { class: "conv-head" }, h("div", { class: "avatar" }, peer.slice(0, 1)), h("span", { "data-test": "conversation-peer" }, peer),
+      h("button", { class: "link safety-button", "data-test": "safety-button", onclick: () => toggleSafety() }, "Safety number")),
+    views.safety,
     views.messages,
     h("div", { class: "compose" }, text, h("button", { class: "primary", "data-test": "send", onclick: send }, "Send")));
   renderMessages();
@@ -451,6 +455,11 @@ function renderMessages() {
   }
   replace(box, state.history.map((m) => {
     const status = m.status;
+    if (status === "key_changed") {
+      return h("div", { class: "key-notice", "data-test": "key-changed" },
+        `⚠ ${state.openPeer}'s safety number changed (new identity key) · ${formatTime(m.created_ms)} `,
+        h("button", { class: "link", onclick: () => toggleSafety(true) }, "Verify"));
+    }
     const marks = m.outgoing ? h("span", { class: `marks ${status}`, title: MARK_TITLES[status] || "", "data-test": "marks" }, MARKS[status] || "") : null;
     return h("div", {
       class: "bubble" + (m.outgoing ? " out" : "") + (status === "failed" ? " failed" : ""),
@@ -461,6 +470,61 @@ function renderMessages() {
     h("div", { class: "meta" }, h("span", {}, formatTime(m.created_ms)), marks));
   }));
   box.scrollTop = box.scrollHeight;
+}
+
+// ---- Safety number -------------------------------------------------------------------
+
+/** Shows (or hides) the safety number panel of the open conversation. */
+async function toggleSafety(show) {
+  const panel = views.safety;
+  const peer = state.openPeer;
+  if (!panel || !peer) return;
+  if (show === undefined ? !panel.hidden : !show) {
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  replace(panel, h("p", { class: "small" }, "Reading the safety number…"));
+  let s;
+  try {
+    s = await api("GET", `/api/contacts/${encodeURIComponent(peer)}/safety`);
+  } catch (e) {
+    replace(panel, h("p", { class: "small", "data-test": "safety-error" }, e.message));
+    return;
+  }
+  if (peer !== state.openPeer) return;
+  renderSafety(s);
+}
+
+function renderSafety(s) {
+  const panel = views.safety;
+  const peer = s.contact;
+  const path = `/api/contacts/${encodeURIComponent(peer)}/verified`;
+  const mark = async (method, body) => {
+    try {
+      renderSafety(await api(method, path, body));
+    } catch (e) {
+      alert(e.message);
+      toggleSafety(true);
+    }
+  };
+  let status;
+  if (s.verified) status = h("p", { class: "ok", "data-test": "safety-status" }, `✓ Verified: you compared this number with ${peer}.`);
+  else if (s.changed_since_verified) status = h("p", { class: "bad", "data-test": "safety-status" }, `⚠ Not verified: ${peer}'s safety number changed since you verified it. Compare it again.`);
+  else if (s.key_changed_ms) status = h("p", { class: "bad", "data-test": "safety-status" }, `⚠ Not verified. ${peer}'s safety number changed on ${formatTime(s.key_changed_ms)}.`);
+  else status = h("p", { "data-test": "safety-status" }, "Not verified yet.");
+  replace(panel,
+    h("div", { class: "qr" },
+      h("img", { src: `/api/contacts/${encodeURIComponent(peer)}/safety/qr?n=${s.number}`, alt: "QR code of the safety number" }),
+      h("div", { class: "digits", "data-test": "safety-number" }, [0, 4, 8].map((i) => h("div", {}, s.groups.slice(i, i + 4).join("  "))))),
+    status,
+    s.checked_with_server ? null : h("p", { class: "small" }, "Computed from the keys kept on this device: the service was not reached."),
+    h("p", { class: "small" }, `Compare this number with ${peer} in person, or on a call where you recognise each other: ${peer} opens your chat's safety number. The same 60 digits mean nobody is in between. Different digits mean someone may be reading your messages: do not mark it verified.`),
+    h("div", { class: "row" },
+      s.verified
+        ? h("button", { "data-test": "safety-clear", onclick: () => mark("DELETE") }, "Clear verification")
+        : h("button", { class: "primary", "data-test": "safety-confirm", onclick: () => mark("POST", { number: s.number }) }, "Mark as verified"),
+      h("button", { class: "link", onclick: () => toggleSafety(false) }, "Close")));
 }
 
 // ---- Settings ------------------------------------------------------------------------

@@ -31,6 +31,7 @@ use crate::inbox::Inbox;
 use crate::outbox::{Outbox, PendingOutcome};
 use crate::profile::{ProfileDir, ProfileInfo, Secrets};
 use crate::proxy::{ProxyEntry, ProxyMode};
+use crate::safety::{DeviceIdentity, Party, SafetyNumber};
 use crate::sessions::Sessions;
 use crate::store::{Conversation, HistoryEntry, LocalStore};
 use crate::timeouts::REQUEST_TIMEOUT;
@@ -183,7 +184,7 @@ impl Client {
             info.network.server_addresses(),
             events.clone(),
         ));
-        let sessions = Sessions::new(store.clone());
+        let sessions = Sessions::new(store.clone(), events.clone());
         let outbox = Outbox::new(
             store.clone(),
             sessions.clone(),
@@ -564,6 +565,148 @@ impl Client {
     pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
         self.inner.store.history(peer).await
     }
+
+    // --- Safety numbers ---------------------------------------------------------------
+
+    /// The safety number with `contact`, to compare in person, and whether the user
+    /// verified it. Over the connection in use, if any, the contact's devices are read
+    /// from the server first (a change of their keys is then marked at once, and every
+    /// key the number needs is known); without one, the number comes from the keys
+    /// pinned here. Never connects by itself.
+    pub async fn safety_number(&self, contact: &str) -> Result<ContactSafety, ClientError> {
+        self.check_contact(contact)?;
+        let (mut checked_with_server, mut changed_now) = (false, false);
+        if let Ok((conn, _)) = self.connection().await {
+            match self.inner.sessions.refresh_devices(&conn, contact).await {
+                Ok(changed) => (checked_with_server, changed_now) = (true, changed),
+                Err(e) if e.is_connection_problem() => {
+                    tracing::debug!(error = %e, "safety number from the pinned keys")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (number, devices) = self.compute_safety_number(contact).await?;
+        let v = self.inner.store.verification(contact).await?;
+        let verified = v.verified_number.as_deref() == Some(number.digits());
+        let changed_since_verified = !verified
+            && (v.verified_number.is_some()
+                || matches!((v.verified_ms, v.key_changed_ms), (Some(a), Some(c)) if c >= a));
+        Ok(ContactSafety {
+            contact: contact.to_string(),
+            groups: number.groups().into_iter().map(str::to_string).collect(),
+            qr_payload: number.qr_payload(),
+            number,
+            verified,
+            verified_ms: v.verified_ms,
+            key_changed_ms: v.key_changed_ms,
+            changed_since_verified,
+            devices,
+            checked_with_server,
+            changed_now,
+        })
+    }
+
+    /// Marks `contact` verified: the user compared `number` (the digits shown, spaces
+    /// allowed) in person. Refused if it is not the number of the keys pinned now (they
+    /// changed since it was shown). A later change of the contact's keys clears the mark.
+    pub async fn mark_verified(&self, contact: &str, number: &str) -> Result<(), ClientError> {
+        self.check_contact(contact)?;
+        let (current, _) = self.compute_safety_number(contact).await?;
+        let given: String = number.chars().filter(|c| !c.is_whitespace()).collect();
+        if given != current.digits() {
+            return Err(ClientError::SafetyNumberChanged(contact.to_string()));
+        }
+        self.inner
+            .store
+            .set_verified(contact, Some(current.digits()))
+            .await
+    }
+
+    /// Clears `contact`'s verified mark.
+    pub async fn clear_verified(&self, contact: &str) -> Result<(), ClientError> {
+        self.check_contact(contact)?;
+        self.inner.store.set_verified(contact, None).await
+    }
+
+    fn check_contact(&self, contact: &str) -> Result<(), ClientError> {
+        username::validate(contact).map_err(|_| ClientError::UnknownContact(contact.into()))?;
+        if contact == self.username() {
+            return Err(ClientError::InvalidInput(
+                "a safety number is between you and a contact: name the contact".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The safety number from the keys pinned here, without asking the server (for a QR
+    /// code of a number just shown, say).
+    pub async fn pinned_safety_number(&self, contact: &str) -> Result<SafetyNumber, ClientError> {
+        self.check_contact(contact)?;
+        Ok(self.compute_safety_number(contact).await?.0)
+    }
+
+    /// The number from this device's keys and the contact's pinned ones, and how many
+    /// devices of the contact it covers.
+    async fn compute_safety_number(
+        &self,
+        contact: &str,
+    ) -> Result<(SafetyNumber, usize), ClientError> {
+        let pinned = self.inner.store.contact_devices(contact).await?;
+        if pinned.is_empty() {
+            return Err(ClientError::NoContactKeys(contact.to_string()));
+        }
+        let theirs = pinned
+            .iter()
+            .map(|d| DeviceIdentity::from_slices(d.ed25519.as_deref(), &d.curve25519))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ClientError::ContactKeysIncomplete(contact.to_string()))?;
+        let store = &self.inner.store;
+        let mut tx = store.begin().await?;
+        let account = store.load_account(&mut tx).await;
+        tx.rollback().await?;
+        let account = account?;
+        let ours = [DeviceIdentity {
+            ed25519: *account.ed25519_key().as_bytes(),
+            curve25519: account.curve25519_key().to_bytes(),
+        }];
+        let number = SafetyNumber::compute(
+            Party {
+                username: self.username(),
+                devices: &ours,
+            },
+            Party {
+                username: contact,
+                devices: &theirs,
+            },
+        )?;
+        Ok((number, theirs.len()))
+    }
+}
+
+/// A contact's safety number, and what the user verified.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContactSafety {
+    pub contact: String,
+    /// The 60 digits (as one string; `groups` has them in twelve groups of five).
+    pub number: SafetyNumber,
+    pub groups: Vec<String>,
+    /// What a QR code of the number carries ([`SafetyNumber::qr_payload`]).
+    pub qr_payload: String,
+    /// The user confirmed this very number.
+    pub verified: bool,
+    /// When the user last confirmed a number for this contact.
+    pub verified_ms: Option<u64>,
+    /// When the contact's identity keys last changed after first use.
+    pub key_changed_ms: Option<u64>,
+    /// The user had verified the contact, and the keys changed since.
+    pub changed_since_verified: bool,
+    /// How many of the contact's devices the number covers.
+    pub devices: usize,
+    /// The contact's devices were just read from the server; false: computed from the
+    /// keys pinned here (not connected).
+    pub checked_with_server: bool,
+    /// The contact's keys changed in this very check.
+    pub changed_now: bool,
 }
 
 /// What [`Client::keep_connected`] does with each connection.

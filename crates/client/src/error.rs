@@ -12,6 +12,7 @@ use postern_protocol::ProtocolError;
 use crate::connector::route::DialReport;
 use crate::events::MessageIdError;
 use crate::proxy::{ProxyMode, ProxyParseError};
+use crate::safety::SafetyNumberError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -56,6 +57,14 @@ pub enum ClientError {
     },
     #[error("the server did not answer within {0:?}")]
     Timeout(Duration),
+    #[error(transparent)]
+    SafetyNumber(#[from] SafetyNumberError),
+    #[error("no identity keys of {0} are known here yet: they come with the first message either of you sends, or from the server when connected")]
+    NoContactKeys(String),
+    #[error("not every identity key of {0} is known here yet: they are read from the server when connected")]
+    ContactKeysIncomplete(String),
+    #[error("the safety number with {0} is not the one given: their keys changed since it was shown, so compare the new number first")]
+    SafetyNumberChanged(String),
 }
 
 impl ClientError {

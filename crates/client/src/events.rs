@@ -120,6 +120,10 @@ pub enum Event {
         from: String,
         reason: String,
     },
+    /// A contact's identity keys changed (they reinstalled, added a device, or someone
+    /// substituted keys): their safety number changed, the conversation shows it, and a
+    /// verified contact is no longer verified.
+    KeyChanged { contact: String },
 }
 
 #[cfg(test)]

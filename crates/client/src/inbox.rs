@@ -132,8 +132,8 @@ impl Inbox {
             return Ok(Received::Duplicate);
         }
         let mut tx = store.begin().await?;
-        let plaintext = match self.sessions.decrypt(&mut tx, e).await? {
-            Decrypted::Plaintext(plain) => plain,
+        let (plaintext, key_changed) = match self.sessions.decrypt(&mut tx, e).await? {
+            Decrypted::Plaintext { plain, key_changed } => (plain, key_changed),
             Decrypted::Never(reason) => {
                 tx.rollback().await?;
                 let mut tx = store.begin().await?;
@@ -167,6 +167,12 @@ impl Inbox {
                 ));
             }
         };
+        if key_changed {
+            // Marked just before the message that came with the new keys.
+            store
+                .record_key_change(&mut tx, &e.sender, content.sent_at_ms.saturating_sub(1))
+                .await?;
+        }
         let fresh = store
             .insert_incoming(
                 &mut tx,
@@ -179,6 +185,9 @@ impl Inbox {
             )
             .await?;
         tx.commit().await?;
+        if key_changed {
+            self.sessions.announce_key_change(&e.sender);
+        }
         Ok(if fresh {
             Received::New(IncomingMessage {
                 message_id: id,

@@ -8,7 +8,9 @@
 //!   authenticated Noise connection kept alive — pinged when silent, replaced when a
 //!   censor freezes it. It knows nothing about messages.
 //! * `sessions`: end-to-end encryption with Olm (vodozemac) to every device of a
-//!   contact, decryption, one-time key top-up ([`crypto`] holds the key rules).
+//!   contact, decryption, one-time key top-up ([`crypto`] holds the key rules); keys
+//!   pinned on first use, a later change accepted but marked in the conversation, and
+//!   [`safety`] numbers to compare them in person.
 //! * `outbox` / `inbox`: what the user typed until the server holds it (pending →
 //!   ✓ sent, or failed with the reason), and what arrives until it is stored and
 //!   acknowledged (duplicates dropped by id, receipts turning ✓ into ✓✓).
@@ -30,11 +32,12 @@ mod inbox;
 mod outbox;
 pub mod profile;
 pub mod proxy;
+pub mod safety;
 mod sessions;
 pub mod store;
 pub mod timeouts;
 
-pub use client::{Client, RECONNECTS_PER_OPERATION};
+pub use client::{Client, ContactSafety, RECONNECTS_PER_OPERATION};
 pub use connector::connection::{BoxStream, Stream};
 pub use connector::health::RouteHealth;
 pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
@@ -43,4 +46,5 @@ pub use error::ClientError;
 pub use events::{Event, IncomingMessage, MessageId, MessageIdError};
 pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};
 pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};
+pub use safety::{SafetyNumber, SafetyNumberError};
 pub use store::{Conversation, HistoryEntry, MessageStatus};

@@ -166,7 +166,7 @@ impl Outbox {
         loop {
             let ciphertexts = self
                 .sessions
-                .encrypt_for(conn, &entry.peer, &content, reclaimed)
+                .encrypt_for(conn, &entry.peer, &content, reclaimed, entry.created_ms)
                 .await?;
             let request = client_frame::Body::Send(SendMessage {
                 message_id: entry.message_id.0.to_vec(),

@@ -35,6 +35,10 @@ pub enum MessageStatus {
     Undecryptable,
     /// An outgoing message that can never be delivered (the reason is kept with it).
     Failed,
+    /// Not a message: the contact's identity keys changed here (a new device, or new keys
+    /// for one), so their safety number changed. Its text is empty.
+    #[serde(rename = "key_changed")]
+    KeyChanged,
 }
 
 impl MessageStatus {
@@ -46,6 +50,7 @@ impl MessageStatus {
             Self::Received => "received",
             Self::Undecryptable => "undecryptable",
             Self::Failed => "failed",
+            Self::KeyChanged => "key_changed",
         }
     }
 
@@ -56,6 +61,7 @@ impl MessageStatus {
             "received" => Self::Received,
             "undecryptable" => Self::Undecryptable,
             "failed" => Self::Failed,
+            "key_changed" => Self::KeyChanged,
             _ => Self::Pending,
         }
     }
@@ -69,6 +75,7 @@ impl MessageStatus {
             Self::Received => "",
             Self::Undecryptable => "⚠",
             Self::Failed => "✗",
+            Self::KeyChanged => "⚠",
         }
     }
 }
@@ -108,6 +115,29 @@ pub struct ContactDevice {
     pub device_id: u64,
     pub curve25519: Vec<u8>,
     pub ed25519: Option<Vec<u8>>,
+}
+
+/// What pinning one device did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pinned {
+    /// Already pinned with these keys (a missing Ed25519 key may have been filled in).
+    Same,
+    /// A device not pinned before.
+    New,
+    /// The device's identity keys differ from the pinned ones: the new keys replace them
+    /// and the sessions with the old ones are deleted.
+    Replaced,
+}
+
+/// What the user verified about a contact, and when the contact's keys last changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// The safety number the user confirmed (cleared when the keys change).
+    pub verified_number: Option<String>,
+    /// When the user last confirmed a number.
+    pub verified_ms: Option<u64>,
+    /// When the contact's identity keys last changed after first use.
+    pub key_changed_ms: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -236,11 +266,19 @@ impl LocalStore {
     // --- Contacts ----------------------------------------------------------------------
 
     pub async fn contact_devices(&self, username: &str) -> Result<Vec<ContactDevice>, ClientError> {
+        let mut conn = self.pool.acquire().await?;
+        Self::contact_devices_on(&mut conn, username).await
+    }
+
+    async fn contact_devices_on(
+        conn: &mut sqlx::SqliteConnection,
+        username: &str,
+    ) -> Result<Vec<ContactDevice>, ClientError> {
         let rows = sqlx::query(
             "SELECT device_id, curve25519, ed25519 FROM contact_devices WHERE username = ? ORDER BY device_id",
         )
         .bind(username)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         Ok(rows
             .into_iter()
@@ -252,14 +290,52 @@ impl LocalStore {
             .collect())
     }
 
-    /// Pins a contact device's identity on first use. Returns an error if a different
-    /// identity was pinned before (the server, or someone, substituted keys).
-    pub async fn pin_device(
+    /// Pins the identity keys of a contact's devices, inside `tx`; returns whether the
+    /// contact's keys changed (the caller then records the change where it belongs in
+    /// the conversation: [`LocalStore::record_key_change`]).
+    ///
+    /// A device is pinned on first use. Keys that differ from the pinned ones (the
+    /// contact reinstalled, or the server substituted keys) are not refused — that would
+    /// end the conversation for good — but replace them, and the conversation and the
+    /// contact's verification say so. A new device of a contact whose keys were pinned
+    /// before is a change too (it can read what is sent to the contact). With `complete`,
+    /// `devices` is every device the contact has (the server's list when keys are
+    /// claimed), so devices not in it are forgotten, with their sessions.
+    pub async fn pin_devices(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        devices: &[ContactDevice],
+        complete: bool,
+    ) -> Result<bool, ClientError> {
+        let before = Self::contact_devices_on(tx, username).await?;
+        let mut changed = false;
+        for device in devices {
+            match self.pin_device(tx, username, device).await? {
+                Pinned::Same => {}
+                Pinned::New => changed |= !before.is_empty(),
+                Pinned::Replaced => changed = true,
+            }
+        }
+        if complete {
+            for gone in before
+                .iter()
+                .filter(|b| !devices.iter().any(|d| d.device_id == b.device_id))
+            {
+                self.forget_device(tx, username, gone.device_id).await?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Pins one device (see [`LocalStore::pin_devices`]).
+    async fn pin_device(
         &self,
         tx: &mut Tx,
         username: &str,
         device: &ContactDevice,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Pinned, ClientError> {
         let existing = sqlx::query(
             "SELECT curve25519, ed25519 FROM contact_devices WHERE username = ? AND device_id = ?",
         )
@@ -267,41 +343,153 @@ impl LocalStore {
         .bind(device.device_id as i64)
         .fetch_optional(&mut **tx)
         .await?;
-        match existing {
-            Some(row) => {
-                let curve: Vec<u8> = row.get(0);
-                let ed: Option<Vec<u8>> = row.get(1);
-                let ed_conflict = matches!((&ed, &device.ed25519), (Some(a), Some(b)) if a != b);
-                if curve != device.curve25519 || ed_conflict {
-                    return Err(ClientError::Crypto(format!(
-                        "the identity key of {username}'s device {} changed since you first talked: \
-                         refusing to use it (possible interception)",
-                        device.device_id
-                    )));
-                }
-                if ed.is_none() && device.ed25519.is_some() {
-                    sqlx::query("UPDATE contact_devices SET ed25519 = ? WHERE username = ? AND device_id = ?")
-                        .bind(&device.ed25519)
-                        .bind(username)
-                        .bind(device.device_id as i64)
-                        .execute(&mut **tx)
-                        .await?;
-                }
-            }
-            None => {
-                sqlx::query(
-                    "INSERT INTO contact_devices (username, device_id, curve25519, ed25519, first_seen_ms)
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(username)
-                .bind(device.device_id as i64)
-                .bind(&device.curve25519)
-                .bind(&device.ed25519)
-                .bind(postern_protocol::now_ms() as i64)
-                .execute(&mut **tx)
-                .await?;
-            }
+        let Some(row) = existing else {
+            sqlx::query(
+                "INSERT INTO contact_devices (username, device_id, curve25519, ed25519, first_seen_ms)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(username)
+            .bind(device.device_id as i64)
+            .bind(&device.curve25519)
+            .bind(&device.ed25519)
+            .bind(postern_protocol::now_ms() as i64)
+            .execute(&mut **tx)
+            .await?;
+            return Ok(Pinned::New);
+        };
+        let curve: Vec<u8> = row.get(0);
+        let ed: Option<Vec<u8>> = row.get(1);
+        let ed_conflict = matches!((&ed, &device.ed25519), (Some(a), Some(b)) if a != b);
+        if curve != device.curve25519 || ed_conflict {
+            // New keys for this device: the old sessions are with the old keys.
+            sqlx::query(
+                "UPDATE contact_devices SET curve25519 = ?, ed25519 = ?, first_seen_ms = ?
+                 WHERE username = ? AND device_id = ?",
+            )
+            .bind(&device.curve25519)
+            .bind(&device.ed25519)
+            .bind(postern_protocol::now_ms() as i64)
+            .bind(username)
+            .bind(device.device_id as i64)
+            .execute(&mut **tx)
+            .await?;
+            self.delete_sessions(tx, username, device.device_id).await?;
+            return Ok(Pinned::Replaced);
         }
+        if ed.is_none() && device.ed25519.is_some() {
+            sqlx::query(
+                "UPDATE contact_devices SET ed25519 = ? WHERE username = ? AND device_id = ?",
+            )
+            .bind(&device.ed25519)
+            .bind(username)
+            .bind(device.device_id as i64)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(Pinned::Same)
+    }
+
+    /// Forgets a device the contact no longer has, and its sessions.
+    async fn forget_device(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        device_id: u64,
+    ) -> Result<(), ClientError> {
+        sqlx::query("DELETE FROM contact_devices WHERE username = ? AND device_id = ?")
+            .bind(username)
+            .bind(device_id as i64)
+            .execute(&mut **tx)
+            .await?;
+        self.delete_sessions(tx, username, device_id).await
+    }
+
+    async fn delete_sessions(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        device_id: u64,
+    ) -> Result<(), ClientError> {
+        sqlx::query("DELETE FROM olm_sessions WHERE username = ? AND device_id = ?")
+            .bind(username)
+            .bind(device_id as i64)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that `username`'s identity keys changed: a `key_changed` line in the
+    /// conversation at `at_ms` (just before the message that brought or used the new
+    /// keys), and the contact is no longer verified.
+    pub async fn record_key_change(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        at_ms: u64,
+    ) -> Result<(), ClientError> {
+        let now = postern_protocol::now_ms() as i64;
+        sqlx::query(
+            "INSERT INTO messages (message_id, peer, outgoing, body, created_ms, server_time_ms, status)
+             VALUES (?, ?, 0, '', ?, ?, 'key_changed')",
+        )
+        .bind(&MessageId::random().0[..])
+        .bind(username)
+        .bind(at_ms as i64)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO contact_verification (username, verified_number, key_changed_ms)
+             VALUES (?, NULL, ?)
+             ON CONFLICT(username) DO UPDATE SET verified_number = NULL,
+                                                 key_changed_ms = excluded.key_changed_ms",
+        )
+        .bind(username)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// What the user verified about `username`.
+    pub async fn verification(&self, username: &str) -> Result<Verification, ClientError> {
+        let row = sqlx::query(
+            "SELECT verified_number, verified_ms, key_changed_ms
+             FROM contact_verification WHERE username = ?",
+        )
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?;
+        let ms = |v: Option<i64>| v.map(|v| v as u64);
+        Ok(row
+            .map(|r| Verification {
+                verified_number: r.get(0),
+                verified_ms: ms(r.get(1)),
+                key_changed_ms: ms(r.get(2)),
+            })
+            .unwrap_or_default())
+    }
+
+    /// Marks `username` verified with the safety number the user compared (`Some`), or
+    /// clears the mark (`None`).
+    pub async fn set_verified(
+        &self,
+        username: &str,
+        number: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let now = number.map(|_| postern_protocol::now_ms() as i64);
+        sqlx::query(
+            "INSERT INTO contact_verification (username, verified_number, verified_ms)
+             VALUES (?, ?, ?)
+             ON CONFLICT(username) DO UPDATE SET
+                 verified_number = excluded.verified_number,
+                 verified_ms = COALESCE(excluded.verified_ms, contact_verification.verified_ms)",
+        )
+        .bind(username)
+        .bind(number)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -640,7 +828,7 @@ impl LocalStore {
         let rows = sqlx::query(
             "SELECT m.peer, m.body, m.outgoing, m.status, m.created_ms, m.failure,
                     (SELECT COUNT(*) FROM messages u
-                      WHERE u.peer = m.peer AND u.outgoing = 0
+                      WHERE u.peer = m.peer AND u.outgoing = 0 AND u.status != 'key_changed'
                         AND u.rowid > COALESCE(
                             (SELECT read_rowid FROM conversation_reads r WHERE r.peer = m.peer), 0))
              FROM messages m
@@ -764,6 +952,112 @@ mod tests {
         incoming(&store, "bob", "three").await;
         let bob = store.conversations().await.unwrap().remove(0);
         assert_eq!((bob.peer.as_str(), bob.unread), ("bob", 1));
+    }
+
+    fn device(id: u64, key: u8) -> ContactDevice {
+        ContactDevice {
+            device_id: id,
+            curve25519: vec![key; 32],
+            ed25519: Some(vec![key + 1; 32]),
+        }
+    }
+
+    async fn pin(store: &LocalStore, devices: &[ContactDevice], complete: bool) -> bool {
+        let mut tx = store.begin().await.unwrap();
+        let changed = store
+            .pin_devices(&mut tx, "bob", devices, complete)
+            .await
+            .unwrap();
+        if changed {
+            let now = postern_protocol::now_ms();
+            store.record_key_change(&mut tx, "bob", now).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        changed
+    }
+
+    fn markers(history: &[HistoryEntry]) -> usize {
+        history
+            .iter()
+            .filter(|e| e.status == MessageStatus::KeyChanged)
+            .count()
+    }
+
+    #[tokio::test]
+    async fn first_use_pins_quietly_and_a_new_key_is_accepted_but_marked() {
+        let (_dir, store) = store().await;
+        assert!(!pin(&store, &[device(2, 10)], true).await, "first use");
+        assert!(!pin(&store, &[device(2, 10)], true).await, "same keys");
+        store.set_verified("bob", Some("1234")).await.unwrap();
+        incoming(&store, "bob", "before").await;
+
+        // Bob reinstalled: same device id, new keys. Accepted (the conversation goes on),
+        // the old sessions dropped, a marker in the conversation, verification cleared.
+        let mut tx = store.begin().await.unwrap();
+        let account = vodozemac::olm::Account::new();
+        let mut other = vodozemac::olm::Account::new();
+        other.generate_one_time_keys(1);
+        let otk = *other.one_time_keys().values().next().unwrap();
+        let session = account
+            .create_outbound_session(crate::crypto::session_config(), other.curve25519_key(), otk)
+            .unwrap();
+        store
+            .save_session(&mut tx, "bob", 2, &session)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(pin(&store, &[device(2, 20)], true).await, "new keys");
+        assert_eq!(store.contact_devices("bob").await.unwrap(), [device(2, 20)]);
+        let mut tx = store.begin().await.unwrap();
+        assert!(store.sessions(&mut tx, "bob", 2).await.unwrap().is_empty());
+        tx.rollback().await.unwrap();
+        let history = store.history("bob").await.unwrap();
+        assert_eq!(markers(&history), 1);
+        assert_eq!(history.last().unwrap().status, MessageStatus::KeyChanged);
+        let v = store.verification("bob").await.unwrap();
+        assert_eq!(v.verified_number, None);
+        assert!(v.verified_ms.is_some() && v.key_changed_ms.is_some());
+        // A marker is not an unread message.
+        assert_eq!(store.conversations().await.unwrap()[0].unread, 1);
+
+        // A new device id replacing the old one (the server's complete list): one change.
+        assert!(pin(&store, &[device(3, 30)], true).await);
+        assert_eq!(store.contact_devices("bob").await.unwrap(), [device(3, 30)]);
+        assert_eq!(markers(&store.history("bob").await.unwrap()), 2);
+    }
+
+    #[tokio::test]
+    async fn an_inbound_new_device_is_a_change_and_a_missing_ed25519_key_is_not() {
+        let (_dir, store) = store().await;
+        let mut curve_only = device(2, 10);
+        curve_only.ed25519 = None;
+        assert!(!pin(&store, &[curve_only], false).await, "first use");
+        // Learning the Ed25519 key of the same device later is not a change.
+        assert!(!pin(&store, &[device(2, 10)], true).await);
+        assert_eq!(store.contact_devices("bob").await.unwrap(), [device(2, 10)]);
+        // A message from a device never seen: kept alongside (the list is not complete).
+        assert!(pin(&store, &[device(5, 50)], false).await);
+        assert_eq!(store.contact_devices("bob").await.unwrap().len(), 2);
+        assert_eq!(markers(&store.history("bob").await.unwrap()), 1);
+    }
+
+    #[tokio::test]
+    async fn a_verified_mark_is_kept_until_cleared() {
+        let (_dir, store) = store().await;
+        assert_eq!(
+            store.verification("bob").await.unwrap(),
+            Verification::default()
+        );
+        store.set_verified("bob", Some("42")).await.unwrap();
+        let v = store.verification("bob").await.unwrap();
+        assert_eq!(v.verified_number.as_deref(), Some("42"));
+        store.set_verified("bob", None).await.unwrap();
+        let cleared = store.verification("bob").await.unwrap();
+        assert_eq!(cleared.verified_number, None);
+        assert_eq!(
+            cleared.verified_ms, v.verified_ms,
+            "when it was verified is kept"
+        );
     }
 
     #[tokio::test]

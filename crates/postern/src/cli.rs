@@ -70,6 +70,10 @@ gets through even a path that dies every few kilobytes.")]
         json: bool,
     },
 
+    /// Your contacts: compare safety numbers in person to check that nobody is in between.
+    #[command(subcommand)]
+    Contact(ContactCommand),
+
     /// Proxies (relays) to reach the service through when the network blocks it.
     #[command(subcommand)]
     Proxy(ProxyCommand),
@@ -136,6 +140,38 @@ Example:
     },
     /// Print this profile's username, device and server.
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContactCommand {
+    /// Show the safety number with CONTACT (and a QR code) to compare in person; with
+    /// --confirm, mark CONTACT verified once it matches.
+    #[command(after_help = "\
+The safety number is 60 digits computed from your identity keys and CONTACT's, as your
+device knows them. The server hands out those keys, so only the two of you can check that
+it handed out the right ones: meet (or call on a channel where you recognise each other),
+both run `postern contact verify` naming the other, and read the 12 groups aloud or scan
+the QR code. The same digits mean nobody is in between; then run it again with --confirm.
+Different digits mean someone may be reading your messages: do not confirm.
+
+When CONTACT's keys change (they reinstalled, added a device, or someone substituted keys)
+`postern history CONTACT` shows ⚠ where it happened and CONTACT is no longer verified.
+Examples:
+  postern contact verify bob
+  postern contact verify bob --confirm")]
+    Verify {
+        /// Username of the contact.
+        contact: String,
+        /// Mark CONTACT verified: you both saw the same number just now.
+        #[arg(long, conflicts_with = "clear")]
+        confirm: bool,
+        /// Remove the verified mark.
+        #[arg(long)]
+        clear: bool,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -25,6 +25,15 @@ pub fn for_error(error: &anyhow::Error) -> Option<String> {
         ClientError::UsernameTaken(_) => "choose another username".into(),
         ClientError::UnknownContact(_) => "check the spelling of the username".into(),
         ClientError::NoSuchProxy(_) => "see `postern proxy list` for the saved proxies".into(),
+        ClientError::NoContactKeys(c) => format!(
+            "send {c} a message (or wait for theirs), then run `postern contact verify {c}` again"
+        ),
+        ClientError::ContactKeysIncomplete(_) => {
+            "connect to the service (`postern status` says how) and run this again".into()
+        }
+        ClientError::SafetyNumberChanged(c) => {
+            format!("run `postern contact verify {c}` to see the new number")
+        }
         ClientError::NoRoute { mode, attempts } if attempts.is_empty() => match mode {
             ProxyMode::On => "add one with `postern proxy add ADDRESS|LINK`, or allow direct \
                               connections with `postern proxy use auto`"

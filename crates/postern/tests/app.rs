@@ -281,3 +281,64 @@ async fn the_proxy_screen_shows_a_green_tick_or_the_stage_that_failed() {
     assert!(mode.contains("on"), "{mode}");
     b.close().await;
 }
+
+#[tokio::test]
+async fn a_changed_safety_number_is_marked_in_the_chat_and_can_be_verified_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice_home, bob_home) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice_home, "alice", &server);
+    account(&bob_home, "bob", &server);
+    ok(&alice_home, &["send", "bob", "hello bob"]);
+    assert!(ok(&bob_home, &["inbox"]).contains("hello bob"));
+    // Bob registers his name again with new keys, and writes from there.
+    let _server = replace_account(server, &bob_home, "bob");
+    ok(&bob_home, &["send", "alice", "new phone, same bob"]);
+
+    let alice_app = AppProcess::start(&alice_home);
+    let alice = Browser::start().await;
+    alice.client.goto(&alice_app.url).await.unwrap();
+    alice
+        .text_until("[data-test=chat][data-peer=bob]", |t| {
+            t.contains("new phone, same bob")
+        })
+        .await;
+    alice.click("[data-test=chat][data-peer=bob]").await;
+    let marker = alice
+        .text_until("[data-test=key-changed]", |t| !t.is_empty())
+        .await;
+    assert!(
+        marker.contains("bob's safety number changed (new identity key)"),
+        "{marker}"
+    );
+    let messages = alice
+        .text_until("[data-test=messages]", |t| t.contains("new phone"))
+        .await;
+    let (at_marker, at_message) = (
+        messages.find("safety number changed").unwrap(),
+        messages.find("new phone").unwrap(),
+    );
+    assert!(at_marker < at_message, "{messages}");
+
+    // The number in the app is the one both sides compute.
+    alice.click("[data-test=safety-button]").await;
+    let shown = alice
+        .text_until("[data-test=safety-number]", |t| !t.is_empty())
+        .await;
+    let bobs: serde_json::Value =
+        serde_json::from_str(&ok(&bob_home, &["contact", "verify", "alice", "--json"])).unwrap();
+    let digits: String = shown.chars().filter(char::is_ascii_digit).collect();
+    assert_eq!(digits, bobs["number"].as_str().unwrap());
+    let status = alice
+        .text_until("[data-test=safety-status]", |t| !t.is_empty())
+        .await;
+    assert!(status.contains("changed"), "{status}");
+    alice.screenshot("safety-number").await;
+    alice.click("[data-test=safety-confirm]").await;
+    alice
+        .text_until("[data-test=safety-status]", |t| t.contains("✓ Verified"))
+        .await;
+    let verified = ok(&alice_home, &["contact", "verify", "bob", "--json"]);
+    assert!(verified.contains("\"verified\":true"), "{verified}");
+    alice.close().await;
+}

@@ -5,11 +5,13 @@
 //!
 //! * [`account`]: `GET /api/state`, `POST /api/account` (onboarding);
 //! * [`chats`]: conversations, history, sending, read markers;
+//! * [`contacts`]: a contact's safety number (and its QR code), the verified mark;
 //! * [`proxies`]: the proxy mode, the saved proxies (add, remove, reorder, QR code) and
 //!   live route checks (the green tick).
 
 pub mod account;
 pub mod chats;
+pub mod contacts;
 pub mod proxies;
 
 use std::sync::Arc;
@@ -26,6 +28,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .merge(account::routes())
         .merge(chats::routes())
+        .merge(contacts::routes())
         .merge(proxies::routes())
 }
 
@@ -76,6 +79,9 @@ impl From<ClientError> for ApiError {
             ClientError::NoRoute { .. } => (S::BAD_GATEWAY, "unreachable"),
             ClientError::Timeout(_) => (S::GATEWAY_TIMEOUT, "timeout"),
             ClientError::UnknownDevice => (S::CONFLICT, "unknown_device"),
+            ClientError::NoContactKeys(_) => (S::CONFLICT, "no_contact_keys"),
+            ClientError::ContactKeysIncomplete(_) => (S::SERVICE_UNAVAILABLE, "not_connected"),
+            ClientError::SafetyNumberChanged(_) => (S::CONFLICT, "safety_number_changed"),
             _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
         let attempts = match e {

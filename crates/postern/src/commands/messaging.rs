@@ -169,6 +169,7 @@ fn print_event(event: &Event, json: bool) -> bool {
             | Event::Delivered { .. }
             | Event::Undecryptable { .. }
             | Event::Failed { .. }
+            | Event::KeyChanged { .. }
     );
     if !visible {
         return false;
@@ -192,6 +193,7 @@ fn print_event(event: &Event, json: bool) -> bool {
             println!("⚠ a message from {from} could not be decrypted: {reason}")
         }
         Event::Failed { to, reason, .. } => println!("✗ a message to {to} failed: {reason}"),
+        Event::KeyChanged { contact } => println!("{}", key_changed_line(contact)),
         _ => {}
     }
     true
@@ -222,6 +224,12 @@ pub async fn history(home: PathBuf, contact: &str, json: bool) -> anyhow::Result
                     None => String::new(),
                 }
             );
+        } else if e.status == postern_client::MessageStatus::KeyChanged {
+            println!(
+                "[{}] {}",
+                output::time(e.created_ms),
+                key_changed_line(contact)
+            );
         } else if e.status == postern_client::MessageStatus::Undecryptable {
             println!(
                 "[{}] ← {} ⚠ (could not be decrypted)",
@@ -233,4 +241,12 @@ pub async fn history(home: PathBuf, contact: &str, json: bool) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// The line that marks a contact's key change, in history and in the inbox.
+pub(crate) fn key_changed_line(contact: &str) -> String {
+    format!(
+        "⚠ {contact}'s safety number changed (new identity key) — verify with \
+         `postern contact verify {contact}`"
+    )
 }

@@ -2,6 +2,7 @@
 
 mod account;
 mod app;
+mod contact;
 mod dev;
 mod messaging;
 pub mod proxy;
@@ -29,6 +30,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::History { contact, json } => {
             messaging::history(profile_home(home)?, &contact, json).await
         }
+        Command::Contact(cmd) => contact::run(profile_home(home)?, cmd).await,
         Command::Proxy(cmd) => proxy::run(profile_home(home)?, cmd).await,
         Command::Status { json } => proxy::status(profile_home(home)?, json).await,
         Command::Relay(cmd) => relay::run(*cmd).await,

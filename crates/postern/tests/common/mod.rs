@@ -194,6 +194,50 @@ pub fn account(home: &Path, name: &str, server: &TestServer) {
     );
 }
 
+/// Deletes `name`'s account (devices, keys, queues) from a stopped server's database: what
+/// an operator who frees a username — or someone who holds the server — would do (no
+/// command does). Then the name can be registered again, with new keys.
+pub fn delete_account(data: &Path, name: &str) {
+    // On a thread of its own: callers may be inside a runtime already.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use sqlx::ConnectOptions;
+                let mut db = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(data.join("postern.db"))
+                    .foreign_keys(true)
+                    .connect()
+                    .await
+                    .unwrap();
+                let deleted = sqlx::query("DELETE FROM accounts WHERE username = ?")
+                    .bind(name)
+                    .execute(&mut db)
+                    .await
+                    .unwrap();
+                assert_eq!(deleted.rows_affected(), 1, "no account {name}");
+            });
+        })
+        .join()
+        .unwrap();
+    });
+}
+
+/// Stops `server`, deletes `name`'s account ([`delete_account`]), starts the server again
+/// on the same address, and registers `name` again from a fresh profile at `home`.
+pub fn replace_account(server: TestServer, home: &Path, name: &str) -> TestServer {
+    let (data, addr) = (server.data.clone(), server.addr);
+    assert!(server.terminate());
+    delete_account(&data, name);
+    let server = TestServer::start_on(&data, addr);
+    std::fs::remove_dir_all(home).unwrap();
+    account(home, name, &server);
+    server
+}
+
 /// A long-running `postern inbox --follow --json` whose lines arrive on a channel.
 pub struct Follower {
     child: Child,
