@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -39,14 +38,7 @@ async fn qr(
     Path(peer): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let number = client(&state).await?.pinned_safety_number(&peer).await?;
-    let code = qrcode::QrCode::new(number.qr_payload().as_bytes())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let svg = code
-        .render::<qrcode::render::svg::Color>()
-        .min_dimensions(200, 200)
-        .quiet_zone(true)
-        .build();
-    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg))
+    super::qr_svg(&number.qr_payload())
 }
 
 #[derive(Debug, Deserialize)]

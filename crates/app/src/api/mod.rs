@@ -24,6 +24,18 @@ use serde::Serialize;
 
 use crate::AppState;
 
+/// `payload` (a proxy link, a safety number) as a QR code, an SVG image.
+pub(crate) fn qr_svg(payload: &str) -> Result<Response, ApiError> {
+    let code = qrcode::QrCode::new(payload.as_bytes())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let svg = code
+        .render::<qrcode::render::svg::Color>()
+        .min_dimensions(200, 200)
+        .quiet_zone(true)
+        .build();
+    Ok(([(axum::http::header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .merge(account::routes())

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -174,14 +173,7 @@ async fn qr(
         .checked_sub(1)
         .and_then(|i| proxies.get(i))
         .ok_or_else(|| postern_client::ClientError::NoSuchProxy(number.to_string()))?;
-    let code = qrcode::QrCode::new(entry.to_link().to_string().as_bytes())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let svg = code
-        .render::<qrcode::render::svg::Color>()
-        .min_dimensions(200, 200)
-        .quiet_zone(true)
-        .build();
-    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg))
+    super::qr_svg(&entry.to_link().to_string())
 }
 
 #[derive(Debug, Deserialize)]
