@@ -608,6 +608,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     < low
             {
                 self.shared.hub.keys_low(b.device_id);
+                self.shared.store.keys_low(&c.username, b.device_id).await?;
             }
             devices.push(WireBundle {
                 device_id: b.device_id as u64,

@@ -274,6 +274,16 @@ impl Store {
         }
     }
 
+    /// `device_id` (of `owner`'s account) is running out of one-time keys: on PostgreSQL,
+    /// tells the other nodes, so the one it is connected to asks it for more. (Each node
+    /// wakes its own connections through its hub.)
+    pub async fn keys_low(&self, owner: &str, device_id: i64) -> Result<(), ServerError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(s) => s.keys_low(owner, device_id).await,
+        }
+    }
+
     /// Adds one-time keys (and optionally replaces the fallback key); returns the new count,
     /// or `None` if the device would hold more than `max_keys`.
     pub async fn upload_keys(

@@ -97,6 +97,8 @@ async fn lock(tx: &mut PgConnection, key: i64) -> Result<(), ServerError> {
 pub(crate) enum Wake {
     Envelopes(i64),
     Receipts(i64),
+    /// The device's one-time keys run low: it should upload more.
+    KeysLow(i64),
 }
 
 /// A receipt owed to a sending device whose account lives in another shard.
@@ -126,6 +128,8 @@ pub struct PgStore {
     writers: Arc<[mpsc::Sender<WriteJob>]>,
     writer_tasks: Arc<[tokio::task::JoinHandle<()>]>,
     listener: Arc<tokio::task::JoinHandle<()>>,
+    /// This node's id in wake-up payloads (its own are ignored when they come back).
+    node: u64,
 }
 
 /// A deadlock or serialization failure, or a unique violation: two nodes registered the
@@ -143,24 +147,26 @@ fn is_retryable(e: &ServerError) -> bool {
     }
 }
 
-/// The NOTIFY payloads for a batch's wake-ups: `NODE e1,2 r3`, split below the limit.
+/// The NOTIFY payloads for a batch's wake-ups: `NODE e1,2 r3 k4`, split below the limit.
 pub(crate) fn payloads(node: u64, wakes: &[Wake]) -> Vec<String> {
     let mut envelopes: Vec<i64> = Vec::new();
     let mut receipts: Vec<i64> = Vec::new();
+    let mut keys_low: Vec<i64> = Vec::new();
     for w in wakes {
         match *w {
             Wake::Envelopes(d) => envelopes.push(d),
             Wake::Receipts(d) => receipts.push(d),
+            Wake::KeysLow(d) => keys_low.push(d),
         }
     }
-    for v in [&mut envelopes, &mut receipts] {
+    for v in [&mut envelopes, &mut receipts, &mut keys_low] {
         v.sort_unstable();
         v.dedup();
     }
     let mut out = Vec::new();
     let mut current = format!("{node:x}");
     let base = current.len();
-    for (tag, ids) in [('e', &envelopes), ('r', &receipts)] {
+    for (tag, ids) in [('e', &envelopes), ('r', &receipts), ('k', &keys_low)] {
         let mut open = false;
         for id in ids.iter() {
             let item = id.to_string();
@@ -200,6 +206,7 @@ pub(crate) fn apply(payload: &str, node: u64, hub: &Hub) {
             match tag {
                 "e" => hub.wake(id),
                 "r" => hub.wake_receipts(id),
+                "k" => hub.keys_low(id),
                 _ => {}
             }
         }
@@ -268,7 +275,21 @@ impl PgStore {
             writers: writers.into(),
             writer_tasks: writer_tasks.into(),
             listener,
+            node,
         })
+    }
+
+    /// Tells the other nodes that `device_id`'s one-time keys run low, so the one it is
+    /// connected to asks it for more (this node wakes its own connections itself).
+    pub async fn keys_low(&self, device_id: i64) -> Result<(), ServerError> {
+        for payload in payloads(self.node, &[Wake::KeysLow(device_id)]) {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(payload)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records (or checks) this database's place among the shards: see [`claim_shard`].
@@ -1187,14 +1208,18 @@ mod tests {
     fn payloads_split_below_the_limit_and_apply_to_local_devices_only() {
         let wakes: Vec<Wake> = (0..3000)
             .map(Wake::Envelopes)
-            .chain([Wake::Receipts(5000), Wake::Receipts(5000)])
+            .chain([
+                Wake::Receipts(5000),
+                Wake::Receipts(5000),
+                Wake::KeysLow(6000),
+            ])
             .collect();
         let out = payloads(0xabc, &wakes);
         assert!(out.len() > 1);
         assert!(out.iter().all(|p| p.len() < 8000 && p.starts_with("abc ")));
         assert!(payloads(1, &[]).is_empty());
         let hub = Arc::new(Hub::default());
-        let (e, r) = (hub.join(2999), hub.join(5000));
+        let (e, r, k) = (hub.join(2999), hub.join(5000), hub.join(6000));
         for p in &out {
             apply(p, 0xabc, &hub); // this node's own: ignored
         }
@@ -1205,6 +1230,8 @@ mod tests {
         assert!(e.signal.envelopes.load(Ordering::Acquire));
         assert!(r.signal.receipts.load(Ordering::Acquire));
         assert!(!r.signal.envelopes.load(Ordering::Acquire));
+        assert!(k.signal.keys_low.load(Ordering::Acquire));
+        assert!(!k.signal.envelopes.load(Ordering::Acquire));
         apply("garbage", 1, &hub);
         apply("12 x1,2 e,, r-5", 1, &hub);
     }
@@ -1314,6 +1341,36 @@ mod tests {
             401,
             "every message read once through the cursor"
         );
+        n1.close().await;
+        n2.close().await;
+    }
+
+    /// A device whose keys another node handed out is told to upload more by its own node.
+    #[tokio::test]
+    async fn keys_low_reaches_the_node_the_device_is_connected_to() {
+        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
+        let (hub1, hub2) = (Arc::new(Hub::default()), Arc::new(Hub::default()));
+        let (n1, n2) = tokio::join!(
+            PgStore::open(&url, hub1.clone()),
+            PgStore::open(&url, hub2.clone())
+        );
+        let (n1, n2) = (n1.unwrap(), n2.unwrap());
+        let presence = hub1.join(42);
+        let told = async {
+            // Until node 1's listener has subscribed, a notification may go unheard (and
+            // subscribing wakes every connection once, for envelopes: not what is tested).
+            while !presence.signal.keys_low.load(Ordering::Acquire) {
+                n2.keys_low(42).await.unwrap();
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    presence.signal.notify.notified(),
+                )
+                .await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), told)
+            .await
+            .expect("node 1 hears that device 42's keys run low");
         n1.close().await;
         n2.close().await;
     }

@@ -121,6 +121,11 @@ impl PgShards {
         self.home(owner).one_time_key_count(device_id).await
     }
 
+    /// Tells the other nodes (through `owner`'s shard) that a device's keys run low.
+    pub async fn keys_low(&self, owner: &str, device_id: i64) -> Result<(), ServerError> {
+        self.home(owner).keys_low(device_id).await
+    }
+
     pub async fn upload_keys(
         &self,
         device: &DeviceRecord,
