@@ -1255,18 +1255,23 @@ mod tests {
         }
     }
 
-    /// Two nodes on one database: a message queued through one wakes the recipient's
-    /// connection on the other, and concurrent writers for one device never let a reader
-    /// with a cursor skip a row.
-    #[tokio::test]
-    async fn nodes_wake_each_other_and_cursors_skip_nothing() {
+    /// Two nodes (stores with their own hubs) started at once on a fresh database.
+    async fn two_nodes() -> ((PgStore, Arc<Hub>), (PgStore, Arc<Hub>)) {
         let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
         let (hub1, hub2) = (Arc::new(Hub::default()), Arc::new(Hub::default()));
         let (n1, n2) = tokio::join!(
             PgStore::open(&url, hub1.clone()),
             PgStore::open(&url, hub2.clone())
         );
-        let (n1, n2) = (n1.unwrap(), n2.unwrap());
+        ((n1.unwrap(), hub1), (n2.unwrap(), hub2))
+    }
+
+    /// Two nodes on one database: a message queued through one wakes the recipient's
+    /// connection on the other, and concurrent writers for one device never let a reader
+    /// with a cursor skip a row.
+    #[tokio::test]
+    async fn nodes_wake_each_other_and_cursors_skip_nothing() {
+        let ((n1, _), (n2, hub2)) = two_nodes().await;
         let alice = registered(&n1, "alice", 1).await;
         let bob = registered(&n2, "bob", 2).await;
         let presence = hub2.join(bob.device_id);
@@ -1348,13 +1353,7 @@ mod tests {
     /// A device whose keys another node handed out is told to upload more by its own node.
     #[tokio::test]
     async fn keys_low_reaches_the_node_the_device_is_connected_to() {
-        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
-        let (hub1, hub2) = (Arc::new(Hub::default()), Arc::new(Hub::default()));
-        let (n1, n2) = tokio::join!(
-            PgStore::open(&url, hub1.clone()),
-            PgStore::open(&url, hub2.clone())
-        );
-        let (n1, n2) = (n1.unwrap(), n2.unwrap());
+        let ((n1, hub1), (n2, _)) = two_nodes().await;
         let presence = hub1.join(42);
         let told = async {
             // Until node 1's listener has subscribed, a notification may go unheard (and
