@@ -204,7 +204,7 @@ async fn run(
     let mut session = Session {
         shared,
         writer,
-        device,
+        device: device.map(Arc::new),
         acks_for,
         window,
         shutdown: shutdown.clone(),
@@ -261,7 +261,8 @@ fn error_body(code: ErrorCode, message: impl Into<String>) -> server_frame::Body
 struct Session<W> {
     shared: Arc<Shared>,
     writer: SecureWriter<W>,
-    device: Option<DeviceRecord>,
+    /// Shared so that handling a frame or a wake-up takes it without copying the name.
+    device: Option<Arc<DeviceRecord>>,
     /// The device whose acknowledgements the reader task applies (set once known).
     acks_for: Arc<OnceLock<DeviceRecord>>,
     /// Envelopes pushed and not yet acknowledged (see `push_window`).
@@ -352,8 +353,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let (Some(device), Some(presence)) = (&self.device, &self.presence) else {
             return Ok(());
         };
-        // Owned: the loops below update this session's cursors while using it.
-        let device = &device.clone();
+        // A handle of its own: the loops below update this session's cursors while using it.
+        let device = &*device.clone();
         let device_id = device.device_id;
         let signal = &presence.signal;
         let keys_low = signal.keys_low.swap(false, Ordering::AcqRel);
@@ -527,7 +528,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     device: Some(identity(&device)),
                 });
                 let _ = self.acks_for.set(device.clone());
-                self.device = Some(device);
+                self.device = Some(Arc::new(device));
                 body
             }
             RegisterOutcome::UsernameTaken => error_body(
