@@ -21,6 +21,7 @@ use postern_protocol::username;
 use tokio::sync::{broadcast, mpsc, Mutex};
 use vodozemac::olm::Account;
 
+use crate::attachments::{SavedAttachment, Transfers};
 use crate::connector::connection::{Connection, Push};
 use crate::connector::health::{self, HealthMap};
 use crate::connector::route::{DialReport, Route};
@@ -56,6 +57,7 @@ struct Inner {
     outbox: Outbox,
     inbox: Inbox,
     sessions: Sessions,
+    transfers: Transfers,
     /// The connection in use, and the mode it was opened in.
     conn: Mutex<Option<(Arc<Connection>, ConnectMode)>>,
 }
@@ -185,8 +187,10 @@ impl Client {
             events.clone(),
         ));
         let sessions = Sessions::new(store.clone(), events.clone());
+        let transfers = Transfers::new(store.clone(), events.clone(), dir.root());
         let outbox = Outbox::new(
             store.clone(),
+            transfers.clone(),
             sessions.clone(),
             events.clone(),
             info.username.clone(),
@@ -207,6 +211,7 @@ impl Client {
                 outbox,
                 inbox,
                 sessions,
+                transfers,
                 conn: Mutex::new(None),
             }),
         }
@@ -435,8 +440,52 @@ impl Client {
         if self.connection().await.is_err() {
             self.connect(ConnectMode::Receive).await?;
         }
-        self.with_reconnects(|| self.inner.inbox.stored(), async |_| self.sync().await)
-            .await
+        self.with_reconnects(
+            || self.inner.inbox.stored() + self.inner.transfers.moved(),
+            async |_| self.sync().await,
+        )
+        .await
+    }
+
+    /// Fetches, checks and decrypts every attachment still to download into the
+    /// profile's `files/` directory, over the connection in use (connecting again, raced,
+    /// whenever it is lost, for as long as each connection moves some bytes: a transfer
+    /// goes on where it stopped). Returns the files saved. One that can never be fetched
+    /// (expired on the server, or altered) is marked failed and reported as an event.
+    pub async fn fetch_attachments(&self) -> Result<Vec<SavedAttachment>, ClientError> {
+        if self.inner.store.attachments_to_download().await?.is_empty() {
+            return Ok(Vec::new());
+        }
+        let transfers = &self.inner.transfers;
+        let mut saved = Vec::new();
+        self.with_reconnects(
+            || transfers.moved(),
+            async |conn| {
+                saved.extend(transfers.download_all(&conn).await?);
+                Ok(())
+            },
+        )
+        .await?;
+        Ok(saved)
+    }
+
+    /// Like [`Client::queue`], with a file: it is encrypted into the profile at once (so
+    /// it may change or vanish afterwards) and uploaded before the message goes out;
+    /// `caption` is the message's text (may be empty).
+    pub async fn queue_file(
+        &self,
+        to: &str,
+        file: &Path,
+        caption: &str,
+    ) -> Result<MessageId, ClientError> {
+        self.inner.outbox.queue_file(to, file, caption).await
+    }
+
+    /// What the server's media store takes, as it said on the connection in use (None:
+    /// not connected, or the server keeps no media).
+    pub async fn media_limits(&self) -> Option<postern_protocol::schema::MediaLimits> {
+        let (conn, _) = self.connection().await.ok()?;
+        conn.hello.media.filter(|m| m.max_file_bytes > 0)
     }
 
     /// Runs `op` over the connection in use, and again over a new one (raced, in the
@@ -497,8 +546,9 @@ impl Client {
     pub async fn send_pending(&self) -> Result<Vec<PendingOutcome>, ClientError> {
         let mut outcomes = Vec::new();
         let outbox = &self.inner.outbox;
+        let transfers = &self.inner.transfers;
         self.with_reconnects(
-            || outbox.handled(),
+            || outbox.handled() + transfers.moved(),
             async |conn| outbox.flush(&conn, &mut outcomes).await,
         )
         .await?;
@@ -728,7 +778,30 @@ impl OnConnected for Serve {
                 tracing::debug!(error = %e, "pending messages not sent yet");
             }
         };
+        // Attachments are fetched in the background: those waiting from before, then
+        // each one announced by a message on this connection.
+        let mut events = client.subscribe();
+        let downloads = async {
+            flush.await;
+            loop {
+                if let Err(e) = client.inner.transfers.download_all(&conn).await {
+                    tracing::debug!(error = %e, "attachments not fetched yet");
+                }
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Incoming(m)) if m.attachment.is_some() => break,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                    }
+                }
+            }
+        };
         let handle = client.inner.inbox.handle_pushes(conn.clone(), pushes);
-        tokio::join!(handle, flush);
+        // The connection's end ends the pushes, and with them this connection's work.
+        tokio::select! {
+            () = handle => {}
+            () = downloads => {}
+        }
     }
 }

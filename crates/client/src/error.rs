@@ -65,9 +65,38 @@ pub enum ClientError {
     ContactKeysIncomplete(String),
     #[error("the safety number with {0} is not the one given: their keys changed since it was shown, so compare the new number first")]
     SafetyNumberChanged(String),
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the file is {} and this server takes attachments up to {}", human_bytes(*bytes), human_bytes(*limit))]
+    AttachmentTooLarge { bytes: u64, limit: u64 },
+    #[error("media: unavailable ({0})")]
+    MediaUnavailable(String),
+    #[error("the attachment failed its integrity check ({0}): it was not saved")]
+    AttachmentCorrupt(String),
+}
+
+/// `1.5 MB`, `820 KB`, `12 bytes`: sizes as people read them (decimal units).
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} bytes"),
+        1_000..1_000_000 => format!("{:.0} KB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
 }
 
 impl ClientError {
+    pub(crate) fn file(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| ClientError::File {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
     pub(crate) fn crypto(e: impl std::fmt::Display) -> Self {
         ClientError::Crypto(e.to_string())
     }

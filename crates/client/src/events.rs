@@ -67,6 +67,19 @@ pub struct IncomingMessage {
     pub sent_at_ms: u64,
     /// When the server accepted it.
     pub server_time_ms: u64,
+    /// A file that came with it (`text` is then its caption); fetched in the background,
+    /// then [`Event::AttachmentSaved`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<AttachmentSummary>,
+}
+
+/// What a message says about its attachment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttachmentSummary {
+    pub file_name: String,
+    pub content_type: String,
+    /// Bytes of the file.
+    pub size: u64,
 }
 
 /// Something that happened, in the order it happened.
@@ -124,6 +137,31 @@ pub enum Event {
     /// substituted keys): their safety number changed, the conversation shows it, and a
     /// verified contact is no longer verified.
     KeyChanged { contact: String },
+    /// An attachment moved on: `done` of `total` ciphertext bytes are on the server
+    /// (outgoing) or here (incoming). Sent each time the percentage changes.
+    Transfer {
+        message_id: MessageId,
+        peer: String,
+        outgoing: bool,
+        file_name: String,
+        done: u64,
+        total: u64,
+    },
+    /// An incoming attachment was fetched, checked and decrypted into `path`.
+    AttachmentSaved {
+        message_id: MessageId,
+        from: String,
+        file_name: String,
+        path: String,
+    },
+    /// An attachment can never be moved (its message says why in history).
+    AttachmentFailed {
+        message_id: MessageId,
+        peer: String,
+        outgoing: bool,
+        file_name: String,
+        reason: String,
+    },
 }
 
 #[cfg(test)]

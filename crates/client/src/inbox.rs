@@ -17,9 +17,9 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, warn};
 
 use crate::connector::connection::{Connection, Push};
-use crate::events::{Event, IncomingMessage, MessageId};
+use crate::events::{AttachmentSummary, Event, IncomingMessage, MessageId};
 use crate::sessions::{Decrypted, Sessions};
-use crate::store::{LocalStore, MessageStatus};
+use crate::store::{LocalStore, MessageStatus, TransferState};
 
 /// The failure reason of a message the server deleted undelivered (queue time-to-live).
 pub const EXPIRED: &str = "expired";
@@ -184,6 +184,28 @@ impl Inbox {
                 MessageStatus::Received,
             )
             .await?;
+        let attachment = match (&content.attachment, fresh) {
+            (Some(a), true) => {
+                // Fetched later, in the background: a big file never holds up the chat.
+                let (state, error) = match crate::attachments::check_announced(a) {
+                    Ok(()) => (TransferState::Downloading, None),
+                    Err(why) => (TransferState::Failed, Some(why)),
+                };
+                LocalStore::insert_attachment(&mut tx, &id.0, false, a, state, None).await?;
+                if let Some(why) = &error {
+                    warn!(%id, reason = %why, "an attachment cannot be fetched");
+                    store
+                        .set_transfer_state_in(&mut tx, &id.0, state, None, Some(why))
+                        .await?;
+                }
+                Some(AttachmentSummary {
+                    file_name: crate::attachments::safe_file_name(&a.file_name),
+                    content_type: a.content_type.clone(),
+                    size: a.size,
+                })
+            }
+            _ => None,
+        };
         tx.commit().await?;
         if key_changed {
             self.sessions.announce_key_change(&e.sender);
@@ -195,6 +217,7 @@ impl Inbox {
                 text: content.text,
                 sent_at_ms: content.sent_at_ms,
                 server_time_ms: e.server_time_ms,
+                attachment,
             })
         } else {
             Received::Duplicate

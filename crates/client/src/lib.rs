@@ -23,6 +23,7 @@
 //! network file; message contents are encrypted end to end with Olm per device, so neither
 //! a relay nor the server can read them.
 
+pub mod attachments;
 mod client;
 pub mod connector;
 pub mod crypto;
@@ -37,14 +38,16 @@ mod sessions;
 pub mod store;
 pub mod timeouts;
 
+pub use attachments::SavedAttachment;
 pub use client::{Client, ContactSafety, RECONNECTS_PER_OPERATION};
 pub use connector::connection::{BoxStream, Stream};
 pub use connector::health::RouteHealth;
 pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
 pub use connector::{check_route_without_profile, ConnectMode, ConnectReport};
+pub use error::human_bytes;
 pub use error::ClientError;
-pub use events::{Event, IncomingMessage, MessageId, MessageIdError};
+pub use events::{AttachmentSummary, Event, IncomingMessage, MessageId, MessageIdError};
 pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};
 pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};
 pub use safety::{SafetyNumber, SafetyNumberError};
-pub use store::{Conversation, HistoryEntry, MessageStatus};
+pub use store::{AttachmentInfo, Conversation, HistoryEntry, MessageStatus, TransferState};

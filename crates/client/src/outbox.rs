@@ -15,6 +15,7 @@ use postern_protocol::username;
 use prost::Message as _;
 use tokio::sync::broadcast;
 
+use crate::attachments::{self, Transfers};
 use crate::connector::connection::Connection;
 use crate::events::{Event, MessageId};
 use crate::sessions::Sessions;
@@ -36,6 +37,7 @@ pub struct PendingOutcome {
 #[derive(Clone)]
 pub(crate) struct Outbox {
     store: LocalStore,
+    transfers: Transfers,
     sessions: Sessions,
     events: broadcast::Sender<Event>,
     username: String,
@@ -51,12 +53,14 @@ pub(crate) struct Outbox {
 impl Outbox {
     pub fn new(
         store: LocalStore,
+        transfers: Transfers,
         sessions: Sessions,
         events: broadcast::Sender<Event>,
         username: String,
     ) -> Self {
         Self {
             store,
+            transfers,
             sessions,
             events,
             username,
@@ -70,8 +74,7 @@ impl Outbox {
         self.handled.load(Ordering::Relaxed)
     }
 
-    /// Checks and stores a message as pending.
-    pub async fn queue(&self, to: &str, text: &str) -> Result<HistoryEntry, ClientError> {
+    fn check(&self, to: &str, text: &str) -> Result<(), ClientError> {
         username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClientError::TooLong {
@@ -84,6 +87,41 @@ impl Outbox {
                 "you cannot send a message to yourself".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Encrypts `file` into the profile and stores a pending message carrying it, with
+    /// `caption` as its text. The file is uploaded before the message goes out.
+    pub async fn queue_file(
+        &self,
+        to: &str,
+        file: &std::path::Path,
+        caption: &str,
+    ) -> Result<MessageId, ClientError> {
+        self.check(to, caption)?;
+        let message_id = MessageId::random();
+        let (wire, encrypted) = self.transfers.seal(&message_id, file).await?;
+        let stored = self
+            .store
+            .insert_outgoing_with_attachment(
+                &message_id.0,
+                to,
+                caption,
+                postern_protocol::now_ms(),
+                &wire,
+                &encrypted.display().to_string(),
+            )
+            .await;
+        if stored.is_err() {
+            let _ = std::fs::remove_file(&encrypted);
+        }
+        stored?;
+        Ok(message_id)
+    }
+
+    /// Checks and stores a message as pending.
+    pub async fn queue(&self, to: &str, text: &str) -> Result<HistoryEntry, ClientError> {
+        self.check(to, text)?;
         let entry = HistoryEntry {
             message_id: MessageId::random(),
             peer: to.to_string(),
@@ -93,6 +131,7 @@ impl Outbox {
             server_time_ms: None,
             status: MessageStatus::Pending,
             failure: None,
+            attachment: None,
         };
         self.store
             .insert_outgoing(&entry.message_id.0, to, text, entry.created_ms)
@@ -108,7 +147,9 @@ impl Outbox {
         entry: &HistoryEntry,
     ) -> Result<(), ClientError> {
         match self.transmit_once(conn, entry).await {
-            Err(e @ ClientError::UnknownContact(_)) => {
+            Err(e)
+                if matches!(e, ClientError::UnknownContact(_)) || attachments::is_permanent(&e) =>
+            {
                 let reason = e.to_string();
                 self.store.mark_failed(&entry.message_id.0, &reason).await?;
                 let _ = self.events.send(Event::Failed {
@@ -154,12 +195,22 @@ impl Outbox {
         conn: &Connection,
         entry: &HistoryEntry,
     ) -> Result<(), ClientError> {
+        // The file goes up first: the message carries its key, so it must not arrive
+        // before the file can be fetched.
+        let attachment = match self.store.attachment(&entry.message_id.0).await? {
+            Some(rec) => {
+                self.transfers.upload(conn, &rec).await?;
+                Some(rec.wire)
+            }
+            None => None,
+        };
         let content = Content {
             message_id: entry.message_id.0.to_vec(),
             sender: self.username.clone(),
             recipient: entry.peer.clone(),
             sent_at_ms: entry.created_ms,
             text: entry.text.clone(),
+            attachment,
         }
         .encode_to_vec();
         let mut reclaimed = false;

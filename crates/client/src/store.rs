@@ -93,6 +93,90 @@ pub struct HistoryEntry {
     /// Why an outgoing message failed ([`MessageStatus::Failed`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The file sent with the message, if any (`text` is then its caption).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<AttachmentInfo>,
+}
+
+/// Where an attachment's transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferState {
+    /// Outgoing: encrypted here, being uploaded (the message goes out once it is up).
+    Uploading,
+    /// Outgoing: on the server; the message carries its key.
+    Uploaded,
+    /// Incoming: announced by a message, being fetched.
+    Downloading,
+    /// Incoming: fetched, checked and decrypted; the file is at `path`.
+    Done,
+    /// Cannot be completed (the reason is kept).
+    Failed,
+}
+
+impl TransferState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Uploading => "uploading",
+            Self::Uploaded => "uploaded",
+            Self::Downloading => "downloading",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "uploading" => Self::Uploading,
+            "uploaded" => Self::Uploaded,
+            "downloading" => Self::Downloading,
+            "done" => Self::Done,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// A file sent or received with a message, as history shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttachmentInfo {
+    pub file_name: String,
+    pub content_type: String,
+    /// Bytes of the file.
+    pub size: u64,
+    pub state: TransferState,
+    /// Ciphertext bytes moved so far, of `ciphertext_size`.
+    pub transferred: u64,
+    pub ciphertext_size: u64,
+    /// The decrypted file (incoming, once done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Everything kept about an attachment, keys included (never shown).
+#[derive(Clone)]
+pub struct AttachmentRecord {
+    pub message_id: MessageId,
+    pub peer: String,
+    pub outgoing: bool,
+    pub wire: postern_protocol::schema::Attachment,
+    pub state: TransferState,
+    pub transferred: u64,
+    /// Outgoing: the ciphertext file to upload; incoming: the decrypted file once done.
+    pub path: Option<String>,
+}
+
+impl std::fmt::Debug for AttachmentRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the key.
+        f.debug_struct("AttachmentRecord")
+            .field("message_id", &self.message_id)
+            .field("file_name", &self.wire.file_name)
+            .field("state", &self.state)
+            .field("transferred", &self.transferred)
+            .finish()
+    }
 }
 
 /// A conversation in the chat list.
@@ -732,6 +816,183 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Stores a pending outgoing message and its attachment (to be uploaded) together.
+    pub async fn insert_outgoing_with_attachment(
+        &self,
+        message_id: &[u8; 16],
+        peer: &str,
+        text: &str,
+        created_ms: u64,
+        attachment: &postern_protocol::schema::Attachment,
+        ciphertext_path: &str,
+    ) -> Result<(), ClientError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO messages (message_id, peer, outgoing, body, created_ms, status)
+             VALUES (?, ?, 1, ?, ?, 'pending')",
+        )
+        .bind(&message_id[..])
+        .bind(peer)
+        .bind(text)
+        .bind(created_ms as i64)
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_attachment(
+            &mut tx,
+            message_id,
+            true,
+            attachment,
+            TransferState::Uploading,
+            Some(ciphertext_path),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records the attachment of a message (inside the transaction storing the message).
+    pub async fn insert_attachment(
+        tx: &mut Tx,
+        message_id: &[u8],
+        outgoing: bool,
+        a: &postern_protocol::schema::Attachment,
+        state: TransferState,
+        path: Option<&str>,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO attachments (message_id, outgoing, media_id, key, nonce,
+                 segment_size, size, ciphertext_size, sha256, file_name, content_type, state, path)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(message_id)
+        .bind(outgoing as i64)
+        .bind(&a.media_id)
+        .bind(&a.key)
+        .bind(&a.nonce)
+        .bind(a.segment_size as i64)
+        .bind(a.size as i64)
+        .bind(a.ciphertext_size as i64)
+        .bind(&a.sha256)
+        .bind(&a.file_name)
+        .bind(&a.content_type)
+        .bind(state.as_str())
+        .bind(path)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The attachment of a message, keys included.
+    pub async fn attachment(
+        &self,
+        message_id: &[u8],
+    ) -> Result<Option<AttachmentRecord>, ClientError> {
+        Ok(self
+            .attachments_where("a.message_id = ?", Some(message_id))
+            .await?
+            .pop())
+    }
+
+    /// Incoming attachments still to fetch, oldest first.
+    pub async fn attachments_to_download(&self) -> Result<Vec<AttachmentRecord>, ClientError> {
+        self.attachments_where("a.state = 'downloading'", None)
+            .await
+    }
+
+    async fn attachments_where(
+        &self,
+        filter: &str,
+        message_id: Option<&[u8]>,
+    ) -> Result<Vec<AttachmentRecord>, ClientError> {
+        let sql = format!(
+            "SELECT a.message_id, m.peer, a.outgoing, a.media_id, a.key, a.nonce, a.segment_size,
+                    a.size, a.ciphertext_size, a.sha256, a.file_name, a.content_type, a.state,
+                    a.transferred, a.path
+             FROM attachments a JOIN messages m ON m.message_id = a.message_id
+             WHERE {filter} ORDER BY m.rowid"
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(id) = message_id {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let id: Vec<u8> = r.get(0);
+                Some(AttachmentRecord {
+                    message_id: MessageId(id.try_into().ok()?),
+                    peer: r.get(1),
+                    outgoing: r.get::<i64, _>(2) != 0,
+                    wire: postern_protocol::schema::Attachment {
+                        media_id: r.get(3),
+                        key: r.get(4),
+                        nonce: r.get(5),
+                        segment_size: r.get::<i64, _>(6) as u32,
+                        size: r.get::<i64, _>(7) as u64,
+                        ciphertext_size: r.get::<i64, _>(8) as u64,
+                        sha256: r.get(9),
+                        file_name: r.get(10),
+                        content_type: r.get(11),
+                    },
+                    state: TransferState::parse(r.get::<&str, _>(12)),
+                    transferred: r.get::<i64, _>(13) as u64,
+                    path: r.get(14),
+                })
+            })
+            .collect())
+    }
+
+    /// Records how far a transfer got.
+    pub async fn set_transferred(&self, message_id: &[u8], bytes: u64) -> Result<(), ClientError> {
+        sqlx::query("UPDATE attachments SET transferred = ? WHERE message_id = ?")
+            .bind(bytes as i64)
+            .bind(message_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves an attachment to `state`, with its file (`path`) or why it failed (`error`).
+    pub async fn set_transfer_state(
+        &self,
+        message_id: &[u8],
+        state: TransferState,
+        path: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let mut tx = self.begin().await?;
+        self.set_transfer_state_in(&mut tx, message_id, state, path, error)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// [`LocalStore::set_transfer_state`] inside a transaction.
+    pub async fn set_transfer_state_in(
+        &self,
+        tx: &mut Tx,
+        message_id: &[u8],
+        state: TransferState,
+        path: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), ClientError> {
+        sqlx::query(
+            "UPDATE attachments SET state = ?, path = ?, error = ?,
+                 transferred = CASE WHEN ? IN ('uploaded', 'done') THEN ciphertext_size
+                                    ELSE transferred END
+             WHERE message_id = ?",
+        )
+        .bind(state.as_str())
+        .bind(path)
+        .bind(error)
+        .bind(state.as_str())
+        .bind(message_id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     pub async fn mark_sent(
         &self,
         message_id: &[u8],
@@ -866,12 +1127,12 @@ impl LocalStore {
 
     /// Outgoing messages the server has not accepted yet, oldest first.
     pub async fn pending_outgoing(&self) -> Result<Vec<HistoryEntry>, ClientError> {
-        self.query_history("WHERE status = 'pending' AND outgoing = 1", None)
+        self.query_history("WHERE m.status = 'pending' AND m.outgoing = 1", None)
             .await
     }
 
     pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
-        self.query_history("WHERE peer = ?", Some(peer)).await
+        self.query_history("WHERE m.peer = ?", Some(peer)).await
     }
 
     async fn query_history(
@@ -880,8 +1141,11 @@ impl LocalStore {
         peer: Option<&str>,
     ) -> Result<Vec<HistoryEntry>, ClientError> {
         let sql = format!(
-            "SELECT message_id, peer, outgoing, body, created_ms, server_time_ms, status, failure
-             FROM messages {filter} ORDER BY created_ms, rowid"
+            "SELECT m.message_id, m.peer, m.outgoing, m.body, m.created_ms, m.server_time_ms,
+                    m.status, m.failure, a.file_name, a.content_type, a.size, a.state,
+                    a.transferred, a.ciphertext_size, a.path, a.error
+             FROM messages m LEFT JOIN attachments a ON a.message_id = m.message_id
+             {filter} ORDER BY m.created_ms, m.rowid"
         );
         let mut q = sqlx::query(&sql);
         if let Some(p) = peer {
@@ -901,6 +1165,18 @@ impl LocalStore {
                     server_time_ms: r.get::<Option<i64>, _>(5).map(|t| t as u64),
                     status: MessageStatus::parse(r.get::<&str, _>(6)),
                     failure: r.get(7),
+                    attachment: r
+                        .get::<Option<String>, _>(8)
+                        .map(|file_name| AttachmentInfo {
+                            file_name,
+                            content_type: r.get(9),
+                            size: r.get::<i64, _>(10) as u64,
+                            state: TransferState::parse(r.get::<&str, _>(11)),
+                            transferred: r.get::<i64, _>(12) as u64,
+                            ciphertext_size: r.get::<i64, _>(13) as u64,
+                            path: r.get(14),
+                            error: r.get(15),
+                        }),
                 })
             })
             .collect())

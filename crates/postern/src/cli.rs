@@ -30,27 +30,41 @@ pub enum Command {
     #[command(subcommand)]
     Account(AccountCommand),
 
-    /// Send a message; prints its id once the server holds it (✓).
+    /// Send a message (and a file, with --file); prints its id once the server holds it (✓).
     #[command(after_help = "\
 The message is saved in your history before anything is sent: if the server cannot be
 reached it stays pending (…) and goes out with your next `send`, `inbox` or `status`, or
 at once from a running `inbox --follow`. The saved routes are raced (the one that worked
 last starts first); a connection that stalls is replaced and the message sent again
 (never twice). A message to a user who does not exist stays in your history, marked ✗.
-Example:
-  postern send bob 'see you at eight'")]
+
+With --file, the file is encrypted with a key of its own (the server and relays see only
+its size), uploaded in chunks with progress on stderr, and the message goes out once the
+upload is complete. A dropped or frozen connection is replaced and the upload goes on
+from the last chunk the server acknowledged, over whichever route works.
+Examples:
+  postern send bob 'see you at eight'
+  postern send bob --file ~/photos/boat.jpg 'the boat'")]
     Send {
         /// Username of the recipient.
         contact: String,
-        /// The message text (quote it).
-        text: String,
+        /// The message text (quote it); with --file, the file's caption (may be left out).
+        #[arg(required_unless_present = "file")]
+        text: Option<String>,
+        /// A file to send with the message (up to the server's limit, 100 MB by default).
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
     },
 
     /// Fetch and print messages that arrived for you (and send what is pending).
     #[command(after_help = "\
 A connection that stops answering (some networks freeze flows without a reset) is
 noticed within about 11 s and replaced; what arrived is never fetched twice, so a backlog
-gets through even a path that dies every few kilobytes.")]
+gets through even a path that dies every few kilobytes.
+
+Files sent to you are fetched after the messages, checked and decrypted into the
+profile's files/ directory (and copied to --save-to DIR); an interrupted fetch goes on
+where it stopped the next time.")]
     Inbox {
         /// Stay connected and print messages and delivery receipts as they arrive; pending
         /// messages go out as soon as a route works.
@@ -59,6 +73,10 @@ gets through even a path that dies every few kilobytes.")]
         /// One JSON object per line instead of text (for scripts).
         #[arg(long)]
         json: bool,
+        /// Also save each file that arrives into DIR (a name already taken there gets
+        /// a number: photo (2).jpg).
+        #[arg(long, value_name = "DIR")]
+        save_to: Option<std::path::PathBuf>,
     },
 
     /// Show your conversation with a contact, with ✓ (sent) and ✓✓ (delivered) marks.
@@ -68,6 +86,9 @@ gets through even a path that dies every few kilobytes.")]
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// Copy the files of this conversation that have arrived into DIR.
+        #[arg(long, value_name = "DIR")]
+        save_to: Option<std::path::PathBuf>,
     },
 
     /// Your contacts: compare safety numbers in person to check that nobody is in between.
@@ -275,7 +296,7 @@ pub enum ServerCommand {
         public_address: String,
     },
     /// Serve clients (and relays) until SIGTERM or Ctrl-C.
-    Run(ServerRunArgs),
+    Run(Box<ServerRunArgs>),
     /// Add PostgreSQL databases to a sharded service. Stop every node first; this moves
     /// the accounts whose shard changes (with their devices, keys, queued messages and
     /// receipts), then the nodes start with the new list. Safe to run again after an
@@ -382,6 +403,25 @@ pub struct ServerRunArgs {
     /// fallback key, so nobody can drain another user's one-time keys.
     #[arg(long, value_name = "N", default_value_t = 30)]
     pub claims_per_user_per_minute: u32,
+    /// Where attachments (their ciphertext: the server never sees a key) are kept
+    /// [default: DIR/media]. With several nodes, give them a shared directory.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_media")]
+    pub media_dir: Option<PathBuf>,
+    /// Largest attachment, MiB (of ciphertext: about the file's size).
+    #[arg(long, value_name = "MIB", default_value_t = 100)]
+    pub media_max_file_mib: u64,
+    /// MiB of attachments one account may have stored at once (uploads in progress count
+    /// with their whole size); more get STORAGE_FULL until some expire.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub media_quota_mib: u64,
+    /// How long an attachment is kept after its upload completed (e.g. 30days, 12h); an
+    /// upload that makes no progress is deleted after a day (or this, if shorter).
+    #[arg(long, value_name = "DURATION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub media_ttl: std::time::Duration,
+    /// Keep no attachments: clients are told the server has no media store and say so
+    /// ("media: unavailable") instead of trying.
+    #[arg(long)]
+    pub no_media: bool,
 }
 
 #[derive(Debug, Args)]

@@ -21,7 +21,8 @@ use postern_protocol::noise::{self, SecureWriter, ServerHandshake};
 use postern_protocol::schema::{
     client_frame, server_frame, ClientFrame, DeviceBundle as WireBundle, DeviceIdentity,
     DeviceKeys, Envelope, Error as WireError, ErrorCode, KeyBundle, KeysLow, KeysUploaded,
-    MessageAccepted, Pong, Receipt, Registered, ServerFrame, ServerHello, SignedKey as WireKey,
+    MediaData, MediaFetch, MediaLimits, MediaState, MediaUpload, MessageAccepted, Pong, Receipt,
+    Registered, ServerFrame, ServerHello, SignedKey as WireKey,
 };
 use postern_protocol::{proxy_header, username, ProtocolError, PROTOCOL_VERSION};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::hub::Presence;
+use crate::media::{MediaError, MediaId};
 use crate::push_window::PushWindow;
 use crate::store::{
     DeviceRecord, EnqueueLimits, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey,
@@ -161,6 +163,14 @@ async fn run(
         device: device.as_ref().map(identity),
         one_time_keys_remaining: remaining,
         server_time_ms: postern_protocol::now_ms(),
+        media: shared.media.as_ref().map(|m| {
+            let c = m.config();
+            MediaLimits {
+                max_file_bytes: c.max_file_bytes,
+                quota_bytes: c.quota_bytes,
+                ttl_seconds: c.ttl.as_secs(),
+            }
+        }),
     };
     let transport = handshake.finish(&mut stream, &hello).await?;
     let (read_half, write_half) = tokio::io::split(stream);
@@ -256,6 +266,33 @@ fn error_body(code: ErrorCode, message: impl Into<String>) -> server_frame::Body
         code: code as i32,
         message: message.into(),
     })
+}
+
+fn media_unavailable() -> server_frame::Body {
+    error_body(
+        ErrorCode::MediaUnavailable,
+        "this server keeps no media (attachments)",
+    )
+}
+
+/// The answer for a refused media request. Malformed requests close the connection, like
+/// any other; the rest are answered and the connection goes on.
+fn media_error(e: MediaError) -> server_frame::Body {
+    let code = match &e {
+        MediaError::NotFound => ErrorCode::MediaNotFound,
+        MediaError::TooLarge { .. } => ErrorCode::MediaTooLarge,
+        MediaError::QuotaExceeded { .. } | MediaError::DiskFull => ErrorCode::StorageFull,
+        MediaError::Conflict => ErrorCode::MediaConflict,
+        MediaError::BadRequest(_) => ErrorCode::BadRequest,
+        MediaError::Io { .. } => {
+            warn!(error = %e, "media store failed");
+            return error_body(
+                ErrorCode::Internal,
+                "the media store failed: try again later",
+            );
+        }
+    };
+    error_body(code, e.to_string())
 }
 
 struct Session<W> {
@@ -452,6 +489,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     Body::UploadKeys(u) => self.upload_keys(&device, u).await?,
                     Body::ClaimKeys(c) => self.claim_keys(&device, c).await?,
                     Body::Send(s) => self.send(&device, s).await?,
+                    Body::MediaUpload(u) => self.media_upload(&device, u).await,
+                    Body::MediaFetch(f) => self.media_fetch(f).await,
                     // Normally applied by the reader task; never answered.
                     Body::AckMessage(_) | Body::AckReceipt(_) => {
                         apply_ack(&self.shared, &self.window, &device, &other).await?;
@@ -471,6 +510,45 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             self.push_pending().await?;
         }
         Ok(())
+    }
+
+    async fn media_upload(&self, device: &DeviceRecord, u: MediaUpload) -> server_frame::Body {
+        let Some(media) = &self.shared.media else {
+            return media_unavailable();
+        };
+        let Ok(id) = MediaId::try_from(&u.media_id[..]) else {
+            return error_body(ErrorCode::BadRequest, "a media id is 16 bytes");
+        };
+        match media
+            .upload(&device.username, &id, u.size, u.offset, &u.data)
+            .await
+        {
+            Ok(st) => server_frame::Body::MediaState(MediaState {
+                media_id: u.media_id,
+                stored: st.stored,
+                size: st.size,
+                complete: st.complete,
+            }),
+            Err(e) => media_error(e),
+        }
+    }
+
+    async fn media_fetch(&self, f: MediaFetch) -> server_frame::Body {
+        let Some(media) = &self.shared.media else {
+            return media_unavailable();
+        };
+        let Ok(id) = MediaId::try_from(&f.media_id[..]) else {
+            return error_body(ErrorCode::BadRequest, "a media id is 16 bytes");
+        };
+        match media.fetch(&id, f.offset, f.max_len).await {
+            Ok((data, size)) => server_frame::Body::MediaData(MediaData {
+                media_id: f.media_id,
+                offset: f.offset,
+                data,
+                size,
+            }),
+            Err(e) => media_error(e),
+        }
     }
 
     async fn register(

@@ -13,6 +13,8 @@
 //!   connections per source, message rate, key claims), the bounded per-key limiter and the
 //!   refusal counters. Per-address limits count by `postern_protocol::net::SourceKey`.
 //! * [`disk`]: the free-space high-water mark below which new messages are refused.
+//! * [`media`]: attachments' ciphertext on disk, uploaded in resumable chunks and fetched
+//!   by id (the keys travel only inside end-to-end encrypted messages).
 //! * `connection`: one client connection, from PROXY header to the request loop; its
 //!   reader task applies acknowledgements as they arrive.
 //! * `push_window`: how much a connection may push unacknowledged (so a path that
@@ -28,6 +30,7 @@ pub mod disk;
 mod error;
 pub mod hub;
 pub mod limits;
+pub mod media;
 mod push_window;
 mod server;
 pub mod store;
@@ -58,6 +61,8 @@ pub(crate) struct Shared {
     /// One-time keys handed out per target username per minute.
     pub claims_by_target: limits::WindowLimiter<String>,
     pub disk: disk::DiskGuard,
+    /// None when the operator turned media off (`--no-media`).
+    pub media: Option<media::MediaStore>,
     pub refusals: limits::Refusals,
     pub log_client_addresses: bool,
     pub next_conn_id: AtomicU64,

@@ -15,6 +15,7 @@ use crate::data_dir::DataDir;
 use crate::disk::DiskGuard;
 use crate::hub::Hub;
 use crate::limits::{Limits, Refusals, RegistrationLimiter, WindowLimiter};
+use crate::media::{MediaConfig, MediaStore};
 use crate::store::{Database, Store};
 use crate::{connection, ServerError, Shared};
 use postern_protocol::net::PerSource;
@@ -35,12 +36,16 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Client addresses are kept out of logs unless the operator opts in.
     pub log_client_addresses: bool,
+    /// The media store (attachments); None: the server keeps no media.
+    pub media: Option<MediaConfig>,
 }
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        let data_dir = data_dir.into();
         Self {
-            data_dir: data_dir.into(),
+            media: Some(MediaConfig::new(data_dir.join("media"))),
+            data_dir,
             listen,
             database: Database::Sqlite,
             limits: Limits::default(),
@@ -64,6 +69,13 @@ impl Server {
         let hub = Arc::new(Hub::default());
         let store =
             Store::open_database(&config.database, &dir.database_path(), hub.clone()).await?;
+        let media =
+            match config.media {
+                Some(m) => Some(MediaStore::open(m).map_err(|e| {
+                    ServerError::Config(format!("cannot open the media store: {e}"))
+                })?),
+                None => None,
+            };
         let listener = TcpListener::bind(config.listen).await.map_err(ServerError::io(
             format!(
                 "cannot listen on {} (is another server running there? ports below 1024 need root or CAP_NET_BIND_SERVICE)",
@@ -86,6 +98,7 @@ impl Server {
                 MINUTE,
             ),
             disk: DiskGuard::new(config.data_dir.clone(), config.limits.min_free_disk),
+            media,
             refusals: Refusals::default(),
             limits: config.limits,
             log_client_addresses: config.log_client_addresses,
@@ -191,6 +204,12 @@ async fn housekeeping(shared: Arc<Shared>) {
             shared.message_rate.sweep();
             shared.claims_by_requester.sweep();
             shared.claims_by_target.sweep();
+            if let Some(media) = &shared.media {
+                let expired = media.expire(postern_protocol::now_ms());
+                if expired > 0 {
+                    info!(uploads = expired, "deleted expired media");
+                }
+            }
         }
         let cutoff = postern_protocol::now_ms().saturating_sub(ttl.as_millis() as u64);
         loop {

@@ -50,6 +50,36 @@ pub(crate) enum Push {
 
 type Writer = SecureWriter<WriteHalf<BoxStream>>;
 
+/// The answer to a request that was sent ([`Connection::send_request`]).
+pub(crate) struct Answer {
+    id: u64,
+    rx: oneshot::Receiver<server_frame::Body>,
+    shared: Arc<Shared>,
+}
+
+impl Answer {
+    /// Waits for the answer; a server `Error` becomes `Err`.
+    /// (The waiter is forgotten when the answer is dropped, so a timeout leaves nothing.)
+    pub async fn wait(mut self, timeout: Duration) -> Result<server_frame::Body, ClientError> {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(Err(_)) => Err(ClientError::NotConnected),
+            Ok(Ok(server_frame::Body::Error(e))) => Err(ClientError::Server {
+                code: e.code,
+                message: e.message,
+            }),
+            Ok(Ok(body)) => Ok(body),
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // Not waited for (a transfer gave up on its window): forget the waiter.
+        lock(&self.shared.waiters).remove(&self.id);
+    }
+}
+
 /// State the connection's handle and its tasks share.
 struct Shared {
     writer: tokio::sync::Mutex<Writer>,
@@ -194,6 +224,13 @@ impl Connection {
         body: client_frame::Body,
         timeout: Duration,
     ) -> Result<server_frame::Body, ClientError> {
+        self.send_request(body).await?.wait(timeout).await
+    }
+
+    /// Sends a request and returns once it is written, with the answer to wait for. The
+    /// server answers a connection's requests in order, so several sent one after the
+    /// other (a window of file chunks) are answered in that order.
+    pub async fn send_request(&self, body: client_frame::Body) -> Result<Answer, ClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.waiters).insert(id, tx);
@@ -205,18 +242,11 @@ impl Connection {
             lock(&self.shared.waiters).remove(&id);
             return Err(e);
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => {
-                lock(&self.shared.waiters).remove(&id);
-                Err(ClientError::Timeout(timeout))
-            }
-            Ok(Err(_)) => Err(ClientError::NotConnected),
-            Ok(Ok(server_frame::Body::Error(e))) => Err(ClientError::Server {
-                code: e.code,
-                message: e.message,
-            }),
-            Ok(Ok(body)) => Ok(body),
-        }
+        Ok(Answer {
+            id,
+            rx,
+            shared: self.shared.clone(),
+        })
     }
 
     /// Sends a request whose answer nobody waits for (acknowledgements).

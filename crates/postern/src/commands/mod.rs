@@ -21,15 +21,24 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let home = cli.home;
     match cli.command {
         Command::Account(cmd) => account::run(profile_home(home)?, cmd).await,
-        Command::Send { contact, text } => {
-            messaging::send(profile_home(home)?, &contact, &text).await
+        Command::Send {
+            contact,
+            text,
+            file,
+        } => {
+            let text = text.unwrap_or_default();
+            messaging::send(profile_home(home)?, &contact, &text, file.as_deref()).await
         }
-        Command::Inbox { follow, json } => {
-            messaging::inbox(profile_home(home)?, follow, json).await
-        }
-        Command::History { contact, json } => {
-            messaging::history(profile_home(home)?, &contact, json).await
-        }
+        Command::Inbox {
+            follow,
+            json,
+            save_to,
+        } => messaging::inbox(profile_home(home)?, follow, json, save_to.as_deref()).await,
+        Command::History {
+            contact,
+            json,
+            save_to,
+        } => messaging::history(profile_home(home)?, &contact, json, save_to.as_deref()).await,
         Command::Contact(cmd) => contact::run(profile_home(home)?, cmd).await,
         Command::Proxy(cmd) => proxy::run(profile_home(home)?, cmd).await,
         Command::Status { json } => proxy::status(profile_home(home)?, json).await,

@@ -110,7 +110,12 @@ pub struct RelayCli {
     /// Token every stats request must carry (`?token=TOKEN` or `Authorization: Bearer
     /// TOKEN`); without it the stats listener answers 404 like any web server. At least 16
     /// letters, digits or `-._~` (it is sent in the URL), e.g. from `openssl rand -hex 16`.
-    #[arg(long, value_name = "TOKEN", conflicts_with = "no_stats", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        conflicts_with = "no_stats",
+        allow_hyphen_values = true
+    )]
     pub stats_token: Option<String>,
 
     /// Run without the stats listener.

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use postern_protocol::net::TrustedProxies;
+use postern_server::media::MediaConfig;
 use postern_server::store::Database;
 use postern_server::{DataDir, Limits, Server, ServerConfig};
 
@@ -31,7 +32,7 @@ pub async fn run(cmd: ServerCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ServerCommand::Run(args) => serve(args).await,
+        ServerCommand::Run(args) => serve(*args).await,
         ServerCommand::Reshard(args) => reshard(args).await,
     }
 }
@@ -58,6 +59,21 @@ pub(crate) fn config(args: &ServerRunArgs) -> anyhow::Result<ServerConfig> {
         claims_per_requester_per_minute: args.claims_per_minute,
         claims_per_target_per_minute: args.claims_per_user_per_minute,
         ..Limits::default()
+    };
+    config.media = if args.no_media {
+        None
+    } else {
+        let mut media = MediaConfig::new(
+            args.media_dir
+                .clone()
+                .unwrap_or_else(|| args.data.join("media")),
+        );
+        media.max_file_bytes = args.media_max_file_mib.max(1).saturating_mul(MIB);
+        media.quota_bytes = args.media_quota_mib.saturating_mul(MIB);
+        media.ttl = args.media_ttl.max(Duration::from_secs(1));
+        media.partial_ttl = media.partial_ttl.min(media.ttl);
+        media.min_free_disk = config.limits.min_free_disk;
+        Some(media)
     };
     Ok(config)
 }
