@@ -142,7 +142,12 @@ function onPush(push) {
       break;
     case "event": {
       const e = push.event;
-      if (["incoming", "sent", "delivered", "failed", "undecryptable", "key_changed"].includes(e.type)) {
+      if (e.type === "transfer") {
+        showTransfer(e);
+        break;
+      }
+      if (["incoming", "sent", "delivered", "failed", "undecryptable", "key_changed",
+           "attachment_saved", "attachment_failed"].includes(e.type)) {
         const peer = e.to || e.from || e.contact;
         refreshChats();
         if (peer && peer === state.openPeer) refreshHistory(true);
@@ -434,13 +439,38 @@ function renderConversation() {
       send();
     }
   });
+  // A file goes with what is typed as its caption. The bytes go to the app, which
+  // encrypts them; progress comes back as `transfer` events.
+  const picker = h("input", { type: "file", hidden: true, "data-test": "file-input" });
+  picker.addEventListener("change", async () => {
+    const file = picker.files[0];
+    picker.value = "";
+    if (!file) return;
+    const caption = text.value;
+    text.value = "";
+    const query = new URLSearchParams({ to: peer, name: file.name, caption });
+    try {
+      const response = await fetch(`/api/files?${query}`, { method: "POST", body: file, credentials: "same-origin" });
+      if (!response.ok) {
+        const body = await response.json().catch(() => ({}));
+        throw new Error(body.message || `the app answered ${response.status}`);
+      }
+    } catch (e) {
+      text.value = caption;
+      alert(`${file.name} was not sent: ${e.message}`);
+      return;
+    }
+    refreshHistory(false);
+    refreshChats();
+  });
+  const attach = h("button", { class: "attach", title: "Send a file", "aria-label": "Send a file", "data-test": "attach", onclick: () => picker.click() }, "📎");
   views.safety = h("div", { class: "safety", "data-test": "safety", hidden: true });
   replace(views.main,
     h("div", { class: "conv-head" }, h("div", { class: "avatar" }, peer.slice(0, 1)), h("span", { "data-test": "conversation-peer" }, peer),
       h("button", { class: "link safety-button", "data-test": "safety-button", onclick: () => toggleSafety() }, "Safety number")),
     views.safety,
     views.messages,
-    h("div", { class: "compose" }, text, h("button", { class: "primary", "data-test": "send", onclick: send }, "Send")));
+    h("div", { class: "compose" }, attach, picker, text, h("button", { class: "primary", "data-test": "send", onclick: send }, "Send")));
   renderMessages();
   refreshHistory(true);
   text.focus();
@@ -465,11 +495,53 @@ function renderMessages() {
       class: "bubble" + (m.outgoing ? " out" : "") + (status === "failed" ? " failed" : ""),
       "data-test": "message", "data-status": status, "data-id": m.message_id,
     },
-    h("div", { class: "text", "data-test": "message-text" }, status === "undecryptable" ? "⚠ This message could not be decrypted." : m.text),
+    m.attachment ? renderAttachment(m) : null,
+    (m.text || !m.attachment) ? h("div", { class: "text", "data-test": "message-text" }, status === "undecryptable" ? "⚠ This message could not be decrypted." : m.text) : null,
     status === "failed" && m.failure ? h("div", { class: "reason", "data-test": "failure" }, `Not delivered: ${m.failure}`) : null,
     h("div", { class: "meta" }, h("span", {}, formatTime(m.created_ms)), marks));
   }));
   box.scrollTop = box.scrollHeight;
+}
+
+/** `1.5 MB`, `820 KB`: sizes as people read them. */
+function formatBytes(n) {
+  if (n < 1e3) return `${n} bytes`;
+  if (n < 1e6) return `${Math.round(n / 1e3)} KB`;
+  if (n < 1e9) return `${(n / 1e6).toFixed(1)} MB`;
+  return `${(n / 1e9).toFixed(2)} GB`;
+}
+
+const INLINE_IMAGES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
+/** The file of a message: a picture, or a card with its name, size and state. */
+function renderAttachment(m) {
+  const a = m.attachment;
+  const url = `/api/files/${m.message_id}`;
+  const here = a.path && (a.state === "done" || m.outgoing);
+  const pct = a.ciphertext_size ? Math.floor((a.transferred * 100) / a.ciphertext_size) : 0;
+  let state = null;
+  if (a.state === "uploading") state = `Uploading… ${pct} %`;
+  else if (a.state === "downloading") state = `Fetching… ${pct} %`;
+  else if (a.state === "failed") state = `✗ ${a.error || "could not be transferred"}`;
+  const name = here
+    ? h("a", { href: url, target: "_blank", rel: "noopener", "data-test": "attachment-link" }, a.file_name)
+    : h("span", {}, a.file_name);
+  return h("div", { class: "attachment" + (a.state === "failed" ? " failed" : ""), "data-test": "attachment", "data-state": a.state },
+    here && INLINE_IMAGES.includes(a.content_type)
+      ? h("a", { href: url, target: "_blank", rel: "noopener" }, h("img", { src: url, alt: a.file_name, "data-test": "attachment-image" }))
+      : null,
+    h("div", { class: "file" }, "📎 ", name, h("span", { class: "size" }, ` · ${formatBytes(a.size)}`)),
+    state ? h("div", { class: "transfer", "data-test": "transfer" }, state) : null);
+}
+
+/** A transfer moved on: update its bubble in place (the history is reloaded at the end). */
+function showTransfer(e) {
+  if (e.peer !== state.openPeer || !views.messages) return;
+  const bubble = views.messages.querySelector(`[data-id="${e.message_id}"]`);
+  const line = bubble && bubble.querySelector("[data-test=transfer]");
+  const pct = e.total ? Math.floor((e.done * 100) / e.total) : 100;
+  if (line) line.textContent = `${e.outgoing ? "Uploading…" : "Fetching…"} ${pct} %`;
+  if (e.done === e.total) refreshHistory(false);
 }
 
 // ---- Safety number -------------------------------------------------------------------

@@ -2,9 +2,10 @@
 -- key and digest came inside the end-to-end encrypted message; the server holds only the
 -- ciphertext, under media_id.
 --
--- state, outgoing: 'uploading' (the ciphertext waits in `path`; the message stays pending
--- until the upload completes), 'uploaded'; incoming: 'downloading', 'done' (the decrypted
--- file is at `path`); either: 'failed' (with `error`).
+-- state, outgoing: 'uploading' (the ciphertext waits in `upload_path`; the message stays
+-- pending until the upload completes), 'uploaded'; incoming: 'downloading', 'done'; either:
+-- 'failed' (with `error`). `path` is the file itself, here: the copy kept of a file sent,
+-- or a received one once decrypted.
 CREATE TABLE attachments (
     message_id      BLOB    PRIMARY KEY REFERENCES messages(message_id) ON DELETE CASCADE,
     outgoing        INTEGER NOT NULL,
@@ -20,6 +21,7 @@ CREATE TABLE attachments (
     state           TEXT    NOT NULL,
     -- Ciphertext bytes the server acknowledged (upload) or that arrived (download).
     transferred     INTEGER NOT NULL DEFAULT 0,
+    upload_path     TEXT,
     path            TEXT,
     error           TEXT
 );

@@ -359,7 +359,7 @@ fn lock(m: &Mutex<ChunkSizer>) -> std::sync::MutexGuard<'_, ChunkSizer> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Uploads the ciphertext at `rec.path`, from where the server stands, calling
+/// Uploads the ciphertext at `rec.upload_path`, from where the server stands, calling
 /// `progress` with the bytes the server holds after each chunk it acknowledged.
 pub(crate) async fn upload(
     conn: &Connection,
@@ -369,7 +369,7 @@ pub(crate) async fn upload(
 ) -> Result<(), ClientError> {
     let a = &rec.wire;
     let path = PathBuf::from(
-        rec.path
+        rec.upload_path
             .as_deref()
             .ok_or_else(|| ClientError::Profile("an attachment to upload has no file".into()))?,
     );
@@ -583,13 +583,15 @@ impl Transfers {
         Ok(dir)
     }
 
-    /// Encrypts `src` into the profile for sending; returns the attachment and the
-    /// ciphertext's path.
+    /// Encrypts `src` into the profile for sending, named `name` (default: its own file
+    /// name), and keeps a copy of the file (so the conversation can show it). Returns the
+    /// attachment, the ciphertext's path and the copy's.
     pub async fn seal(
         &self,
         message_id: &MessageId,
         src: &Path,
-    ) -> Result<(Attachment, PathBuf), ClientError> {
+        name: Option<&str>,
+    ) -> Result<(Attachment, PathBuf, PathBuf), ClientError> {
         let meta = std::fs::metadata(src).map_err(ClientError::file(src))?;
         if !meta.is_file() {
             return Err(ClientError::InvalidInput(format!(
@@ -597,21 +599,35 @@ impl Transfers {
                 src.display()
             )));
         }
-        let name = src
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let content_type = mime_guess::from_path(src)
+        let name = safe_file_name(&match name {
+            Some(n) => n.to_string(),
+            None => src
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        });
+        let content_type = mime_guess::from_path(&name)
             .first_or_octet_stream()
             .essence_str()
             .to_string();
-        let dst = self.dir("outgoing")?.join(format!("{message_id}.enc"));
-        let (src, dst2) = (src.to_path_buf(), dst.clone());
-        let wire =
-            tokio::task::spawn_blocking(move || seal_file(&src, &dst2, &name, &content_type))
-                .await
-                .map_err(|e| ClientError::Profile(format!("encrypting the file failed: {e}")))??;
-        Ok((wire, dst))
+        let encrypted = self.dir("outgoing")?.join(format!("{message_id}.enc"));
+        let copy = unique_path(&self.dir("files")?, &name);
+        let (src, enc, copy2) = (src.to_path_buf(), encrypted.clone(), copy.clone());
+        let wire = tokio::task::spawn_blocking(move || {
+            let wire = seal_file(&src, &enc, &name, &content_type)?;
+            std::fs::copy(&src, &copy2).map_err(ClientError::file(&copy2))?;
+            Ok::<_, ClientError>(wire)
+        })
+        .await
+        .map_err(|e| ClientError::Profile(format!("encrypting the file failed: {e}")))?;
+        match wire {
+            Ok(wire) => Ok((wire, encrypted, copy)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&encrypted);
+                let _ = std::fs::remove_file(&copy);
+                Err(e)
+            }
+        }
     }
 
     fn progress_event(&self, rec: &AttachmentRecord, total: u64) -> impl FnMut(u64) + Send + use<> {
@@ -670,12 +686,19 @@ impl Transfers {
                 tokio::spawn(async move { store.set_transferred(&id, done).await });
             }
         };
-        match upload(conn, rec, &self.sizer, &mut on_progress).await {
+        let uploaded = match upload(conn, rec, &self.sizer, &mut on_progress).await {
+            // The encrypted copy is gone or damaged: no connection will ever fix that.
+            Err(e @ ClientError::File { .. }) => Err(ClientError::AttachmentCorrupt(format!(
+                "the encrypted copy kept for sending is unreadable ({e}): send the file again"
+            ))),
+            other => other,
+        };
+        match uploaded {
             Ok(()) => {
                 self.store
                     .set_transfer_state(&id, TransferState::Uploaded, None, None)
                     .await?;
-                if let Some(path) = &rec.path {
+                if let Some(path) = &rec.upload_path {
                     let _ = std::fs::remove_file(path);
                 }
                 Ok(())
@@ -683,13 +706,11 @@ impl Transfers {
             Err(e) if is_permanent(&e) => {
                 let reason = e.to_string();
                 self.store
-                    .set_transfer_state(
-                        &id,
-                        TransferState::Failed,
-                        rec.path.as_deref(),
-                        Some(&reason),
-                    )
+                    .set_transfer_state(&id, TransferState::Failed, None, Some(&reason))
                     .await?;
+                if let Some(path) = &rec.upload_path {
+                    let _ = std::fs::remove_file(path);
+                }
                 self.failed(rec, &reason);
                 Err(e)
             }

@@ -478,7 +478,40 @@ impl Client {
         file: &Path,
         caption: &str,
     ) -> Result<MessageId, ClientError> {
-        self.inner.outbox.queue_file(to, file, caption).await
+        self.inner.outbox.queue_file(to, file, None, caption).await
+    }
+
+    /// [`Client::queue_file`] with the name the recipient sees (an app that received the
+    /// file's bytes under a temporary name).
+    pub async fn queue_file_named(
+        &self,
+        to: &str,
+        file: &Path,
+        name: &str,
+        caption: &str,
+    ) -> Result<MessageId, ClientError> {
+        self.inner
+            .outbox
+            .queue_file(to, file, Some(name), caption)
+            .await
+    }
+
+    /// The file of a message's attachment kept here (sent, or received and decrypted),
+    /// with its name and type as the message gave them.
+    pub async fn attachment_file(
+        &self,
+        message_id: &MessageId,
+    ) -> Result<Option<(std::path::PathBuf, String, String)>, ClientError> {
+        Ok(self
+            .inner
+            .store
+            .attachment(&message_id.0)
+            .await?
+            .and_then(|r| {
+                let path = std::path::PathBuf::from(r.path?);
+                path.is_file()
+                    .then_some((path, r.wire.file_name, r.wire.content_type))
+            }))
     }
 
     /// What the server's media store takes, as it said on the connection in use (None:
@@ -776,6 +809,11 @@ impl OnConnected for Serve {
             let mut outcomes = Vec::new();
             if let Err(e) = client.inner.outbox.flush(&conn, &mut outcomes).await {
                 tracing::debug!(error = %e, "pending messages not sent yet");
+            }
+            for o in outcomes {
+                if let Err(e) = o.result {
+                    tracing::warn!(to = %o.to, error = %e, "a pending message was not sent");
+                }
             }
         };
         // Attachments are fetched in the background: those waiting from before, then

@@ -96,11 +96,12 @@ impl Outbox {
         &self,
         to: &str,
         file: &std::path::Path,
+        name: Option<&str>,
         caption: &str,
     ) -> Result<MessageId, ClientError> {
         self.check(to, caption)?;
         let message_id = MessageId::random();
-        let (wire, encrypted) = self.transfers.seal(&message_id, file).await?;
+        let (wire, encrypted, copy) = self.transfers.seal(&message_id, file, name).await?;
         let stored = self
             .store
             .insert_outgoing_with_attachment(
@@ -110,10 +111,12 @@ impl Outbox {
                 postern_protocol::now_ms(),
                 &wire,
                 &encrypted.display().to_string(),
+                &copy.display().to_string(),
             )
             .await;
         if stored.is_err() {
             let _ = std::fs::remove_file(&encrypted);
+            let _ = std::fs::remove_file(&copy);
         }
         stored?;
         Ok(message_id)

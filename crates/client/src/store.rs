@@ -163,7 +163,9 @@ pub struct AttachmentRecord {
     pub wire: postern_protocol::schema::Attachment,
     pub state: TransferState,
     pub transferred: u64,
-    /// Outgoing: the ciphertext file to upload; incoming: the decrypted file once done.
+    /// Outgoing, until uploaded: the ciphertext file to upload.
+    pub upload_path: Option<String>,
+    /// The file itself: the copy kept of a file sent; a received one once decrypted.
     pub path: Option<String>,
 }
 
@@ -817,6 +819,7 @@ impl LocalStore {
     }
 
     /// Stores a pending outgoing message and its attachment (to be uploaded) together.
+    #[allow(clippy::too_many_arguments)]
     pub async fn insert_outgoing_with_attachment(
         &self,
         message_id: &[u8; 16],
@@ -825,6 +828,7 @@ impl LocalStore {
         created_ms: u64,
         attachment: &postern_protocol::schema::Attachment,
         ciphertext_path: &str,
+        local_copy: &str,
     ) -> Result<(), ClientError> {
         let mut tx = self.begin().await?;
         sqlx::query(
@@ -843,9 +847,14 @@ impl LocalStore {
             true,
             attachment,
             TransferState::Uploading,
-            Some(ciphertext_path),
+            Some(local_copy),
         )
         .await?;
+        sqlx::query("UPDATE attachments SET upload_path = ? WHERE message_id = ?")
+            .bind(ciphertext_path)
+            .bind(&message_id[..])
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -907,7 +916,7 @@ impl LocalStore {
         let sql = format!(
             "SELECT a.message_id, m.peer, a.outgoing, a.media_id, a.key, a.nonce, a.segment_size,
                     a.size, a.ciphertext_size, a.sha256, a.file_name, a.content_type, a.state,
-                    a.transferred, a.path
+                    a.transferred, a.upload_path, a.path
              FROM attachments a JOIN messages m ON m.message_id = a.message_id
              WHERE {filter} ORDER BY m.rowid"
         );
@@ -937,7 +946,8 @@ impl LocalStore {
                     },
                     state: TransferState::parse(r.get::<&str, _>(12)),
                     transferred: r.get::<i64, _>(13) as u64,
-                    path: r.get(14),
+                    upload_path: r.get(14),
+                    path: r.get(15),
                 })
             })
             .collect())
@@ -978,7 +988,8 @@ impl LocalStore {
         error: Option<&str>,
     ) -> Result<(), ClientError> {
         sqlx::query(
-            "UPDATE attachments SET state = ?, path = ?, error = ?,
+            "UPDATE attachments SET state = ?, path = COALESCE(?, path), error = ?,
+                 upload_path = CASE WHEN ? = 'uploaded' THEN NULL ELSE upload_path END,
                  transferred = CASE WHEN ? IN ('uploaded', 'done') THEN ciphertext_size
                                     ELSE transferred END
              WHERE message_id = ?",
@@ -986,6 +997,7 @@ impl LocalStore {
         .bind(state.as_str())
         .bind(path)
         .bind(error)
+        .bind(state.as_str())
         .bind(state.as_str())
         .bind(message_id)
         .execute(&mut **tx)
@@ -1087,7 +1099,11 @@ impl LocalStore {
     /// number of incoming messages after the read marker.
     pub async fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
         let rows = sqlx::query(
-            "SELECT m.peer, m.body, m.outgoing, m.status, m.created_ms, m.failure,
+            "SELECT m.peer,
+                    COALESCE((SELECT '📎 ' || a.file_name ||
+                                     CASE WHEN m.body = '' THEN '' ELSE ' ' || m.body END
+                              FROM attachments a WHERE a.message_id = m.message_id), m.body),
+                    m.outgoing, m.status, m.created_ms, m.failure,
                     (SELECT COUNT(*) FROM messages u
                       WHERE u.peer = m.peer AND u.outgoing = 0 AND u.status != 'key_changed'
                         AND u.rowid > COALESCE(

@@ -334,3 +334,121 @@ async fn a_changed_safety_number_is_marked_in_the_chat_and_can_be_verified_again
     assert!(verified.contains("\"verified\":true"), "{verified}");
     alice.close().await;
 }
+
+/// A 2×2 PNG (red, green, blue, white), small enough to write out here.
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x08, 0x02, 0x00, 0x00, 0x00, 0xfd, 0xd4, 0x9a,
+    0x73, 0x00, 0x00, 0x00, 0x16, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0xc0,
+    0xf0, 0x9f, 0x01, 0x0c, 0x18, 0xfe, 0xff, 0xff, 0x0f, 0x00, 0x2f, 0xf2, 0x05, 0xfe, 0x59, 0x7e,
+    0x1b, 0x39, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_sent_from_the_app_shows_in_the_other_persons_app() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice_home, bob_home) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice_home, "alice", &server);
+    account(&bob_home, "bob", &server);
+    let picture = tmp.path().join("sunset.png");
+    std::fs::write(&picture, PNG).unwrap();
+    let (alice_app, bob_app) = (AppProcess::start(&alice_home), AppProcess::start(&bob_home));
+    let (alice, bob) = tokio::join!(Browser::start(), Browser::start());
+    alice.client.goto(&alice_app.url).await.unwrap();
+    bob.client.goto(&bob_app.url).await.unwrap();
+    for b in [&alice, &bob] {
+        b.text_until("[data-test=banner-text]", |t| t == "Connected directly")
+            .await;
+    }
+
+    alice.click("[data-test=new-chat]").await;
+    alice.type_into("[data-test=new-chat-name]", "bob\n").await;
+    // What is typed becomes the caption; the picker takes the file.
+    alice
+        .type_into("[data-test=compose]", "from the pier")
+        .await;
+    alice
+        .find("[data-test=file-input]")
+        .await
+        .send_keys(picture.to_str().unwrap())
+        .await
+        .expect("choose the file");
+    alice
+        .text_until(
+            "[data-test=message][data-status=delivered] [data-test=marks]",
+            |t| t == "✓✓",
+        )
+        .await;
+    // The sender's own copy shows as a picture at once.
+    alice
+        .until_exists("[data-test=message] [data-test=attachment-image]")
+        .await;
+
+    bob.click("[data-test=chat][data-peer=alice]").await;
+    bob.text_until("[data-test=message-text]", |t| t == "from the pier")
+        .await;
+    // Fetched in the background, checked, decrypted: then shown as the picture it is.
+    bob.until_exists("[data-test=attachment][data-state=done] [data-test=attachment-image]")
+        .await;
+    let deadline = std::time::Instant::now() + browser::UI_TIMEOUT;
+    loop {
+        let width = bob
+            .client
+            .execute(
+                "return document.querySelector('[data-test=attachment-image]').naturalWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if width.as_u64() == Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the picture never rendered: {width}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bob.screenshot("attachment").await;
+    let saved = bob_home.join("files").join("sunset.png");
+    assert_eq!(std::fs::read(saved).unwrap(), PNG);
+
+    // A web page someone sends is never opened in the app's own origin: it is offered as
+    // a download, sandboxed, whatever type the sender claimed.
+    let page = tmp.path().join("page.html");
+    std::fs::write(&page, "<script>fetch('/api/chats')</script>").unwrap();
+    alice
+        .find("[data-test=file-input]")
+        .await
+        .send_keys(page.to_str().unwrap())
+        .await
+        .expect("choose the file");
+    bob.text_until(
+        "[data-test=message]:last-child [data-test=attachment][data-state=done]",
+        |t| t.contains("page.html"),
+    )
+    .await;
+    let headers = bob
+        .client
+        .execute_async(
+            "const done = arguments[0];
+             const link = [...document.querySelectorAll('[data-test=attachment-link]')]
+               .find(a => a.textContent === 'page.html');
+             fetch(link.href).then(r => done(
+               [r.headers.get('content-type'), r.headers.get('content-disposition'),
+                r.headers.get('content-security-policy')].join(' | ')));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let headers = headers.as_str().unwrap_or_default().to_string();
+    assert!(
+        headers.starts_with(
+            "application/octet-stream | attachment; filename*=UTF-8''page.html | sandbox"
+        ),
+        "{headers}"
+    );
+    alice.close().await;
+    bob.close().await;
+}

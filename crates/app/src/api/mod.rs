@@ -5,6 +5,7 @@
 //!
 //! * [`account`]: `GET /api/state`, `POST /api/account` (onboarding);
 //! * [`chats`]: conversations, history, sending, read markers;
+//! * [`files`]: sending a file (the page posts its bytes) and opening one kept here;
 //! * [`contacts`]: a contact's safety number (and its QR code), the verified mark;
 //! * [`proxies`]: the proxy mode, the saved proxies (add, remove, reorder, QR code) and
 //!   live route checks (the green tick).
@@ -12,6 +13,7 @@
 pub mod account;
 pub mod chats;
 pub mod contacts;
+pub mod files;
 pub mod proxies;
 
 use std::sync::Arc;
@@ -41,6 +43,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .merge(account::routes())
         .merge(chats::routes())
         .merge(contacts::routes())
+        .merge(files::routes())
         .merge(proxies::routes())
 }
 
@@ -94,6 +97,9 @@ impl From<ClientError> for ApiError {
             ClientError::NoContactKeys(_) => (S::CONFLICT, "no_contact_keys"),
             ClientError::ContactKeysIncomplete(_) => (S::SERVICE_UNAVAILABLE, "not_connected"),
             ClientError::SafetyNumberChanged(_) => (S::CONFLICT, "safety_number_changed"),
+            ClientError::AttachmentTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
+            ClientError::MediaUnavailable(_) => (S::SERVICE_UNAVAILABLE, "media_unavailable"),
+            ClientError::File { .. } => (S::BAD_REQUEST, "file"),
             _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
         let attempts = match e {
