@@ -300,6 +300,11 @@ fn a_server_without_media_or_with_a_smaller_limit_is_named_as_the_reason() {
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     account(&alice, "alice", &server);
     account(&bob, "bob", &server);
+    let status = ok(&alice, &["status"]);
+    assert!(
+        status.contains("Media: available (files up to 1.0 MB, 1.07 GB per account, kept 30 days)"),
+        "{status}"
+    );
     let err = fails(&alice, &["send", "bob", "--file", file.to_str().unwrap()]);
     assert!(
         err.contains("the file is 2.5 MB and this server takes attachments up to 1.0 MB"),
@@ -320,6 +325,11 @@ fn a_server_without_media_or_with_a_smaller_limit_is_named_as_the_reason() {
     let (carol, dave) = (tmp.path().join("carol"), tmp.path().join("dave"));
     account(&carol, "carol", &server);
     account(&dave, "dave", &server);
+    let status = ok(&carol, &["status"]);
+    assert!(
+        status.contains("Media: unavailable (this server keeps no attachments); messages work"),
+        "{status}"
+    );
     let err = fails(
         &carol,
         &["send", "dave", "--file", file.to_str().unwrap(), "x"],

@@ -266,6 +266,9 @@ fn print_check(p: &ProxyEntry, report: &DialReport, media: Option<&DialReport>) 
     }
 }
 
+/// Why files cannot be sent when the server has no media store.
+const NO_MEDIA: &str = "this server keeps no attachments";
+
 pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
     let mode = client.proxy_mode().await?;
@@ -277,6 +280,9 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
         Err(_) => None,
     };
     let hostile = client.hostile_routes().await?;
+    // Files travel over the same route as messages; what can still fail is the server's
+    // media store (turned off, or smaller than the file).
+    let media = client.media_limits().await;
     client.close().await;
     if json {
         let sent = match &pending {
@@ -285,7 +291,13 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
         };
         let value = match &result {
             Ok(r) => {
-                serde_json::json!({ "connected": true, "mode": mode, "report": r, "hostile": hostile, "pending_sent": sent })
+                let media = match &media {
+                    Some(m) => {
+                        serde_json::json!({ "available": true, "max_file_bytes": m.max_file_bytes, "quota_bytes": m.quota_bytes, "ttl_seconds": m.ttl_seconds })
+                    }
+                    None => serde_json::json!({ "available": false, "reason": NO_MEDIA }),
+                };
+                serde_json::json!({ "connected": true, "mode": mode, "report": r, "hostile": hostile, "pending_sent": sent, "media": media })
             }
             Err(ClientError::NoRoute { attempts, .. }) => {
                 serde_json::json!({ "connected": false, "mode": mode, "attempts": attempts, "hostile": hostile })
@@ -323,6 +335,15 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
                 report.route,
                 report.latency().as_secs_f64() * 1000.0
             );
+            match &media {
+                Some(m) => println!(
+                    "  Media: available (files up to {}, {} per account, kept {} days)",
+                    postern_client::human_bytes(m.max_file_bytes),
+                    postern_client::human_bytes(m.quota_bytes),
+                    m.ttl_seconds / 86_400
+                ),
+                None => println!("  Media: unavailable ({NO_MEDIA}); messages work"),
+            }
             if let Some(outcomes) = pending {
                 match outcomes {
                     Ok(outcomes) => {
