@@ -40,6 +40,10 @@
 //!    databases of that cluster. One table compares throughput, latencies and the CPU of
 //!    all nodes together.
 //!
+//! 4. **Attachments** (`--mode attachment`, run on its own): a file (`--file-mib`) from
+//!    one real client to another through a real relay's TLS listener — encrypt, upload,
+//!    download — beside the raw bytes the same relay carries (see `attachment.rs`).
+//!
 //! Timestamps are taken in this process with one monotonic clock and joined by message id
 //! at the end, so no clock is shared with the server. Throughput is messages delivered
 //! divided by the time from the first send to the last delivery.
@@ -47,6 +51,7 @@
 //! The benchmark and the server share the machine: on few cores the load generator's own
 //! CPU use lowers the figures, so they are a floor for what the server does alone.
 
+mod attachment;
 mod e2e;
 mod server;
 mod stats;
@@ -81,6 +86,9 @@ enum Mode {
     /// The thin-client load against SQLite and against 1, 2 and 3 nodes sharing one
     /// PostgreSQL (started by the benchmark; Debian's postgresql, installed when root).
     ScaleOut,
+    /// A file end to end through a relay (upload, download), beside the raw bytes the same
+    /// relay carries.
+    Attachment,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +111,15 @@ struct MessagingArgs {
     thin: ThinArgs,
     #[command(flatten)]
     e2e: E2eArgs,
+    #[command(flatten)]
+    attachment: AttachmentArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachmentArgs {
+    /// Size of the file sent in `--mode attachment`, MiB.
+    #[arg(long, default_value_t = 50)]
+    file_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +183,13 @@ async fn messaging(args: MessagingArgs) -> Result<()> {
             .tempdir_in(&parent)
             .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
         thin::scale_out(&args.thin, &binary, dir.path(), args.max_nodes.max(1)).await?;
+    }
+    if args.mode == Mode::Attachment {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-bench-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+        attachment::run(&args.attachment, &binary, dir.path()).await?;
     }
     if matches!(args.mode, Mode::E2e | Mode::Both) {
         let dir = tempfile::Builder::new()

@@ -44,7 +44,7 @@ const KEY_LEN: usize = 32;
 /// XChaCha20's 24-byte nonce less STREAM's 5 bytes of counter and last-segment flag.
 const NONCE_PREFIX_LEN: usize = 19;
 /// Chunks in flight at once on one connection.
-pub const WINDOW: usize = 8;
+pub const WINDOW: usize = 16;
 /// Chunk sizes: the adaptive range, and where a transfer starts.
 pub const MIN_CHUNK: usize = 2 * 1024;
 pub const MAX_CHUNK: usize = 56 * 1024;
