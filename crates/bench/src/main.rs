@@ -51,6 +51,7 @@ mod e2e;
 mod server;
 mod stats;
 mod thin;
+mod xmpp;
 
 use std::path::PathBuf;
 
