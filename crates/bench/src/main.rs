@@ -48,10 +48,13 @@
 //! CPU use lowers the figures, so they are a floor for what the server does alone.
 
 mod e2e;
+mod ejabberd;
+mod peers;
 mod server;
 mod stats;
 mod thin;
 mod xmpp;
+mod xmpp_load;
 
 use std::path::PathBuf;
 
@@ -82,6 +85,10 @@ enum Mode {
     /// The thin-client load against SQLite and against 1, 2 and 3 nodes sharing one
     /// PostgreSQL (started by the benchmark; Debian's postgresql, installed when root).
     ScaleOut,
+    /// The thin-client load against the Postern server and against ejabberd (Debian's
+    /// package, started by the benchmark; installed when root), `--rounds` times each; one
+    /// table of medians and ratios.
+    Peers,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +107,13 @@ struct MessagingArgs {
     /// Most nodes on PostgreSQL in `--mode scale-out` (1, 2, … up to this).
     #[arg(long, default_value_t = 3)]
     max_nodes: usize,
+    /// Rounds in `--mode peers`: each peer is measured this many times (fresh server and
+    /// accounts each time); the table gives the median and the range.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The servers `--mode peers` compares, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "postern,ejabberd")]
+    peers: Vec<peers::Peer>,
     #[command(flatten)]
     thin: ThinArgs,
     #[command(flatten)]
@@ -167,6 +181,9 @@ async fn messaging(args: MessagingArgs) -> Result<()> {
             .tempdir_in(&parent)
             .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
         thin::scale_out(&args.thin, &binary, dir.path(), args.max_nodes.max(1)).await?;
+    }
+    if args.mode == Mode::Peers {
+        peers::run(&args.thin, args.rounds, &args.peers, &binary, &parent).await?;
     }
     if matches!(args.mode, Mode::E2e | Mode::Both) {
         let dir = tempfile::Builder::new()
