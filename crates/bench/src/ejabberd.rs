@@ -54,7 +54,9 @@ pub fn ensure_installed() -> Result<Installation> {
                  sudo apt-get install -y ejabberd && sudo systemctl disable --now ejabberd"
             );
         }
-        println!("ejabberd is not installed: installing Debian's package (apt-get install -y ejabberd)");
+        println!(
+            "ejabberd is not installed: installing Debian's package (apt-get install -y ejabberd)"
+        );
         let install = || {
             Command::new("apt-get")
                 .args(["install", "-y", "ejabberd"])
@@ -82,7 +84,9 @@ pub fn ensure_installed() -> Result<Installation> {
                 "  systemctl disable --now ejabberd: {s} (systemd is not running here: the unit is \
                  disabled, and without systemd the package did not start it)"
             ),
-            Err(e) => println!("  cannot run systemctl ({e}); make sure the system's ejabberd is off"),
+            Err(e) => {
+                println!("  cannot run systemctl ({e}); make sure the system's ejabberd is off")
+            }
         }
         if !Path::new(CTL).exists() {
             bail!("apt-get install -y ejabberd did not install {CTL}");
@@ -94,8 +98,8 @@ pub fn ensure_installed() -> Result<Installation> {
 /// Reads `erl` and `ERL_LIBS` from `ejabberdctl` (Debian sets both there) and finds the
 /// ejabberd application in `ERL_LIBS`.
 fn find_installation(ctl: &Path) -> Result<Installation> {
-    let script = std::fs::read_to_string(ctl)
-        .with_context(|| format!("cannot read {}", ctl.display()))?;
+    let script =
+        std::fs::read_to_string(ctl).with_context(|| format!("cannot read {}", ctl.display()))?;
     let erl = shell_assignment(&script, "ERL").unwrap_or_else(|| "/usr/bin/erl".into());
     let erl_libs = shell_assignment(&script, "ERL_LIBS")
         .with_context(|| format!("no ERL_LIBS= line in {}", ctl.display()))?;
@@ -165,6 +169,8 @@ auth_method: internal
 auth_password_format: plain
 # No per-address limit on in-band registrations (default: one per 600 s per address).
 registration_timeout: infinity
+# Caches (authentication, among others) large enough for every account (default 1000).
+cache_size: {cache}
 # A client's process may queue this many messages before it is killed (default 10000).
 max_fsm_queue: 1000000
 acl:
@@ -195,7 +201,8 @@ modules:
     resend_on_timeout: if_offline
     max_ack_queue: 1000000
 "#,
-        offline = (clients * 10).max(10_000)
+        offline = (clients * 10).max(10_000),
+        cache = (clients * 2).max(10_000)
     )
 }
 
@@ -355,7 +362,9 @@ async fn probe(address: &str) -> Result<()> {
     let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(address))
         .await
         .context("connect timed out")??;
-    stream.write_all(out::stream_header(DOMAIN).as_bytes()).await?;
+    stream
+        .write_all(out::stream_header(DOMAIN).as_bytes())
+        .await?;
     let (rd, mut wr) = stream.split();
     let mut xml = XmlStream::new(BufReader::new(rd));
     tokio::time::timeout(Duration::from_secs(5), xml.stream_open())
@@ -373,7 +382,10 @@ mod tests {
     fn reads_debians_ejabberdctl() {
         let script = "#!/bin/bash\nERL=\"/usr/bin/erl\"\nIEX=\"/usr/bin/iex\"\n\
                       ERL_LIBS='/usr/lib/x86_64-linux-gnu'\n    ERL_LIBS=$HOME/x\n";
-        assert_eq!(shell_assignment(script, "ERL").as_deref(), Some("/usr/bin/erl"));
+        assert_eq!(
+            shell_assignment(script, "ERL").as_deref(),
+            Some("/usr/bin/erl")
+        );
         assert_eq!(
             shell_assignment(script, "ERL_LIBS").as_deref(),
             Some("/usr/lib/x86_64-linux-gnu")

@@ -112,7 +112,12 @@ struct MessagingArgs {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// The servers `--mode peers` compares, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "postern,ejabberd")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "postern,ejabberd"
+    )]
     peers: Vec<peers::Peer>,
     #[command(flatten)]
     thin: ThinArgs,

@@ -348,7 +348,11 @@ fn render(peers: &[Peer], figures: &[Figures]) -> String {
     s.push_str(&"---:|".repeat(peers.len() + ratios));
     s.push('\n');
     for (m, metric) in METRICS.iter().enumerate() {
-        let val = |p: usize| figures.get(p).and_then(|f| f.vals.get(m).copied().flatten());
+        let val = |p: usize| {
+            figures
+                .get(p)
+                .and_then(|f| f.vals.get(m).copied().flatten())
+        };
         let unit = match metric.higher_is_better {
             Some(false) => format!("{} (lower is better)", metric.unit),
             _ => metric.unit.to_string(),
@@ -435,20 +439,32 @@ mod tests {
 
         let t = render(&peers, &m);
         let rate = t.lines().find(|l| l.starts_with("| delivered")).unwrap();
-        assert_eq!(rate, "| delivered end to end | msgs/s | 2000 | 500 | 4.00× |");
+        assert_eq!(
+            rate,
+            "| delivered end to end | msgs/s | 2000 | 500 | 4.00× |"
+        );
         let rss = t.lines().find(|l| l.contains("RSS per")).unwrap();
-        assert!(rss.contains("(lower is better) | 15.0 | 41.0 | 0.37× |"), "{rss}");
+        assert!(
+            rss.contains("(lower is better) | 15.0 | 41.0 | 0.37× |"),
+            "{rss}"
+        );
         let p50 = t.lines().find(|l| l.contains("sent ✓) p50")).unwrap();
         assert!(p50.ends_with("| — | — | — |"), "{p50}");
 
         let r = render_range(&peers, &all);
         let rate = r.lines().find(|l| l.starts_with("| delivered")).unwrap();
-        assert_eq!(rate, "| delivered end to end | msgs/s | 1000–3000 | 400–600 |");
+        assert_eq!(
+            rate,
+            "| delivered end to end | msgs/s | 1000–3000 | 400–600 |"
+        );
     }
 
     #[test]
     fn one_peer_alone_has_no_ratio_column() {
         let t = render(&[Peer::Ejabberd], &[figures(10.0, 1.0)]);
-        assert!(t.starts_with("| metric | unit | ejabberd |\n|---|---|---:|\n"), "{t}");
+        assert!(
+            t.starts_with("| metric | unit | ejabberd |\n|---|---|---:|\n"),
+            "{t}"
+        );
     }
 }

@@ -154,10 +154,9 @@ impl<R: AsyncBufRead + Unpin> XmlStream<R> {
                 .read_event_into_async(&mut self.buf)
                 .await
                 .map_err(|e| match e {
-                    quick_xml::Error::Io(io) => XmppError::Io(std::io::Error::new(
-                        io.kind(),
-                        io.to_string(),
-                    )),
+                    quick_xml::Error::Io(io) => {
+                        XmppError::Io(std::io::Error::new(io.kind(), io.to_string()))
+                    }
                     other => XmppError::Xml(other.to_string()),
                 })?;
             match event {
@@ -209,7 +208,10 @@ impl<R: AsyncBufRead + Unpin> XmlStream<R> {
                             quick_xml::escape::resolve_predefined_entity(&name).map(String::from)
                         };
                         let c = c.ok_or_else(|| {
-                            XmppError::Xml(format!("unknown entity &{};", String::from_utf8_lossy(&r)))
+                            XmppError::Xml(format!(
+                                "unknown entity &{};",
+                                String::from_utf8_lossy(&r)
+                            ))
                         })?;
                         el.text.push_str(&c);
                     }
@@ -371,7 +373,8 @@ pub mod out {
 
     /// SASL PLAIN (RFC 4616): no authorisation identity, then user and password.
     pub fn auth_plain(user: &str, password: &str) -> String {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{token}</auth>")
     }
 
@@ -597,9 +600,18 @@ mod tests {
         let h = |xml: &str| sm_ack(&parse_one(xml)).map(|r| r.map_err(|e| e.to_string()));
         assert_eq!(h("<a xmlns='urn:xmpp:sm:3' h='0'/>"), Some(Ok(0)));
         assert_eq!(h("<a h=\"42\" xmlns=\"urn:xmpp:sm:3\"/>"), Some(Ok(42)));
-        assert_eq!(h("<a xmlns='urn:xmpp:sm:3' h='4294967295'/>"), Some(Ok(u32::MAX)));
-        assert!(matches!(h("<a xmlns='urn:xmpp:sm:3' h='4294967296'/>"), Some(Err(_))));
-        assert!(matches!(h("<a xmlns='urn:xmpp:sm:3' h='-1'/>"), Some(Err(_))));
+        assert_eq!(
+            h("<a xmlns='urn:xmpp:sm:3' h='4294967295'/>"),
+            Some(Ok(u32::MAX))
+        );
+        assert!(matches!(
+            h("<a xmlns='urn:xmpp:sm:3' h='4294967296'/>"),
+            Some(Err(_))
+        ));
+        assert!(matches!(
+            h("<a xmlns='urn:xmpp:sm:3' h='-1'/>"),
+            Some(Err(_))
+        ));
         assert!(matches!(h("<a xmlns='urn:xmpp:sm:3'/>"), Some(Err(_))));
         // Another namespace's <a/>, or an <r/>, is not an acknowledgement.
         assert_eq!(h("<a xmlns='urn:xmpp:sm:2' h='1'/>"), None);
@@ -624,7 +636,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let bare = parse_one("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><aborted/></failure>");
+        let bare =
+            parse_one("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><aborted/></failure>");
         assert!(matches!(sasl_outcome(&bare), Err(XmppError::AuthFailed(w)) if w == "aborted"));
         // A <success/> in another namespace is not SASL success.
         assert!(matches!(
@@ -635,7 +648,9 @@ mod tests {
 
     #[test]
     fn stream_error_and_iq_results() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let err = rt.block_on(async {
             let mut s = stream(vec![b"<stream:stream><stream:error><policy-violation \
                 xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>"
@@ -647,7 +662,10 @@ mod tests {
 
         let ok = parse_one("<iq type='result' id='b1'/>");
         assert!(iq_result(&ok, "b1", "bind").is_ok());
-        assert!(matches!(iq_result(&ok, "b2", "bind"), Err(XmppError::Unexpected { .. })));
+        assert!(matches!(
+            iq_result(&ok, "b2", "bind"),
+            Err(XmppError::Unexpected { .. })
+        ));
         let refused = parse_one(
             "<iq type='error' id='reg'><error type='cancel'><conflict \
              xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",

@@ -99,7 +99,9 @@ impl Outbox {
     }
 
     fn nonza(&self, xml: String) -> Result<(), XmppError> {
-        self.tx.send(xml.into_bytes()).map_err(|_| XmppError::Closed)
+        self.tx
+            .send(xml.into_bytes())
+            .map_err(|_| XmppError::Closed)
     }
 }
 
@@ -151,7 +153,11 @@ async fn register(address: &str, user: &str) -> Result<(), XmppError> {
         return Err(XmppError::NotOffered("in-band registration (XEP-0077)"));
     }
     write(&mut wr, &out::register("reg", user, &password(user))).await?;
-    xmpp::iq_result(&xml.stanza("the registration result").await?, "reg", "registration")?;
+    xmpp::iq_result(
+        &xml.stanza("the registration result").await?,
+        "reg",
+        "registration",
+    )?;
     write(&mut wr, out::STREAM_END).await?;
     let _ = wr.shutdown().await;
     Ok(())
@@ -175,10 +181,18 @@ async fn login(address: &str, user: &str) -> Result<(Reader, OwnedWriteHalf), Xm
         return Err(XmppError::NotOffered("stream management (XEP-0198)"));
     }
     write(&mut wr, &out::bind("bind", "bench")).await?;
-    xmpp::iq_result(&xml.stanza("the bind result").await?, "bind", "resource binding")?;
+    xmpp::iq_result(
+        &xml.stanza("the bind result").await?,
+        "bind",
+        "resource binding",
+    )?;
     if xmpp::offers(&features, "session", NS_SESSION) {
         write(&mut wr, &out::session("sess")).await?;
-        xmpp::iq_result(&xml.stanza("the session result").await?, "sess", "the session")?;
+        xmpp::iq_result(
+            &xml.stanza("the session result").await?,
+            "sess",
+            "the session",
+        )?;
     }
     write(&mut wr, &out::sm_enable()).await?;
     let enabled = xml.stanza("<enabled/>").await?;
@@ -360,7 +374,10 @@ async fn sender(
         recorder.record(&recorder.sent, id);
         let n = me
             .outbox
-            .stanza(out::message(&to, &hex::encode(id), &body), &out::sm_request())
+            .stanza(
+                out::message(&to, &hex::encode(id), &body),
+                &out::sm_request(),
+            )
             .context("the connection's writer stopped")?;
         match tokio::time::timeout(TIMEOUT, acked.wait_for(|h| *h >= n)).await {
             Ok(Ok(_)) => recorder.record(&recorder.accepted, id),
