@@ -75,24 +75,51 @@ pub fn ensure_installed() -> Result<Installation> {
         // The package enables and may start ejabberd's own instance (port 5222, its epmd);
         // the benchmark starts its own, so the system's must never run.
         println!("disabling the system's ejabberd service: systemctl disable --now ejabberd");
-        match Command::new("systemctl")
+        let systemd = Command::new("systemctl")
             .args(["disable", "--now", "ejabberd"])
-            .status()
-        {
-            Ok(s) if s.success() => {}
-            Ok(s) => println!(
-                "  systemctl disable --now ejabberd: {s} (systemd is not running here: the unit is \
-                 disabled, and without systemd the package did not start it)"
-            ),
-            Err(e) => {
-                println!("  cannot run systemctl ({e}); make sure the system's ejabberd is off")
+            .status();
+        if !matches!(&systemd, Ok(s) if s.success()) {
+            // No systemd (a container, sysvinit): `systemctl disable` still removed the
+            // unit's links, and the SysV links go too; a running instance is stopped with
+            // its init script.
+            let why = match &systemd {
+                Ok(status) => status.to_string(),
+                Err(e) => e.to_string(),
+            };
+            println!("  systemctl: {why}; disabling the SysV service instead (update-rc.d)");
+            let _ = Command::new("update-rc.d")
+                .args(["ejabberd", "disable"])
+                .status();
+            if system_instance_running() {
+                println!("  the system's ejabberd is running: /etc/init.d/ejabberd stop");
+                let _ = Command::new("/etc/init.d/ejabberd").arg("stop").status();
             }
+        }
+        if system_instance_running() {
+            println!(
+                "  warning: the system's ejabberd is still running (it does not disturb the \
+                 benchmark's own instance, which uses other ports, but it uses the machine)"
+            );
         }
         if !Path::new(CTL).exists() {
             bail!("apt-get install -y ejabberd did not install {CTL}");
         }
     }
     find_installation(Path::new(CTL))
+}
+
+/// Whether an ejabberd of the system runs: a `beam.smp` whose Mnesia is in
+/// `/var/lib/ejabberd` (ours is in a temporary directory).
+fn system_instance_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(|e| e.ok()).any(|e| {
+        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("beam.smp") && c.contains("/var/lib/ejabberd")
+        })
+    })
 }
 
 /// Reads `erl` and `ERL_LIBS` from `ejabberdctl` (Debian sets both there) and finds the
