@@ -40,6 +40,25 @@
 //!    databases of that cluster. One table compares throughput, latencies and the CPU of
 //!    all nodes together.
 //!
+//! 4. **Side by side with ejabberd** (`--mode peers`, run on its own): the thin-client load
+//!    of 1. (same `--clients`, `--senders`, `--messages`, `--body-bytes`) against a fresh
+//!    Postern server and against a fresh **ejabberd** (Debian's package, installed with
+//!    `apt-get` when missing and running as root; its system service disabled), each
+//!    `--rounds` times, taking turns. ejabberd runs in a temporary directory with a
+//!    generated `ejabberd.yml` (loopback, a random port, plain TCP, in-band registration,
+//!    offline storage, XEP-0198 stream management, no shapers), started with `erl` as the
+//!    current user without Erlang distribution (no node name, cookie or `epmd`) and killed
+//!    when done. The XMPP load generator (`xmpp_load.rs`, raw stanzas over tokio, parsed
+//!    with quick-xml in `xmpp.rs`) logs in with SASL PLAIN, binds, enables stream
+//!    management and sends presence; a sender writes each message followed by `<r/>` and
+//!    counts it acknowledged when the server's `<a h=…/>` covers it; recipients answer the
+//!    server's `<r/>` with `<a/>` and send the XEP-0184 receipt the message asks for. One
+//!    table gives each figure's median over the rounds for both servers, the ratio
+//!    postern ÷ ejabberd, and the range: messages/s delivered, p50/p99 of the sender's
+//!    acknowledgement, of the delivery and of the receipt, server CPU (`/proc/PID/stat`;
+//!    for ejabberd its `beam.smp`) and server memory per connected client (`VmRSS`).
+//!    What each server's acknowledgement guarantees differs: see docs/benchmarks.md.
+//!
 //! Timestamps are taken in this process with one monotonic clock and joined by message id
 //! at the end, so no clock is shared with the server. Throughput is messages delivered
 //! divided by the time from the first send to the last delivery.
