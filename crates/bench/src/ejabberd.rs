@@ -12,20 +12,12 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
-use crate::server::{cpu_seconds, rss_kib_of};
-use crate::xmpp::{out, XmlStream};
+use crate::xmpp_server::{ensure_package, free_port, package_version, XmppServer, DOMAIN};
 
-/// The XMPP domain of the benchmark's accounts.
-pub const DOMAIN: &str = "bench.test";
-/// How long ejabberd may take to accept XMPP connections.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const CTL: &str = "/usr/sbin/ejabberdctl";
 
 /// Where Debian's ejabberd lives.
@@ -34,92 +26,22 @@ pub struct Installation {
     erl: PathBuf,
     /// The `ERL_LIBS` directory holding ejabberd's and its dependencies' applications.
     erl_libs: PathBuf,
-    /// ejabberd's version (from its application directory, e.g. `23.01`).
+    /// The package's version, e.g. `23.01-1`.
     pub version: String,
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Finds ejabberd, installing Debian's package first when it is missing and we are root
 /// (saying so on stdout), then disabling the system's own instance so that it never runs.
 pub fn ensure_installed() -> Result<Installation> {
-    if !Path::new(CTL).exists() {
-        if !is_root() {
-            bail!(
-                "ejabberd is not installed ({CTL} is missing). Install Debian's package and keep \
-                 its system service off, then run the benchmark again:\n    \
-                 sudo apt-get install -y ejabberd && sudo systemctl disable --now ejabberd"
-            );
-        }
-        println!(
-            "ejabberd is not installed: installing Debian's package (apt-get install -y ejabberd)"
-        );
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "ejabberd"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .context("cannot run apt-get")
-        };
-        if !install()?.success() {
-            // A machine whose package lists were never fetched.
-            println!("apt-get install failed; running apt-get update and trying again");
-            let _ = Command::new("apt-get").arg("update").status();
-            if !install()?.success() {
-                bail!("apt-get install -y ejabberd failed (see its output above)");
-            }
-        }
-        // The package enables and may start ejabberd's own instance (port 5222, its epmd);
-        // the benchmark starts its own, so the system's must never run.
-        println!("disabling the system's ejabberd service: systemctl disable --now ejabberd");
-        let systemd = Command::new("systemctl")
-            .args(["disable", "--now", "ejabberd"])
-            .status();
-        if !matches!(&systemd, Ok(s) if s.success()) {
-            // No systemd (a container, sysvinit): `systemctl disable` still removed the
-            // unit's links, and the SysV links go too; a running instance is stopped with
-            // its init script.
-            let why = match &systemd {
-                Ok(status) => status.to_string(),
-                Err(e) => e.to_string(),
-            };
-            println!("  systemctl: {why}; disabling the SysV service instead (update-rc.d)");
-            let _ = Command::new("update-rc.d")
-                .args(["ejabberd", "disable"])
-                .status();
-            if system_instance_running() {
-                println!("  the system's ejabberd is running: /etc/init.d/ejabberd stop");
-                let _ = Command::new("/etc/init.d/ejabberd").arg("stop").status();
-            }
-        }
-        if system_instance_running() {
-            println!(
-                "  warning: the system's ejabberd is still running (it does not disturb the \
-                 benchmark's own instance, which uses other ports, but it uses the machine)"
-            );
-        }
-        if !Path::new(CTL).exists() {
-            bail!("apt-get install -y ejabberd did not install {CTL}");
-        }
-    }
+    // The system's instance keeps its Mnesia in /var/lib/ejabberd (ours in a temporary
+    // directory).
+    ensure_package(
+        Path::new(CTL),
+        "ejabberd",
+        "ejabberd",
+        &["beam.smp", "/var/lib/ejabberd"],
+    )?;
     find_installation(Path::new(CTL))
-}
-
-/// Whether an ejabberd of the system runs: a `beam.smp` whose Mnesia is in
-/// `/var/lib/ejabberd` (ours is in a temporary directory).
-fn system_instance_running() -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.filter_map(|e| e.ok()).any(|e| {
-        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-            let c = String::from_utf8_lossy(&c);
-            c.contains("beam.smp") && c.contains("/var/lib/ejabberd")
-        })
-    })
 }
 
 /// Reads `erl` and `ERL_LIBS` from `ejabberdctl` (Debian sets both there) and finds the
@@ -131,18 +53,16 @@ fn find_installation(ctl: &Path) -> Result<Installation> {
     let erl_libs = shell_assignment(&script, "ERL_LIBS")
         .with_context(|| format!("no ERL_LIBS= line in {}", ctl.display()))?;
     let erl_libs = PathBuf::from(erl_libs);
-    let version = std::fs::read_dir(&erl_libs)
+    let found = std::fs::read_dir(&erl_libs)
         .with_context(|| format!("cannot list {}", erl_libs.display()))?
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("ebin/ejabberd.app").is_file())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("ejabberd-"))
-                .map(str::to_string)
-        })
-        .max()
-        .with_context(|| format!("no ejabberd-*/ebin/ejabberd.app in {}", erl_libs.display()))?;
+        .any(|e| {
+            e.file_name().to_string_lossy().starts_with("ejabberd-")
+                && e.path().join("ebin/ejabberd.app").is_file()
+        });
+    if !found {
+        bail!("no ejabberd-*/ebin/ejabberd.app in {}", erl_libs.display());
+    }
     let erl = PathBuf::from(erl);
     if !erl.is_file() {
         bail!("{} (named in {}) is missing", erl.display(), ctl.display());
@@ -150,7 +70,7 @@ fn find_installation(ctl: &Path) -> Result<Installation> {
     Ok(Installation {
         erl,
         erl_libs,
-        version,
+        version: package_version("ejabberd"),
     })
 }
 
@@ -233,172 +153,53 @@ modules:
     )
 }
 
-/// A running ejabberd; killed on drop.
-pub struct Ejabberd {
-    child: Child,
-    /// Where clients connect.
-    pub address: String,
-    /// Its stdout and stderr (start-up failures land here) and its own log file.
-    pub log: PathBuf,
-    ejabberd_log: PathBuf,
-}
-
-impl Ejabberd {
-    /// Writes the configuration into `dir` and starts ejabberd on a free loopback port,
-    /// with its spool (Mnesia), logs and `HOME` under `dir`. Call [`Ejabberd::wait_ready`]
-    /// before connecting.
-    pub fn start(inst: &Installation, dir: &Path, clients: usize) -> Result<Self> {
-        let port = free_port()?;
-        let spool = dir.join("spool");
-        let logs = dir.join("logs");
-        let home = dir.join("home");
-        for d in [&spool, &logs, &home] {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-        }
-        let config_path = dir.join("ejabberd.yml");
-        std::fs::File::create(&config_path)
-            .and_then(|mut f| f.write_all(config(port, clients).as_bytes()))
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let log = dir.join("ejabberd.out");
-        let out = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let ejabberd_log = logs.join("ejabberd.log");
-        let mut cmd = Command::new(&inst.erl);
-        // What `ejabberdctl foreground` runs, minus the node name (see the module comment).
-        cmd.args(["+K", "true", "+P", "250000", "-noinput", "-noshell"])
-            .arg("-mnesia")
-            .arg("dir")
-            .arg(format!("\"{}\"", spool.display()))
-            .args(["-s", "ejabberd"])
-            .current_dir(&spool)
-            .env("HOME", &home)
-            .env("EJABBERD_CONFIG_PATH", &config_path)
-            .env("EJABBERD_LOG_PATH", &ejabberd_log)
-            .env("ERL_LIBS", &inst.erl_libs)
-            .env("ERL_CRASH_DUMP", logs.join("erl_crash.dump"))
-            .env("ERL_CRASH_DUMP_BYTES", "0")
-            .env("ERL_MAX_PORTS", (clients * 2 + 32_000).to_string())
-            .env("ERL_MAX_ETS_TABLES", "1400")
-            // Nothing from the caller's Erlang settings.
-            .env_remove("ERL_FLAGS")
-            .env_remove("ERL_AFLAGS")
-            .env_remove("ERL_ZFLAGS")
-            .env_remove("ERL_INETRC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        // If this process dies without dropping the guard (SIGKILL), the kernel kills
-        // ejabberd too. `erl` execs `beam.smp`, which keeps the setting. It is tied to the
-        // thread that spawns: call this from a thread that lives as long as the guard (the
-        // runtime's main or worker threads, not a blocking-pool thread).
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", inst.erl.display()))?;
-        Ok(Self {
-            child,
-            address: format!("127.0.0.1:{port}"),
-            log,
-            ejabberd_log,
-        })
+/// Writes the configuration into `dir` and starts ejabberd on a free loopback port, with
+/// its spool (Mnesia), logs and `HOME` under `dir`; returns once it accepts XMPP streams.
+pub async fn start(inst: &Installation, dir: &Path, clients: usize) -> Result<XmppServer> {
+    let port = free_port()?;
+    let spool = dir.join("spool");
+    let logs = dir.join("logs");
+    let home = dir.join("home");
+    for d in [&spool, &logs, &home] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-
-    /// Waits until ejabberd answers an XMPP stream header on its port for [`DOMAIN`]
-    /// (polling every 50 ms; no fixed sleep). Fails if it exits first.
-    pub async fn wait_ready(&mut self) -> Result<()> {
-        let started = Instant::now();
-        loop {
-            self.check_alive()?;
-            if probe(&self.address).await.is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "ejabberd did not accept XMPP connections on {} within {READY_TIMEOUT:?}; \
-                     see {} and {}",
-                    self.address,
-                    self.log.display(),
-                    self.ejabberd_log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The `beam.smp` process (`erl` execs it, so it is our child).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn rss_kib(&self) -> Result<u64> {
-        rss_kib_of(self.pid())
-    }
-
-    pub fn cpu_seconds(&self) -> Result<f64> {
-        cpu_seconds(&self.pid().to_string())
-    }
-
-    /// The name of the running program (`beam.smp`).
-    pub fn program(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/comm", self.pid()))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "?".into())
-    }
-
-    /// Fails if ejabberd has exited, with the end of what it printed.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let printed = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = printed.lines().rev().take(15).collect();
-            bail!(
-                "ejabberd exited ({status}); the end of its output ({}):\n{}",
-                self.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Ejabberd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port that was free on 127.0.0.1 a moment ago (ejabberd binds it itself).
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// Opens a stream and reads the server's stream header: the listener is up and it is an
-/// XMPP server. (Another program on the port would not answer this.)
-async fn probe(address: &str) -> Result<()> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(address))
-        .await
-        .context("connect timed out")??;
-    stream
-        .write_all(out::stream_header(DOMAIN).as_bytes())
-        .await?;
-    let (rd, mut wr) = stream.split();
-    let mut xml = XmlStream::new(BufReader::new(rd));
-    tokio::time::timeout(Duration::from_secs(5), xml.stream_open())
-        .await
-        .context("no stream header")??;
-    let _ = wr.write_all(out::STREAM_END.as_bytes()).await;
-    Ok(())
+    let config_path = dir.join("ejabberd.yml");
+    std::fs::File::create(&config_path)
+        .and_then(|mut f| f.write_all(config(port, clients).as_bytes()))
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let log = dir.join("ejabberd.out");
+    let out =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(&inst.erl);
+    // What `ejabberdctl foreground` runs, minus the node name (see the module comment).
+    cmd.args(["+K", "true", "+P", "250000", "-noinput", "-noshell"])
+        .arg("-mnesia")
+        .arg("dir")
+        .arg(format!("\"{}\"", spool.display()))
+        .args(["-s", "ejabberd"])
+        .current_dir(&spool)
+        .env("HOME", &home)
+        .env("EJABBERD_CONFIG_PATH", &config_path)
+        .env("EJABBERD_LOG_PATH", logs.join("ejabberd.log"))
+        .env("ERL_LIBS", &inst.erl_libs)
+        .env("ERL_CRASH_DUMP", logs.join("erl_crash.dump"))
+        .env("ERL_CRASH_DUMP_BYTES", "0")
+        .env("ERL_MAX_PORTS", (clients * 2 + 32_000).to_string())
+        .env("ERL_MAX_ETS_TABLES", "1400")
+        // Nothing from the caller's Erlang settings.
+        .env_remove("ERL_FLAGS")
+        .env_remove("ERL_AFLAGS")
+        .env_remove("ERL_ZFLAGS")
+        .env_remove("ERL_INETRC")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    let mut server = XmppServer::spawn("ejabberd", cmd, format!("127.0.0.1:{port}"), log)?;
+    server.wait_ready().await?;
+    // `erl` is a script that execs erlexec, which execs the VM.
+    server.expect_program("beam.smp")?;
+    Ok(server)
 }
 
 #[cfg(test)]

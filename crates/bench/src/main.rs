@@ -40,11 +40,13 @@
 //!    databases of that cluster. One table compares throughput, latencies and the CPU of
 //!    all nodes together.
 //!
-//! 4. **Side by side with ejabberd** (`--mode peers`, run on its own): the thin-client load
-//!    of 1. (same `--clients`, `--senders`, `--messages`, `--body-bytes`) against a fresh
-//!    Postern server and against a fresh **ejabberd** (Debian's package, installed with
-//!    `apt-get` when missing and running as root; its system service disabled), each
-//!    `--rounds` times, taking turns. ejabberd runs in a temporary directory with a
+//! 4. **Side by side with ejabberd and Prosody** (`--mode peers`, run on its own): the
+//!    thin-client load of 1. (same `--clients`, `--senders`, `--messages`, `--body-bytes`)
+//!    against a fresh Postern server, a fresh **ejabberd** and a fresh **Prosody** (Debian's
+//!    packages, installed with `apt-get` when missing and running as root; their system
+//!    services disabled; `--peers` picks some), each `--rounds` times, taking turns.
+//!    Prosody runs as `prosody -F --config FILE` with a generated configuration like
+//!    ejabberd's (`prosody.rs`). ejabberd runs in a temporary directory with a
 //!    generated `ejabberd.yml` (loopback, a random port, plain TCP, in-band registration,
 //!    offline storage, XEP-0198 stream management, no shapers), started with `erl` as the
 //!    current user without Erlang distribution (no node name, cookie or `epmd`) and killed
@@ -53,11 +55,12 @@
 //!    management and sends presence; a sender writes each message followed by `<r/>` and
 //!    counts it acknowledged when the server's `<a h=…/>` covers it; recipients answer the
 //!    server's `<r/>` with `<a/>` and send the XEP-0184 receipt the message asks for. One
-//!    table gives each figure's median over the rounds for both servers, the ratio
-//!    postern ÷ ejabberd, and the range: messages/s delivered, p50/p99 of the sender's
-//!    acknowledgement, of the delivery and of the receipt, server CPU (`/proc/PID/stat`;
-//!    for ejabberd its `beam.smp`) and server memory per connected client (`VmRSS`).
-//!    What each server's acknowledgement guarantees differs: see docs/benchmarks.md.
+//!    table gives each figure's median over the rounds for every server, the ratios
+//!    postern ÷ ejabberd and postern ÷ prosody, and the range: messages/s delivered,
+//!    p50/p99 of the sender's acknowledgement, of the delivery and of the receipt, server
+//!    CPU (`/proc/PID/stat`; ejabberd's `beam.smp`, Prosody's `lua5.4`) and server memory
+//!    per connected client (`VmRSS`). What each server's acknowledgement guarantees
+//!    differs: see docs/benchmarks.md.
 //!
 //! Timestamps are taken in this process with one monotonic clock and joined by message id
 //! at the end, so no clock is shared with the server. Throughput is messages delivered
@@ -69,11 +72,13 @@
 mod e2e;
 mod ejabberd;
 mod peers;
+mod prosody;
 mod server;
 mod stats;
 mod thin;
 mod xmpp;
 mod xmpp_load;
+mod xmpp_server;
 
 use std::path::PathBuf;
 
@@ -104,8 +109,8 @@ enum Mode {
     /// The thin-client load against SQLite and against 1, 2 and 3 nodes sharing one
     /// PostgreSQL (started by the benchmark; Debian's postgresql, installed when root).
     ScaleOut,
-    /// The thin-client load against the Postern server and against ejabberd (Debian's
-    /// package, started by the benchmark; installed when root), `--rounds` times each; one
+    /// The thin-client load against the Postern server, ejabberd and Prosody (Debian's
+    /// packages, started by the benchmark; installed when root), `--rounds` times each; one
     /// table of medians and ratios.
     Peers,
 }
@@ -135,7 +140,7 @@ struct MessagingArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "postern,ejabberd"
+        default_value = "postern,ejabberd,prosody"
     )]
     peers: Vec<peers::Peer>,
     #[command(flatten)]

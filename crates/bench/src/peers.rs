@@ -1,4 +1,5 @@
-//! `--mode peers`: the thin-client load against the Postern server and against ejabberd,
+//! `--mode peers`: the thin-client load against the Postern server and against ejabberd
+//! (and Prosody with `--peers postern,ejabberd,prosody`),
 //! `--rounds` times each (a fresh server and fresh accounts every time, the peers taking
 //! turns within a round so that a burst of load from elsewhere does not land on one only),
 //! and one table of each figure's median over the rounds, the ratio postern ÷ ejabberd,
@@ -8,14 +9,15 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::stats::{percentile_ms, Summary};
-use crate::{ejabberd, thin, xmpp_load, ThinArgs};
+use crate::stats::{mib, percentile_ms, Summary};
+use crate::{ejabberd, prosody, thin, xmpp_load, ThinArgs};
 
 /// A server compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Peer {
     Postern,
     Ejabberd,
+    Prosody,
 }
 
 impl Peer {
@@ -23,6 +25,7 @@ impl Peer {
         match self {
             Peer::Postern => "postern",
             Peer::Ejabberd => "ejabberd",
+            Peer::Prosody => "prosody",
         }
     }
 }
@@ -205,6 +208,11 @@ pub async fn run(
     } else {
         None
     };
+    let prosody_install = if peers.contains(&Peer::Prosody) {
+        Some(prosody::ensure_installed()?)
+    } else {
+        None
+    };
     let rounds = rounds.max(1);
     let mut all: Vec<Vec<Figures>> = Vec::new();
     for round in 1..=rounds {
@@ -219,6 +227,12 @@ pub async fn run(
                 Peer::Postern => {
                     let r = thin::measure(args, binary, dir.path()).await?;
                     r.check_complete()?;
+                    eprintln!(
+                        "  postern: RSS {} with the accounts registered, {} with {} connected",
+                        mib(r.rss_registered_kib),
+                        mib(r.rss_connected_kib),
+                        r.clients
+                    );
                     Common {
                         summary: &r.summary,
                         server_cpu_s: r.server_cpu_s,
@@ -231,9 +245,14 @@ pub async fn run(
                     }
                     .figures()
                 }
-                Peer::Ejabberd => {
-                    let install = install.as_ref().context("ejabberd is not set up")?;
-                    let r = xmpp_load::measure(args, install, dir.path()).await?;
+                Peer::Ejabberd | Peer::Prosody => {
+                    let server = if peer == Peer::Ejabberd {
+                        let install = install.as_ref().context("ejabberd is not set up")?;
+                        ejabberd::start(install, dir.path(), args.clients).await?
+                    } else {
+                        prosody::start(dir.path()).await?
+                    };
+                    let r = xmpp_load::measure(args, server).await?;
                     r.check_complete()?;
                     Common {
                         summary: &r.summary,
@@ -268,6 +287,10 @@ pub async fn run(
             Peer::Ejabberd => format!(
                 "ejabberd {} (Debian, Mnesia, no TLS)",
                 install.as_ref().map_or("?", |i| i.version.as_str())
+            ),
+            Peer::Prosody => format!(
+                "Prosody {} (Debian, internal storage, epoll, no TLS)",
+                prosody_install.as_ref().map_or("?", |i| i.version.as_str())
             ),
         })
         .collect();

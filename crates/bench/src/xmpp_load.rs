@@ -1,4 +1,4 @@
-//! The thin-client load of [`crate::thin`], spoken in XMPP to ejabberd: the same number of
+//! The thin-client load of [`crate::thin`], spoken in XMPP to ejabberd or Prosody: the same number of
 //! accounts and connected clients, the same senders sending one message at a time to random
 //! connected recipients, the same 256-byte bodies, every message acknowledged, and a
 //! delivery receipt for each.
@@ -20,7 +20,6 @@
 //! Timestamps are taken in this process with the one clock of [`Recorder`] and joined by
 //! message id (the 16-byte id, hex, as the stanza's `id`).
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,18 +32,19 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::ejabberd::{Ejabberd, Installation, DOMAIN};
 use crate::server::cpu_seconds;
-use crate::stats::{Id, Recorder, Summary};
+use crate::stats::{mib, Id, Recorder, Summary};
 use crate::thin::{bounded, TIMEOUT};
 use crate::xmpp::{self, out, Element, Incoming, XmlStream, XmppError};
 use crate::xmpp::{NS_BIND, NS_RECEIPTS, NS_REGISTER_FEATURE, NS_SESSION, NS_SM};
+use crate::xmpp_server::{XmppServer, DOMAIN};
 use crate::ThinArgs;
 
 type Reader = XmlStream<BufReader<OwnedReadHalf>>;
 
 /// What one run against ejabberd measured (the counterpart of [`crate::thin::ThinReport`]).
 pub struct XmppReport {
+    pub name: &'static str,
     pub summary: Summary,
     pub server_cpu_s: f64,
     pub load_cpu_s: f64,
@@ -62,8 +62,9 @@ impl XmppReport {
         let s = &self.summary;
         if s.delivered.len() < s.accepted.len() || s.receipts.len() < s.accepted.len() {
             bail!(
-                "ejabberd: {} of {} acknowledged messages were not delivered (or not receipted) \
+                "{}: {} of {} acknowledged messages were not delivered (or not receipted) \
                  within {TIMEOUT:?}",
+                self.name,
                 s.accepted.len() - s.delivered.len().min(s.receipts.len()),
                 s.accepted.len()
             );
@@ -388,21 +389,12 @@ async fn sender(
     Ok(())
 }
 
-/// The thin-client load against a fresh ejabberd in `dir`.
-pub async fn measure(args: &ThinArgs, inst: &Installation, dir: &Path) -> Result<XmppReport> {
+/// The thin-client load against `server` (freshly started, no accounts yet).
+pub async fn measure(args: &ThinArgs, mut server: XmppServer) -> Result<XmppReport> {
     if args.clients < 2 || args.senders == 0 || args.senders > args.clients {
         bail!("need at least 2 clients and 1..=clients senders");
     }
-    let mut server = Ejabberd::start(inst, dir, args.clients)?;
-    server.wait_ready().await?;
-    if server.program() != "beam.smp" {
-        bail!(
-            "ejabberd's process {} is {:?}, not beam.smp: its CPU and memory would be the wrong \
-             process's",
-            server.pid(),
-            server.program()
-        );
-    }
+    let name = server.name;
     let address = server.address.clone();
     let users: Vec<String> = (0..args.clients).map(|i| format!("load{i:05}")).collect();
 
@@ -423,9 +415,9 @@ pub async fn measure(args: &ThinArgs, inst: &Installation, dir: &Path) -> Result
         .collect();
     bounded(args.concurrency, jobs)
         .await
-        .context("ejabberd: registering accounts")?;
+        .with_context(|| format!("{name}: registering accounts"))?;
     eprintln!(
-        "  ejabberd: {} accounts registered in {:.1} s",
+        "  {name}: {} accounts registered in {:.1} s",
         users.len(),
         t.elapsed().as_secs_f64()
     );
@@ -448,16 +440,22 @@ pub async fn measure(args: &ThinArgs, inst: &Installation, dir: &Path) -> Result
     let clients: Arc<Vec<Arc<Client>>> = Arc::new(
         bounded(args.concurrency, jobs)
             .await
-            .context("ejabberd: connecting clients")?,
+            .with_context(|| format!("{name}: connecting clients"))?,
     );
     eprintln!(
-        "  ejabberd: {} clients connected in {:.1} s",
+        "  {name}: {} clients connected in {:.1} s",
         clients.len(),
         t.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.check_alive()?;
     let rss_connected = server.rss_kib()?;
+    eprintln!(
+        "  {name}: RSS {} with the accounts registered, {} with {} connected",
+        mib(rss_registered),
+        mib(rss_connected),
+        clients.len()
+    );
 
     // 3. Messaging.
     let per_sender = args.messages.div_ceil(args.senders);
@@ -478,7 +476,8 @@ pub async fn measure(args: &ThinArgs, inst: &Installation, dir: &Path) -> Result
         })
         .collect();
     for h in handles {
-        h.await?.context("ejabberd: a sender failed")?;
+        h.await?
+            .with_context(|| format!("{name}: a sender failed"))?;
     }
     let accepted = Recorder::count(&recorder.accepted);
     let deadline = Instant::now() + TIMEOUT;
@@ -494,6 +493,7 @@ pub async fn measure(args: &ThinArgs, inst: &Installation, dir: &Path) -> Result
     server.check_alive()?;
     stopping.store(true, Ordering::Relaxed);
     Ok(XmppReport {
+        name,
         summary: recorder.summary(),
         server_cpu_s,
         load_cpu_s,
