@@ -17,7 +17,7 @@
 //!   any transfer on this machine.
 //!
 //! Upload and download add to the raw path the Noise channel, the chunk round trips
-//! (a window of 8 in flight), the server's disk writes and fsyncs, and the client's SQLite
+//! (a window of 16 in flight), the server's disk writes and fsyncs, and the client's SQLite
 //! bookkeeping; the ratios say what that costs.
 
 use std::net::SocketAddr;

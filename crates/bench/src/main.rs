@@ -40,7 +40,28 @@
 //!    databases of that cluster. One table compares throughput, latencies and the CPU of
 //!    all nodes together.
 //!
-//! 4. **Attachments** (`--mode attachment`, run on its own): a file (`--file-mib`) from
+//! 4. **Side by side with ejabberd and Prosody** (`--mode peers`, run on its own): the
+//!    thin-client load of 1. (same `--clients`, `--senders`, `--messages`, `--body-bytes`)
+//!    against a fresh Postern server, a fresh **ejabberd** and a fresh **Prosody** (Debian's
+//!    packages, installed with `apt-get` when missing and running as root; their system
+//!    services disabled; `--peers` picks some), each `--rounds` times, taking turns.
+//!    Prosody runs as `prosody -F --config FILE` with a generated configuration like
+//!    ejabberd's (`prosody.rs`). ejabberd runs in a temporary directory with a
+//!    generated `ejabberd.yml` (loopback, a random port, plain TCP, in-band registration,
+//!    offline storage, XEP-0198 stream management, no shapers), started with `erl` as the
+//!    current user without Erlang distribution (no node name, cookie or `epmd`) and killed
+//!    when done. The XMPP load generator (`xmpp_load.rs`, raw stanzas over tokio, parsed
+//!    with quick-xml in `xmpp.rs`) logs in with SASL PLAIN, binds, enables stream
+//!    management and sends presence; a sender writes each message followed by `<r/>` and
+//!    counts it acknowledged when the server's `<a h=…/>` covers it; recipients answer the
+//!    server's `<r/>` with `<a/>` and send the XEP-0184 receipt the message asks for. One
+//!    table gives each figure's median over the rounds for every server, the ratios
+//!    postern ÷ ejabberd and postern ÷ prosody, and the range: messages/s delivered,
+//!    p50/p99 of the sender's acknowledgement, of the delivery and of the receipt, server
+//!    CPU (`/proc/PID/stat`; ejabberd's `beam.smp`, Prosody's `lua5.4`) and server memory
+//!    per connected client (`VmRSS`). What each server's acknowledgement guarantees
+//!    differs: see docs/benchmarks.md.
+//! 5. **Attachments** (`--mode attachment`, run on its own): a file (`--file-mib`) from
 //!    one real client to another through a real relay's TLS listener — encrypt, upload,
 //!    download — beside the raw bytes the same relay carries (see `attachment.rs`).
 //!
@@ -53,9 +74,15 @@
 
 mod attachment;
 mod e2e;
+mod ejabberd;
+mod peers;
+mod prosody;
 mod server;
 mod stats;
 mod thin;
+mod xmpp;
+mod xmpp_load;
+mod xmpp_server;
 
 use std::path::PathBuf;
 
@@ -86,6 +113,10 @@ enum Mode {
     /// The thin-client load against SQLite and against 1, 2 and 3 nodes sharing one
     /// PostgreSQL (started by the benchmark; Debian's postgresql, installed when root).
     ScaleOut,
+    /// The thin-client load against the Postern server, ejabberd and Prosody (Debian's
+    /// packages, started by the benchmark; installed when root), `--rounds` times each; one
+    /// table of medians and ratios.
+    Peers,
     /// A file end to end through a relay (upload, download), beside the raw bytes the same
     /// relay carries.
     Attachment,
@@ -107,6 +138,18 @@ struct MessagingArgs {
     /// Most nodes on PostgreSQL in `--mode scale-out` (1, 2, … up to this).
     #[arg(long, default_value_t = 3)]
     max_nodes: usize,
+    /// Rounds in `--mode peers`: each peer is measured this many times (fresh server and
+    /// accounts each time); the table gives the median and the range.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The servers `--mode peers` compares, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "postern,ejabberd,prosody"
+    )]
+    peers: Vec<peers::Peer>,
     #[command(flatten)]
     thin: ThinArgs,
     #[command(flatten)]
@@ -190,6 +233,9 @@ async fn messaging(args: MessagingArgs) -> Result<()> {
             .tempdir_in(&parent)
             .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
         attachment::run(&args.attachment, &binary, dir.path()).await?;
+    }
+    if args.mode == Mode::Peers {
+        peers::run(&args.thin, args.rounds, &args.peers, &binary, &parent).await?;
     }
     if matches!(args.mode, Mode::E2e | Mode::Both) {
         let dir = tempfile::Builder::new()

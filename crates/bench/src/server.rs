@@ -133,14 +133,7 @@ impl ServerProcess {
 
     /// Resident memory of the server process, in KiB (`VmRSS` in `/proc/PID/status`).
     pub fn rss_kib(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status =
-            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmRSS line in {path}"))
+        rss_kib_of(self.pid())
     }
 
     /// CPU time (user + system) the server has used so far, in seconds.
@@ -183,6 +176,17 @@ pub fn locate_binary(explicit: Option<&Path>) -> Result<PathBuf> {
             candidate.display()
         )
     }
+}
+
+/// Resident memory of process `pid`, in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib_of(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS line in {path}"))
 }
 
 /// CPU time (user + system) used so far by process `pid` ("self" for this one), seconds.

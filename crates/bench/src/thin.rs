@@ -18,11 +18,11 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::server::{cpu_seconds, Endpoint, ServerProcess};
-use crate::stats::{latency_cell, mib, Recorder, Table};
+use crate::stats::{latency_cell, mib, Recorder, Summary, Table};
 use crate::ThinArgs;
 
 /// Time allowed for one handshake or one request.
-const TIMEOUT: Duration = Duration::from_secs(30);
+pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Request ids of acknowledgements sent by the reader task carry this bit, so their
 /// answers (`Acked`) are not mistaken for answers to the sender's requests.
 const ACK_BIT: u64 = 1 << 63;
@@ -258,7 +258,7 @@ async fn sender(
 }
 
 /// Runs `jobs` with at most `limit` at a time; fails on the first error.
-async fn bounded<T, F>(limit: usize, jobs: Vec<F>) -> Result<Vec<T>>
+pub async fn bounded<T, F>(limit: usize, jobs: Vec<F>) -> Result<Vec<T>>
 where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
@@ -280,7 +280,54 @@ where
     Ok(out)
 }
 
+/// What one thin-client run measured: the printed table and the figures behind it.
+pub struct ThinReport {
+    pub table: Table,
+    pub summary: Summary,
+    /// Server CPU (user + system) during messaging, seconds.
+    pub server_cpu_s: f64,
+    /// This process's CPU during messaging, seconds.
+    pub load_cpu_s: f64,
+    /// First send to the last delivery and receipt (or the deadline), seconds.
+    pub messaging_s: f64,
+    /// Server `VmRSS` with every account registered and none connected, KiB.
+    pub rss_registered_kib: u64,
+    /// Server `VmRSS` with every client connected, KiB.
+    pub rss_connected_kib: u64,
+    pub clients: usize,
+    /// Sends refused, acks refused, connections dropped.
+    pub errors: [usize; 3],
+}
+
+impl ThinReport {
+    /// Fails if an accepted message was not delivered, or not receipted.
+    pub fn check_complete(&self) -> Result<()> {
+        let s = &self.summary;
+        if s.delivered.len() < s.accepted.len() || s.receipts.len() < s.accepted.len() {
+            bail!(
+                "{} of {} accepted messages were not delivered (or not receipted) within {TIMEOUT:?}",
+                s.accepted.len() - s.delivered.len().min(s.receipts.len()),
+                s.accepted.len()
+            );
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    let report = measure(args, binary, dir).await?;
+    report.table.print("Server load: thin protocol clients");
+    report.check_complete()
+}
+
+/// The thin-client load against a fresh server in `dir`: registers `--clients` accounts,
+/// connects them all, has `--senders` of them send `--messages`, and waits for every
+/// delivery and receipt (at most [`TIMEOUT`] after the last send).
+pub async fn measure(
+    args: &ThinArgs,
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<ThinReport> {
     if args.clients < 2 || args.senders == 0 || args.senders > args.clients {
         bail!("need at least 2 clients and 1..=clients senders");
     }
@@ -468,15 +515,22 @@ pub async fn run(args: &ThinArgs, binary: &std::path::Path, dir: &std::path::Pat
             failures.disconnects.load(Ordering::Relaxed)
         ),
     );
-    table.print("Server load: thin protocol clients");
-    if s.delivered.len() < s.accepted.len() || s.receipts.len() < s.accepted.len() {
-        bail!(
-            "{} of {} accepted messages were not delivered (or not receipted) within {TIMEOUT:?}",
-            s.accepted.len() - s.delivered.len().min(s.receipts.len()),
-            s.accepted.len()
-        );
-    }
-    Ok(())
+    let errors = [
+        failures.send_errors.load(Ordering::Relaxed),
+        failures.ack_errors.load(Ordering::Relaxed),
+        failures.disconnects.load(Ordering::Relaxed),
+    ];
+    Ok(ThinReport {
+        table,
+        summary: s,
+        server_cpu_s: cpu,
+        load_cpu_s: cpu_self,
+        messaging_s: total_secs,
+        rss_registered_kib: rss_registered,
+        rss_connected_kib: rss_connected,
+        clients: clients.len(),
+        errors,
+    })
 }
 
 /// One configuration of the scale-out comparison.
