@@ -207,7 +207,7 @@ pub async fn run(args: &AttachmentArgs, binary: &Path, dir: &Path) -> Result<()>
         "encrypt into the profile (sender)",
         format!(
             "{:.0} MB/s ({encrypt:.2} s)",
-            mb_per_s(size as u64, encrypt)
+            mb_per_s(size, encrypt)
         ),
     );
     table.row(
