@@ -205,10 +205,7 @@ pub async fn run(args: &AttachmentArgs, binary: &Path, dir: &Path) -> Result<()>
     let down = mb_per_s(ciphertext, download);
     table.row(
         "encrypt into the profile (sender)",
-        format!(
-            "{:.0} MB/s ({encrypt:.2} s)",
-            mb_per_s(size, encrypt)
-        ),
+        format!("{:.0} MB/s ({encrypt:.2} s)", mb_per_s(size, encrypt)),
     );
     table.row(
         "upload (send_pending: chunks acknowledged, message accepted)",

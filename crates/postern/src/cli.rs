@@ -414,6 +414,9 @@ pub struct ServerRunArgs {
     /// with their whole size); more get STORAGE_FULL until some expire.
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     pub media_quota_mib: u64,
+    /// Attachments one account may have stored at once, whatever their size.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub media_max_files_per_account: usize,
     /// How long an attachment is kept after its upload completed (e.g. 30days, 12h); an
     /// upload that makes no progress is deleted after a day (or this, if shorter).
     #[arg(long, value_name = "DURATION", default_value = "30days", value_parser = humantime::parse_duration)]

@@ -281,7 +281,9 @@ fn media_error(e: MediaError) -> server_frame::Body {
     let code = match &e {
         MediaError::NotFound => ErrorCode::MediaNotFound,
         MediaError::TooLarge { .. } => ErrorCode::MediaTooLarge,
-        MediaError::QuotaExceeded { .. } | MediaError::DiskFull => ErrorCode::StorageFull,
+        MediaError::QuotaExceeded { .. } | MediaError::TooManyUploads(_) | MediaError::DiskFull => {
+            ErrorCode::StorageFull
+        }
         MediaError::Conflict => ErrorCode::MediaConflict,
         MediaError::BadRequest(_) => ErrorCode::BadRequest,
         MediaError::Io { .. } => {

@@ -50,6 +50,9 @@ pub struct MediaConfig {
     pub max_file_bytes: u64,
     /// Bytes one account may have stored (complete and partial uploads together).
     pub quota_bytes: u64,
+    /// Uploads one account may have at once (each costs an index entry and three files,
+    /// whatever its size).
+    pub max_uploads_per_account: usize,
     /// A complete upload is deleted this long after it completed.
     pub ttl: Duration,
     /// A partial upload that made no progress for this long is deleted.
@@ -66,6 +69,7 @@ impl MediaConfig {
             dir: dir.into(),
             max_file_bytes: 100 * 1024 * 1024,
             quota_bytes: 1024 * 1024 * 1024,
+            max_uploads_per_account: 10_000,
             ttl: Duration::from_secs(30 * 24 * 3600),
             partial_ttl: Duration::from_secs(24 * 3600),
             min_free_disk: 512 * 1024 * 1024,
@@ -82,6 +86,8 @@ pub enum MediaError {
     TooLarge { size: u64, max: u64 },
     #[error("over the account's media quota ({used} of {quota} bytes in use)")]
     QuotaExceeded { used: u64, quota: u64 },
+    #[error("the account has {0} uploads stored, the most allowed at once")]
+    TooManyUploads(usize),
     #[error("the server is short of disk space for media")]
     DiskFull,
     #[error("this id belongs to another upload")]
@@ -124,6 +130,12 @@ struct Meta {
     touched_ms: u64,
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    bytes: u64,
+    uploads: usize,
+}
+
 struct Entry {
     meta: Meta,
     /// Bytes written (maybe not yet fsynced).
@@ -135,8 +147,8 @@ struct Entry {
 #[derive(Default)]
 struct Index {
     entries: HashMap<MediaId, Entry>,
-    /// Bytes reserved per account.
-    usage: HashMap<String, u64>,
+    /// Bytes reserved and uploads held, per account.
+    usage: HashMap<String, Usage>,
 }
 
 /// The media store. Cheap to share behind an `Arc`.
@@ -188,7 +200,9 @@ impl MediaStore {
                 file.set_len(meta.synced).map_err(io_error(&part))?;
                 meta.synced
             };
-            *index.usage.entry(meta.owner.clone()).or_default() += meta.size;
+            let usage = index.usage.entry(meta.owner.clone()).or_default();
+            usage.bytes += meta.size;
+            usage.uploads += 1;
             known.insert(id);
             index.entries.insert(
                 id,
@@ -236,7 +250,7 @@ impl MediaStore {
 
     /// Bytes `owner` has reserved (complete and partial uploads).
     pub fn usage(&self, owner: &str) -> u64 {
-        self.index().usage.get(owner).copied().unwrap_or(0)
+        self.index().usage.get(owner).map_or(0, |u| u.bytes)
     }
 
     /// Writes `data` at `offset` of upload `id` of `size` bytes by `owner`, creating the
@@ -336,12 +350,15 @@ impl MediaStore {
                 max: self.config.max_file_bytes,
             });
         }
-        let used = index.usage.get(owner).copied().unwrap_or(0);
-        if used.saturating_add(size) > self.config.quota_bytes {
+        let used = index.usage.get(owner).copied().unwrap_or_default();
+        if used.bytes.saturating_add(size) > self.config.quota_bytes {
             return Err(MediaError::QuotaExceeded {
-                used,
+                used: used.bytes,
                 quota: self.config.quota_bytes,
             });
+        }
+        if used.uploads >= self.config.max_uploads_per_account {
+            return Err(MediaError::TooManyUploads(used.uploads));
         }
         if !self.disk.has_room() {
             return Err(MediaError::DiskFull);
@@ -359,7 +376,9 @@ impl MediaStore {
         write_meta(&self.config.dir, id, &meta)?;
         let part = part_path(&self.config.dir, id);
         std::fs::File::create(&part).map_err(io_error(&part))?;
-        *index.usage.entry(owner.to_string()).or_default() += size;
+        let usage = index.usage.entry(owner.to_string()).or_default();
+        usage.bytes += size;
+        usage.uploads += 1;
         let writing = Arc::<tokio::sync::Mutex<()>>::default();
         index.entries.insert(
             *id,
@@ -436,8 +455,9 @@ impl MediaStore {
         for id in &old {
             if let Some(e) = index.entries.remove(id) {
                 if let Some(u) = index.usage.get_mut(&e.meta.owner) {
-                    *u = u.saturating_sub(e.meta.size);
-                    if *u == 0 {
+                    u.bytes = u.bytes.saturating_sub(e.meta.size);
+                    u.uploads = u.uploads.saturating_sub(1);
+                    if u.uploads == 0 {
                         index.usage.remove(&e.meta.owner);
                     }
                 }
@@ -656,6 +676,26 @@ mod tests {
             s.upload("alice", &[6; 16], 10, 0, &[0; 11]).await,
             Err(MediaError::BadRequest(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn tiny_uploads_are_bounded_by_count_not_only_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = MediaConfig::new(dir.path().join("media"));
+        config.max_uploads_per_account = 3;
+        config.min_free_disk = 0;
+        let s = MediaStore::open(config).unwrap();
+        for i in 0..3u8 {
+            s.upload("alice", &[i; 16], 1, 0, &[]).await.unwrap();
+        }
+        assert!(matches!(
+            s.upload("alice", &[9; 16], 1, 0, &[]).await,
+            Err(MediaError::TooManyUploads(3))
+        ));
+        // An upload already made can still be written to and read.
+        s.upload("alice", &[0; 16], 1, 0, b"x").await.unwrap();
+        assert_eq!(s.fetch(&[0; 16], 0, 10).await.unwrap().0, b"x");
+        s.upload("bob", &[9; 16], 1, 0, &[]).await.unwrap();
     }
 
     #[tokio::test]

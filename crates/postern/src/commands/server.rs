@@ -70,6 +70,7 @@ pub(crate) fn config(args: &ServerRunArgs) -> anyhow::Result<ServerConfig> {
         );
         media.max_file_bytes = args.media_max_file_mib.max(1).saturating_mul(MIB);
         media.quota_bytes = args.media_quota_mib.saturating_mul(MIB);
+        media.max_uploads_per_account = args.media_max_files_per_account.max(1);
         media.ttl = args.media_ttl.max(Duration::from_secs(1));
         media.partial_ttl = media.partial_ttl.min(media.ttl);
         media.min_free_disk = config.limits.min_free_disk;
