@@ -76,6 +76,16 @@ fn dev_network_serves_direct_and_relayed_clients_and_stops_cleanly() {
     ok(&bob, &["send", "alice", "hi alice, via the relay"]);
     assert!(ok(&alice, &["inbox"]).contains("bob: hi alice, via the relay"));
     assert!(ok(&bob, &["status"]).contains("✓ Connected via 127.0.0.1:"));
+    // The printed file example: the dev server keeps media (in its data directory).
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+    ok(&alice, &["send", "bob", "--file", readme, "a file"]);
+    let files = tmp.path().join("bob-files");
+    let got = ok(&bob, &["inbox", "--save-to", files.to_str().unwrap()]);
+    assert!(got.contains("📎 README.md from alice saved at"), "{got}");
+    assert_eq!(
+        std::fs::read(files.join("README.md")).unwrap(),
+        std::fs::read(readme).unwrap()
+    );
 
     // The relay's health endpoint answers.
     let stats = status_page

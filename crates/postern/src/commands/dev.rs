@@ -109,7 +109,9 @@ Try it from another terminal:
   {exe} --home /tmp/postern-alice send bob 'hello bob'
   {exe} --home /tmp/postern-bob inbox
   {exe} --home /tmp/postern-alice inbox               (collects the ✓✓ receipt)
-  {exe} --home /tmp/postern-alice history bob"
+  {exe} --home /tmp/postern-alice history bob
+  {exe} --home /tmp/postern-alice send bob --file README.md 'a file, end to end encrypted'
+  {exe} --home /tmp/postern-bob inbox --save-to /tmp/postern-bob-files"
     );
     if !link_line.is_empty() {
         println!(
