@@ -48,6 +48,9 @@ pub(crate) struct Outbox {
     /// own flush may still be running, and two flushes would encrypt and send the same
     /// pending message twice (harmless — ids are unique — but wasted one-time keys).
     flushing: Arc<tokio::sync::Mutex<()>>,
+    /// One uploading flush at a time (files go out under this lock, texts under the
+    /// other, so a long upload never holds up a text).
+    uploading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Outbox {
@@ -66,6 +69,7 @@ impl Outbox {
             username,
             handled: Arc::default(),
             flushing: Arc::default(),
+            uploading: Arc::default(),
         }
     }
 
@@ -170,25 +174,61 @@ impl Outbox {
     /// `outcomes`. Problems with one message are reported in its outcome and the rest go
     /// on; a connection failure stops the flush (what is left stays pending) and is
     /// returned.
+    ///
+    /// Messages carrying a file go second, each once its upload is complete, and under a
+    /// lock of their own: a text typed while a large file uploads goes out at once instead
+    /// of waiting behind it (it may so arrive before the file, as in any messenger). A
+    /// flush that finds another one uploading leaves the files to it: that one looks for
+    /// new files after each.
     pub async fn flush(
         &self,
         conn: &Connection,
         outcomes: &mut Vec<PendingOutcome>,
     ) -> Result<(), ClientError> {
-        let _one_at_a_time = self.flushing.lock().await;
-        for entry in self.store.pending_outgoing().await? {
-            let result = match self.transmit(conn, &entry).await {
-                Ok(()) => Ok(()),
-                Err(e) if e.is_connection_problem() => return Err(e),
-                Err(e) => Err(e),
-            };
-            outcomes.push(PendingOutcome {
-                message_id: entry.message_id,
-                to: entry.peer,
-                result,
-            });
-            self.handled.fetch_add(1, Ordering::Relaxed);
+        {
+            let _one_at_a_time = self.flushing.lock().await;
+            for entry in self.store.pending_outgoing().await? {
+                if entry.attachment.is_none() {
+                    self.settle(conn, entry, outcomes).await?;
+                }
+            }
         }
+        let Ok(_uploading) = self.uploading.try_lock() else {
+            return Ok(());
+        };
+        let mut tried = std::collections::HashSet::new();
+        loop {
+            let next = self
+                .store
+                .pending_outgoing()
+                .await?
+                .into_iter()
+                .find(|e| e.attachment.is_some() && !tried.contains(&e.message_id));
+            let Some(entry) = next else { return Ok(()) };
+            tried.insert(entry.message_id);
+            self.settle(conn, entry, outcomes).await?;
+        }
+    }
+
+    /// Transmits one pending message and records its outcome; returns a connection
+    /// failure (the message stays pending).
+    async fn settle(
+        &self,
+        conn: &Connection,
+        entry: HistoryEntry,
+        outcomes: &mut Vec<PendingOutcome>,
+    ) -> Result<(), ClientError> {
+        let result = match self.transmit(conn, &entry).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_connection_problem() => return Err(e),
+            Err(e) => Err(e),
+        };
+        outcomes.push(PendingOutcome {
+            message_id: entry.message_id,
+            to: entry.peer,
+            result,
+        });
+        self.handled.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -449,6 +449,50 @@ async fn a_picture_sent_from_the_app_shows_in_the_other_persons_app() {
         ),
         "{headers}"
     );
+
+    // A text typed while a large file uploads goes out at once, not behind the file.
+    let big = tmp.path().join("film.mkv");
+    std::fs::write(&big, vec![7u8; 16 * 1024 * 1024]).unwrap();
+    alice
+        .find("[data-test=file-input]")
+        .await
+        .send_keys(big.to_str().unwrap())
+        .await
+        .expect("choose the file");
+    alice
+        .text_until("[data-test=messages]", |t| t.contains("Uploading…"))
+        .await;
+    alice
+        .type_into("[data-test=compose]", "the film is on its way\n")
+        .await;
+    let deadline = std::time::Instant::now() + browser::UI_TIMEOUT;
+    let states = loop {
+        let states = alice
+            .client
+            .execute(
+                "const bubbles = [...document.querySelectorAll('[data-test=message]')];
+                 const text = bubbles.find(b => b.textContent.includes('the film is on its way'));
+                 const film = bubbles.find(b => b.textContent.includes('film.mkv'));
+                 return [text ? text.dataset.status : '', film ? film.dataset.status : ''];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let text = states[0].as_str().unwrap_or_default().to_string();
+        if text == "sent" || text == "delivered" {
+            break states;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the text never went out: {states}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        states[1].as_str(),
+        Some("pending"),
+        "the text waited for the file upload to finish: {states}"
+    );
     alice.close().await;
     bob.close().await;
 }

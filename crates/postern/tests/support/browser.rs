@@ -119,8 +119,22 @@ impl Browser {
         el.send_keys(text).await.expect("type");
     }
 
+    /// Clicks the first element matching `css`, found afresh if the page re-rendered it
+    /// between finding and clicking (a live update can replace it at any moment).
     pub async fn click(&self, css: &str) {
-        self.find(css).await.click().await.expect("click");
+        let deadline = Instant::now() + UI_TIMEOUT;
+        loop {
+            match self.find(css).await.click().await {
+                Ok(_) => return,
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
     }
 
     /// Saves a screenshot as `NAME.png` in `$POSTERN_APP_SCREENSHOTS`, if set (the README's
