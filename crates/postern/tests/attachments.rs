@@ -341,3 +341,36 @@ fn a_server_without_media_or_with_a_smaller_limit_is_named_as_the_reason() {
     let missing = fails(&carol, &["send", "dave", "--file", "/nonexistent/file"]);
     assert!(missing.contains("/nonexistent/file"), "{missing}");
 }
+
+#[test]
+fn a_download_through_a_path_that_freezes_every_connection_after_40_kib_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    account(&alice, "alice", &server);
+    account(&bob, "bob", &server);
+    let file = tmp.path().join("notes.pdf");
+    let data = random_file(&file, 150_000);
+    ok(&alice, &["send", "bob", "--file", file.to_str().unwrap()]);
+
+    // Bob's only route freezes every flow (no FIN, no RST) after 40 KiB to him: no
+    // connection carries the whole file, each carries a part of it.
+    let freezing = Forwarder::start(server.addr, Tamper::FreezeAfter(40 * 1024));
+    ok(&bob, &["proxy", "use", "on"]);
+    ok(
+        &bob,
+        &["proxy", "add", &freezing.addr.to_string(), "--no-tls"],
+    );
+    let saved = tmp.path().join("saved");
+    let out = postern(&bob, &["inbox", "--save-to", saved.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(std::fs::read(saved.join("notes.pdf")).unwrap(), data);
+    let connections = freezing
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        connections >= 4,
+        "the file needed several connections, each going on where the last stopped: {connections}"
+    );
+}
