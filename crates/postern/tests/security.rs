@@ -52,11 +52,23 @@ fn plaintext_never_crosses_the_wire_nor_reaches_the_server_database() {
         "part of the plaintext crossed the path"
     );
 
-    // Stop the server so every database page is on disk, then read every file it wrote.
+    // Stop the server so every database page is on disk, then read every file it wrote
+    // (the media store's directory included).
     let data = server.data.clone();
     assert!(server.terminate());
-    for entry in std::fs::read_dir(&data).unwrap() {
-        let path = entry.unwrap().path();
+    let mut dirs = vec![data];
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for path in files {
         let bytes = std::fs::read(&path).unwrap();
         assert!(
             !contains(&bytes, CANARY.as_bytes()) && !contains(&bytes, b"the-eagle"),
