@@ -47,14 +47,9 @@ impl Drop for RelayProcess {
     }
 }
 
-fn free_port() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
-}
-
 impl RelayProcess {
     fn start(binary: &Path, dir: &Path, upstream: &str) -> Result<Self> {
-        let tls = free_port()?;
+        let tls = SocketAddr::from(([127, 0, 0, 1], postern_test_kit::free_port()));
         let log = std::fs::File::create(dir.join(format!("relay-{}.log", tls.port())))?;
         let mut child = Command::new(binary)
             .arg("relay")

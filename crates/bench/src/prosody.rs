@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::xmpp_server::{ensure_package, free_port, is_root, package_version, XmppServer, DOMAIN};
+use crate::xmpp_server::{ensure_package, is_root, package_version, XmppServer, DOMAIN};
+use postern_test_kit::free_port;
 
 const PROSODY: &str = "/usr/bin/prosody";
 
@@ -86,7 +87,7 @@ VirtualHost "{DOMAIN}"
 /// Writes the configuration into `dir` and starts Prosody on a free loopback port;
 /// returns once it accepts XMPP streams.
 pub async fn start(dir: &Path) -> Result<XmppServer> {
-    let port = free_port()?;
+    let port = free_port();
     for d in ["data", "certs", "home"] {
         let d = dir.join(d);
         std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;

@@ -127,12 +127,6 @@ pub fn package_version(package: &str) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// A port that was free on 127.0.0.1 a moment ago (the server binds it itself).
-pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Makes the kernel kill the child if this process dies without dropping the guard
 /// (SIGKILL). It survives `exec` (`erl` becoming `beam.smp`, `env` becoming `lua5.4`) but
 /// is tied to the thread that spawns: spawn from a thread that lives as long as the guard

@@ -311,7 +311,7 @@ fn media_refusal(e: ClientError, a: &Attachment) -> ClientError {
             } else if code == ErrorCode::MediaTooLarge as i32 {
                 ClientError::MediaUnavailable(format!(
                     "the file ({}) is larger than this server takes",
-                    crate::error::human_bytes(a.size)
+                    postern_protocol::units::human_bytes(a.size)
                 ))
             } else if code == ErrorCode::MediaNotFound as i32 {
                 ClientError::MediaUnavailable(

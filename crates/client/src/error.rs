@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use postern_protocol::schema::server_frame;
+use postern_protocol::units::human_bytes;
 use postern_protocol::ProtocolError;
 
 use crate::connector::route::DialReport;
@@ -77,16 +78,6 @@ pub enum ClientError {
     MediaUnavailable(String),
     #[error("the attachment failed its integrity check ({0}): it was not saved")]
     AttachmentCorrupt(String),
-}
-
-/// `1.5 MB`, `820 KB`, `12 bytes`: sizes as people read them (decimal units).
-pub fn human_bytes(n: u64) -> String {
-    match n {
-        0..1_000 => format!("{n} bytes"),
-        1_000..1_000_000 => format!("{:.0} KB", n as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
-        _ => format!("{:.2} GB", n as f64 / 1e9),
-    }
 }
 
 impl ClientError {

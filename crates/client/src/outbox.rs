@@ -240,7 +240,12 @@ impl Outbox {
     ) -> Result<(), ClientError> {
         // The file goes up first: the message carries its key, so it must not arrive
         // before the file can be fetched.
-        let attachment = match self.store.attachment(&entry.message_id.0).await? {
+        // (The history entry says whether there is one: plain texts cost no extra query.)
+        let record = match entry.attachment {
+            Some(_) => self.store.attachment(&entry.message_id.0).await?,
+            None => None,
+        };
+        let attachment = match record {
             Some(rec) => {
                 self.transfers.upload(conn, &rec).await?;
                 Some(rec.wire)

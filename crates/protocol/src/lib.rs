@@ -35,6 +35,7 @@ pub mod proxy_header;
 pub mod relay_auth;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod units;
 pub mod username;
 
 /// Protobuf types generated from `proto/postern.proto`.

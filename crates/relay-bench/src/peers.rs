@@ -78,8 +78,10 @@ pub fn write_cert(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
 }
 
 fn free_port() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+    Ok(SocketAddr::from((
+        [127, 0, 0, 1],
+        postern_test_kit::free_port(),
+    )))
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {

@@ -522,7 +522,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return error_body(ErrorCode::BadRequest, "a media id is 16 bytes");
         };
         match media
-            .upload(&device.username, &id, u.size, u.offset, &u.data)
+            .upload(&device.username, &id, u.size, u.offset, u.data)
             .await
         {
             Ok(st) => server_frame::Body::MediaState(MediaState {

@@ -263,8 +263,10 @@ impl MediaStore {
         id: &MediaId,
         size: u64,
         offset: u64,
-        data: &[u8],
+        data: impl Into<Vec<u8>>,
     ) -> Result<UploadState, MediaError> {
+        // Owned, so the chunk moves to the writing thread without a copy.
+        let data: Vec<u8> = data.into();
         if data.len() > MAX_CHUNK {
             return Err(MediaError::BadRequest("chunk larger than 60,000 bytes"));
         }
@@ -286,7 +288,7 @@ impl MediaStore {
             return Err(MediaError::DiskFull);
         }
         let dir = self.config.dir.clone();
-        let (id_copy, chunk) = (*id, data.to_vec());
+        let (id_copy, chunk) = (*id, data);
         let synced_before = {
             let index = self.index();
             index.entries.get(id).map_or(0, |e| e.meta.synced)
@@ -746,7 +748,9 @@ mod tests {
         let s = store(dir.path());
         let data = pattern(1000);
         upload_all(&s, "alice", &[8; 16], &data).await;
-        s.upload("alice", &[9; 16], 5000, 0, &data).await.unwrap();
+        s.upload("alice", &[9; 16], 5000, 0, &data[..])
+            .await
+            .unwrap();
         let now = postern_protocol::now_ms();
         assert_eq!(s.expire(now), 0);
         // A day later the partial one is gone; 30 days later the complete one.

@@ -13,3 +13,11 @@ pub mod pebble;
 pub mod postgres;
 pub mod process;
 pub mod tls;
+
+/// A loopback port free at the time of asking (for programs that cannot report the port
+/// they bound, and for a listener a test must name before it exists). Another program may
+/// take it in between: callers check that what answers there is what they started.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local address").port()
+}

@@ -21,12 +21,7 @@ pub struct Pebble {
     pub ca_roots: PathBuf,
 }
 
-/// A loopback port free at the time of asking (for programs that cannot report the port
-/// they bound, and for a listener a test must name before it exists).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local address").port()
-}
+pub use crate::free_port;
 
 /// A CA and, signed by it, the certificate Pebble serves its API with (localhost and
 /// 127.0.0.1), written to `dir` as ca.pem, cert.pem, key.pem.

@@ -62,7 +62,7 @@ impl Postgres {
         let root = std::env::temp_dir().join(format!(
             "postern-pg-{}-{}",
             std::process::id(),
-            crate::pebble::free_port()
+            crate::free_port()
         ));
         std::fs::create_dir_all(&root).expect("create the PostgreSQL directory");
         let run_as = is_root().then(|| "nobody".to_string());
@@ -87,7 +87,7 @@ impl Postgres {
         let pg = Postgres {
             bin,
             root,
-            port: crate::pebble::free_port(),
+            port: crate::free_port(),
             run_as,
         };
         let data = pg.root.join("data");

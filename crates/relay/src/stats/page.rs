@@ -2,6 +2,7 @@
 //! inline SVG graphs of the last hour. No scripts, fonts or images are loaded from anywhere.
 
 use super::{FailReason, Metrics, Sample};
+use postern_protocol::units::human_bytes;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,22 +12,6 @@ fn html_esc(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-/// Human-readable byte count.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i < UNITS.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
 }
 
 fn human_duration(d: Duration) -> String {
@@ -197,12 +182,6 @@ th,td{{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}} figure{
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1_500_000), "1.5 MB");
-    }
 
     #[test]
     fn chart_has_polyline() {
