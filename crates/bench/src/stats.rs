@@ -52,6 +52,18 @@ impl Recorder {
         }
     }
 
+    /// Waits (at most `timeout`) until every accepted message was delivered and its
+    /// receipt came back.
+    pub async fn wait_drained(&self, timeout: std::time::Duration) {
+        let accepted = Self::count(&self.accepted);
+        let deadline = Instant::now() + timeout;
+        while (Self::count(&self.delivered) < accepted || Self::count(&self.receipts) < accepted)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn count(list: &Mutex<Vec<(Id, u64)>>) -> usize {
         list.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -441,14 +441,7 @@ pub async fn measure(
     }
     let send_secs = t.elapsed().as_secs_f64();
     // Wait for the last deliveries and receipts.
-    let accepted = Recorder::count(&recorder.accepted);
-    let deadline = Instant::now() + TIMEOUT;
-    while (Recorder::count(&recorder.delivered) < accepted
-        || Recorder::count(&recorder.receipts) < accepted)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    recorder.wait_drained(TIMEOUT).await;
     let total_secs = t.elapsed().as_secs_f64();
     let cpu = server.cpu_seconds()? - cpu_before;
     let cpu_self = cpu_seconds("self")? - cpu_self_before;
@@ -702,14 +695,7 @@ async fn scale_one(args: &ThinArgs, label: &str, nodes: &mut [ServerProcess]) ->
         h.await?
             .with_context(|| format!("{label}: a sender failed"))?;
     }
-    let accepted = Recorder::count(&recorder.accepted);
-    let deadline = Instant::now() + TIMEOUT;
-    while (Recorder::count(&recorder.delivered) < accepted
-        || Recorder::count(&recorder.receipts) < accepted)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    recorder.wait_drained(TIMEOUT).await;
     let total_secs = t.elapsed().as_secs_f64();
     let cpu = cpu_all(nodes)? - cpu_before;
     for n in nodes.iter_mut() {

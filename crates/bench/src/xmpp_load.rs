@@ -479,14 +479,7 @@ pub async fn measure(args: &ThinArgs, mut server: XmppServer) -> Result<XmppRepo
         h.await?
             .with_context(|| format!("{name}: a sender failed"))?;
     }
-    let accepted = Recorder::count(&recorder.accepted);
-    let deadline = Instant::now() + TIMEOUT;
-    while (Recorder::count(&recorder.delivered) < accepted
-        || Recorder::count(&recorder.receipts) < accepted)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    recorder.wait_drained(TIMEOUT).await;
     let messaging_s = t.elapsed().as_secs_f64();
     let server_cpu_s = server.cpu_seconds()? - cpu_before;
     let load_cpu_s = cpu_seconds("self")? - cpu_self_before;
