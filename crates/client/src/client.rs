@@ -16,7 +16,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use postern_protocol::network::NetworkFile;
-use postern_protocol::schema::{client_frame, server_frame, DeviceKeys, ErrorCode, Ping, Register};
+use postern_protocol::schema::{
+    client_frame, group_change, server_frame, DeviceKeys, ErrorCode, Ping, Register,
+};
 use postern_protocol::username;
 use tokio::sync::{broadcast, mpsc, Mutex};
 use vodozemac::olm::Account;
@@ -28,6 +30,7 @@ use crate::connector::route::{DialReport, Route};
 use crate::connector::{self, ConnectMode, ConnectReport, Connected, Connector, OnConnected};
 use crate::crypto::{self, ONE_TIME_KEY_LOW, ONE_TIME_KEY_TARGET};
 use crate::events::{Event, MessageId};
+use crate::groups::{self, GroupId, GroupInfo, MAX_GROUP_MEMBERS};
 use crate::inbox::Inbox;
 use crate::outbox::{Outbox, PendingOutcome};
 use crate::profile::{ProfileDir, ProfileInfo, Secrets};
@@ -647,6 +650,167 @@ impl Client {
     /// The conversation with `peer`, oldest first.
     pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
         self.inner.store.history(peer).await
+    }
+
+    // --- Groups ------------------------------------------------------------------------
+
+    /// Every group this device knows (the ones it left too, marked so).
+    pub async fn groups(&self) -> Result<Vec<GroupInfo>, ClientError> {
+        self.inner.store.groups().await
+    }
+
+    /// The group `which` names: its name, its id (or the first 6 or more hex digits of
+    /// it), or its conversation key. A name shared by several groups is refused with
+    /// their ids.
+    pub async fn find_group(&self, which: &str) -> Result<GroupInfo, ClientError> {
+        let groups = self.inner.store.groups().await?;
+        if let Some(id) = GroupId::from_conversation_key(which) {
+            return groups
+                .into_iter()
+                .find(|g| g.id == id)
+                .ok_or_else(|| ClientError::NoSuchGroup(which.to_string()));
+        }
+        let named: Vec<&GroupInfo> = groups.iter().filter(|g| g.name == which).collect();
+        match named.as_slice() {
+            [one] => return Ok((*one).clone()),
+            [] => {}
+            many => {
+                return Err(ClientError::AmbiguousGroup {
+                    name: which.to_string(),
+                    ids: many.iter().map(|g| g.id.to_string()).collect(),
+                })
+            }
+        }
+        let hex = which.to_ascii_lowercase();
+        let by_id: Vec<&GroupInfo> = groups
+            .iter()
+            .filter(|g| hex.len() >= 6 && g.id.to_string().starts_with(&hex))
+            .collect();
+        match by_id.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => Err(ClientError::NoSuchGroup(which.to_string())),
+        }
+    }
+
+    /// Creates a group of this account and `members`; the news goes out with the next
+    /// send (as for a message, it is saved first and never lost).
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[String],
+    ) -> Result<GroupInfo, ClientError> {
+        let name = name.trim();
+        groups::check_name(name)?;
+        let mut all = groups::check_new_members(self.username(), members)?;
+        all.insert(self.username().to_string());
+        self.check_group_size(all.len())?;
+        let group = GroupInfo {
+            id: GroupId::random(),
+            name: name.to_string(),
+            epoch: 1,
+            members: all.into_iter().collect(),
+            joined: true,
+            created_ms: postern_protocol::now_ms(),
+        };
+        let change = groups::change(group_change::Kind::Created, Vec::new());
+        self.inner
+            .outbox
+            .queue_group_change(None, &group, change)
+            .await?;
+        Ok(group)
+    }
+
+    /// Adds `members` to a group this account is in; they receive the messages written
+    /// from now on (not the earlier ones).
+    pub async fn add_to_group(
+        &self,
+        which: &str,
+        members: &[String],
+    ) -> Result<GroupInfo, ClientError> {
+        let before = self.joined_group(which).await?;
+        let new = groups::check_new_members(self.username(), members)?;
+        if let Some(m) = new.iter().find(|m| before.has(m)) {
+            return Err(ClientError::InvalidInput(format!(
+                "{m} is in the group {:?} already",
+                before.name
+            )));
+        }
+        let mut after = before.clone();
+        after.members.extend(new.iter().cloned());
+        after.members.sort();
+        self.check_group_size(after.members.len())?;
+        after.epoch += 1;
+        let change = groups::change(group_change::Kind::Added, new.into_iter().collect());
+        self.inner
+            .outbox
+            .queue_group_change(Some(&before), &after, change)
+            .await?;
+        Ok(after)
+    }
+
+    /// Removes `members` from a group this account is in: they are told, and no message
+    /// written from now on goes to them.
+    pub async fn remove_from_group(
+        &self,
+        which: &str,
+        members: &[String],
+    ) -> Result<GroupInfo, ClientError> {
+        let before = self.joined_group(which).await?;
+        if members.iter().any(|m| m == self.username()) {
+            return Err(ClientError::InvalidInput(
+                "to take yourself out of a group, leave it".into(),
+            ));
+        }
+        let gone = groups::check_new_members(self.username(), members)?;
+        if let Some(m) = gone.iter().find(|m| !before.has(m)) {
+            return Err(ClientError::InvalidInput(format!(
+                "{m} is not in the group {:?}",
+                before.name
+            )));
+        }
+        let mut after = before.clone();
+        after.members.retain(|m| !gone.contains(m));
+        after.epoch += 1;
+        let change = groups::change(group_change::Kind::Removed, gone.into_iter().collect());
+        self.inner
+            .outbox
+            .queue_group_change(Some(&before), &after, change)
+            .await?;
+        Ok(after)
+    }
+
+    /// Leaves a group: the others are told, and nothing they write reaches this account
+    /// any more. The conversation is kept.
+    pub async fn leave_group(&self, which: &str) -> Result<GroupInfo, ClientError> {
+        let before = self.joined_group(which).await?;
+        let mut after = before.clone();
+        after.members.retain(|m| m != self.username());
+        after.joined = false;
+        after.epoch += 1;
+        let change = groups::change(group_change::Kind::Left, Vec::new());
+        self.inner
+            .outbox
+            .queue_group_change(Some(&before), &after, change)
+            .await?;
+        Ok(after)
+    }
+
+    async fn joined_group(&self, which: &str) -> Result<GroupInfo, ClientError> {
+        let group = self.find_group(which).await?;
+        if !group.joined {
+            return Err(ClientError::NotInGroup(group.name));
+        }
+        Ok(group)
+    }
+
+    fn check_group_size(&self, members: usize) -> Result<(), ClientError> {
+        if members > MAX_GROUP_MEMBERS {
+            return Err(ClientError::InvalidInput(format!(
+                "a group has at most {MAX_GROUP_MEMBERS} members (this one would have {members}): \
+                 each message is encrypted for every member's devices"
+            )));
+        }
+        Ok(())
     }
 
     // --- Safety numbers ---------------------------------------------------------------

@@ -78,6 +78,16 @@ pub enum ClientError {
     MediaUnavailable(String),
     #[error("the attachment failed its integrity check ({0}): it was not saved")]
     AttachmentCorrupt(String),
+    #[error("no group here is called {0:?}")]
+    NoSuchGroup(String),
+    #[error("several groups are called {name:?}: name one by its id ({})", ids.join(", "))]
+    AmbiguousGroup { name: String, ids: Vec<String> },
+    #[error("you are no longer a member of the group {0:?}")]
+    NotInGroup(String),
+    #[error(
+        "no member of the group {0:?} could be reached: none of them exists on the server any more"
+    )]
+    GroupUnreachable(String),
 }
 
 impl ClientError {

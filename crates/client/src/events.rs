@@ -71,6 +71,16 @@ pub struct IncomingMessage {
     /// then [`Event::AttachmentSaved`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment: Option<AttachmentSummary>,
+    /// The group it was written to (`from` is then the member who wrote it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupRef>,
+}
+
+/// A group, as events name it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupRef {
+    pub id: crate::groups::GroupId,
+    pub name: String,
 }
 
 /// What a message says about its attachment.
@@ -119,8 +129,23 @@ pub enum Event {
     Incoming(IncomingMessage),
     /// The server has our message in the recipient's queue (✓).
     Sent { message_id: MessageId, to: String },
-    /// The recipient's device stored our message (✓✓).
-    Delivered { message_id: MessageId, to: String },
+    /// The recipient's device stored our message (✓✓). For a group message, `to` is the
+    /// member whose device stored it, and `all` whether every member's has now.
+    Delivered {
+        message_id: MessageId,
+        to: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group: Option<GroupRef>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        all: Option<bool>,
+    },
+    /// A group's membership changed (`text` says how: "bob added carol"), or this device
+    /// learned of a group it was added to.
+    GroupChanged {
+        group: GroupRef,
+        by: String,
+        text: String,
+    },
     /// Our message can never be delivered (it stays in history, marked failed).
     Failed {
         message_id: MessageId,

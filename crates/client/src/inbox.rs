@@ -17,9 +17,10 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, warn};
 
 use crate::connector::connection::{Connection, Push};
-use crate::events::{AttachmentSummary, Event, IncomingMessage, MessageId};
+use crate::events::{AttachmentSummary, Event, GroupRef, IncomingMessage, MessageId};
+use crate::groups::{self, GroupId, Verdict};
 use crate::sessions::{Decrypted, Sessions};
-use crate::store::{LocalStore, MessageStatus, TransferState};
+use crate::store::{LocalStore, MessageStatus, TransferState, Tx};
 
 /// The failure reason of a message the server deleted undelivered (queue time-to-live).
 pub const EXPIRED: &str = "expired";
@@ -27,9 +28,13 @@ use crate::ClientError;
 
 /// What happened to one envelope.
 enum Received {
-    New(IncomingMessage),
+    /// Stored; the event to tell the app.
+    New(Event),
     Duplicate,
     Undecryptable(String),
+    /// Decrypted but not shown, for this reason (a group message from someone who is not
+    /// a member here, say).
+    Ignored(String),
 }
 
 #[derive(Clone)]
@@ -109,11 +114,14 @@ impl Inbox {
         }))
         .await?;
         match outcome {
-            Received::New(m) => {
+            Received::New(event) => {
                 self.stored.fetch_add(1, Ordering::Relaxed);
-                let _ = self.events.send(Event::Incoming(m));
+                let _ = self.events.send(event);
             }
             Received::Duplicate => debug!(%id, "duplicate delivery dropped"),
+            Received::Ignored(why) => {
+                warn!(%id, from = %e.sender, reason = %why, "message not shown")
+            }
             Received::Undecryptable(reason) => {
                 let _ = self.events.send(Event::Undecryptable {
                     message_id: id,
@@ -173,6 +181,14 @@ impl Inbox {
                 .record_key_change(&mut tx, &e.sender, content.sent_at_ms.saturating_sub(1))
                 .await?;
         }
+        if content.group.is_some() {
+            let received = self.receive_group(&mut tx, e, id, content).await?;
+            tx.commit().await?;
+            if key_changed {
+                self.sessions.announce_key_change(&e.sender);
+            }
+            return Ok(received);
+        }
         let fresh = store
             .insert_incoming(
                 &mut tx,
@@ -185,25 +201,7 @@ impl Inbox {
             )
             .await?;
         let attachment = match (&content.attachment, fresh) {
-            (Some(a), true) => {
-                // Fetched later, in the background: a big file never holds up the chat.
-                let (state, error) = match crate::attachments::check_announced(a) {
-                    Ok(()) => (TransferState::Downloading, None),
-                    Err(why) => (TransferState::Failed, Some(why)),
-                };
-                LocalStore::insert_attachment(&mut tx, &id.0, false, a, state, None).await?;
-                if let Some(why) = &error {
-                    warn!(%id, reason = %why, "an attachment cannot be fetched");
-                    store
-                        .set_transfer_state_in(&mut tx, &id.0, state, None, Some(why))
-                        .await?;
-                }
-                Some(AttachmentSummary {
-                    file_name: crate::attachments::safe_file_name(&a.file_name),
-                    content_type: a.content_type.clone(),
-                    size: a.size,
-                })
-            }
+            (Some(a), true) => self.record_attachment(&mut tx, id, a).await?,
             _ => None,
         };
         tx.commit().await?;
@@ -211,17 +209,124 @@ impl Inbox {
             self.sessions.announce_key_change(&e.sender);
         }
         Ok(if fresh {
-            Received::New(IncomingMessage {
+            Received::New(Event::Incoming(IncomingMessage {
                 message_id: id,
                 from: e.sender.clone(),
                 text: content.text,
                 sent_at_ms: content.sent_at_ms,
                 server_time_ms: e.server_time_ms,
                 attachment,
-            })
+                group: None,
+            }))
         } else {
             Received::Duplicate
         })
+    }
+
+    /// Records an announced attachment, to be fetched later in the background (a big file
+    /// never holds up the chat); one that can never be fetched is marked failed at once.
+    async fn record_attachment(
+        &self,
+        tx: &mut Tx,
+        id: MessageId,
+        a: &postern_protocol::schema::Attachment,
+    ) -> Result<Option<AttachmentSummary>, ClientError> {
+        let (state, error) = match crate::attachments::check_announced(a) {
+            Ok(()) => (TransferState::Downloading, None),
+            Err(why) => (TransferState::Failed, Some(why)),
+        };
+        LocalStore::insert_attachment(tx, &id.0, false, a, state, None).await?;
+        if let Some(why) = &error {
+            warn!(%id, reason = %why, "an attachment cannot be fetched");
+            self.store
+                .set_transfer_state_in(tx, &id.0, state, None, Some(why))
+                .await?;
+        }
+        Ok(Some(AttachmentSummary {
+            file_name: crate::attachments::safe_file_name(&a.file_name),
+            content_type: a.content_type.clone(),
+            size: a.size,
+        }))
+    }
+
+    /// Stores a group message (or membership change) in the decrypting transaction, if
+    /// its sender may speak in the group as this device knows it ([`groups::judge`]).
+    async fn receive_group(
+        &self,
+        tx: &mut Tx,
+        e: &Envelope,
+        id: MessageId,
+        content: Content,
+    ) -> Result<Received, ClientError> {
+        let store = &self.store;
+        let Some(ctx) = content.group.as_ref() else {
+            return Ok(Received::Ignored("not a group message".into()));
+        };
+        if let Err(why) = groups::check_context(ctx) {
+            return Ok(Received::Ignored(format!(
+                "a malformed group message: {why}"
+            )));
+        }
+        let Some(group_id) = GroupId::from_bytes(&ctx.group_id) else {
+            return Ok(Received::Ignored("a malformed group id".into()));
+        };
+        let local = store.group_in(tx, &group_id).await?;
+        let now = postern_protocol::now_ms();
+        let (adopt, event) =
+            match groups::judge(local.as_ref(), &self.username, &e.sender, ctx, now) {
+                Verdict::Refuse(why) => return Ok(Received::Ignored(why)),
+                Verdict::Accept { adopt, event } => (adopt, event),
+            };
+        if ctx.change.is_some() && event.is_none() {
+            return Ok(Received::Ignored("an older membership change".into()));
+        }
+        if let Some(g) = &adopt {
+            store.save_group(tx, g).await?;
+        }
+        let name = adopt
+            .as_ref()
+            .or(local.as_ref())
+            .map(|g| g.name.clone())
+            .unwrap_or_else(|| ctx.name.clone());
+        let group = GroupRef { id: group_id, name };
+        let key = group_id.conversation_key();
+        let is_event = event.is_some();
+        let text = event.unwrap_or_else(|| content.text.clone());
+        let fresh = store
+            .insert_group_incoming(
+                tx,
+                &id.0,
+                &key,
+                &e.sender,
+                &text,
+                content.sent_at_ms,
+                e.server_time_ms,
+                is_event,
+            )
+            .await?;
+        if !fresh {
+            return Ok(Received::Duplicate);
+        }
+        if is_event {
+            return Ok(Received::New(Event::GroupChanged {
+                group,
+                by: e.sender.clone(),
+                text,
+            }));
+        }
+        let attachment = match &content.attachment {
+            Some(a) => self.record_attachment(tx, id, a).await?,
+            None => None,
+        };
+        Ok(Received::New(Event::Incoming(IncomingMessage {
+            message_id: id,
+            from: e.sender.clone(),
+            text,
+            sent_at_ms: content.sent_at_ms,
+            server_time_ms: e.server_time_ms,
+            attachment,
+            group: Some(group),
+        })))
     }
 
     async fn on_receipt(&self, conn: &Connection, r: Receipt) -> Result<(), ClientError> {
@@ -232,10 +337,46 @@ impl Inbox {
         } else {
             self.store.mark_delivered(&r.message_id).await?
         };
+        // Not a message to a contact: maybe one member's copy of a group message.
+        let group = match peer {
+            Some(_) => None,
+            None => self.store.group_receipt(&r.message_id, r.expired).await?,
+        };
         conn.notify(client_frame::Body::AckReceipt(AckReceipt {
             message_id: r.message_id.clone(),
         }))
         .await?;
+        if let Some(g) = group {
+            let Some(id) = GroupId::from_conversation_key(&g.group_key) else {
+                return Ok(());
+            };
+            let info = self.store.group(&id).await?;
+            let group = GroupRef {
+                id,
+                name: info.map(|i| i.name).unwrap_or_default(),
+            };
+            let event = if r.expired {
+                Event::Failed {
+                    message_id: g.message_id,
+                    to: g.member,
+                    reason: EXPIRED.to_string(),
+                }
+            } else {
+                let all = self
+                    .store
+                    .history_status(&g.message_id.0)
+                    .await?
+                    .is_some_and(|s| s == MessageStatus::Delivered);
+                Event::Delivered {
+                    message_id: g.message_id,
+                    to: g.member,
+                    group: Some(group),
+                    all: Some(all),
+                }
+            };
+            let _ = self.events.send(event);
+            return Ok(());
+        }
         if let (Some(to), Ok(id)) = (peer, MessageId::try_from(&r.message_id[..])) {
             let event = if r.expired {
                 Event::Failed {
@@ -244,7 +385,12 @@ impl Inbox {
                     reason: EXPIRED.to_string(),
                 }
             } else {
-                Event::Delivered { message_id: id, to }
+                Event::Delivered {
+                    message_id: id,
+                    to,
+                    group: None,
+                    all: None,
+                }
             };
             let _ = self.events.send(event);
         }

@@ -14,6 +14,8 @@
 //! * `outbox` / `inbox`: what the user typed until the server holds it (pending →
 //!   ✓ sent, or failed with the reason), and what arrives until it is stored and
 //!   acknowledged (duplicates dropped by id, receipts turning ✓ into ✓✓).
+//! * [`groups`]: groups whose membership lives only on the members' devices, each message
+//!   fanned out pairwise to every member (why not Megolm is explained there).
 //! * [`Client`]: the thin façade an app drives — create an account, connect or
 //!   [`Client::keep_connected`], send, history — with an [`Event`] stream.
 //! * [`profile`], [`store`], [`proxy`]: the profile directory, its SQLite database, and
@@ -29,6 +31,7 @@ pub mod connector;
 pub mod crypto;
 mod error;
 mod events;
+pub mod groups;
 mod inbox;
 mod outbox;
 pub mod profile;
@@ -45,9 +48,13 @@ pub use connector::health::RouteHealth;
 pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
 pub use connector::{check_route_without_profile, ConnectMode, ConnectReport};
 pub use error::ClientError;
-pub use events::{AttachmentSummary, Event, IncomingMessage, MessageId, MessageIdError};
+pub use events::{AttachmentSummary, Event, GroupRef, IncomingMessage, MessageId, MessageIdError};
+pub use groups::{GroupId, GroupInfo, MAX_GROUP_MEMBERS};
 pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};
 pub use postern_protocol::units::human_bytes;
 pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};
 pub use safety::{SafetyNumber, SafetyNumberError};
-pub use store::{AttachmentInfo, Conversation, HistoryEntry, MessageStatus, TransferState};
+pub use store::{
+    AttachmentInfo, Conversation, HistoryEntry, MemberDelivery, MemberStatus, MessageStatus,
+    TransferState,
+};

@@ -10,7 +10,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use postern_protocol::schema::{client_frame, server_frame, Content, ErrorCode, SendMessage};
+use postern_protocol::schema::{
+    client_frame, server_frame, Attachment, Content, ErrorCode, GroupChange, SendMessage,
+};
 use postern_protocol::username;
 use prost::Message as _;
 use tokio::sync::broadcast;
@@ -18,8 +20,9 @@ use tokio::sync::broadcast;
 use crate::attachments::{self, Transfers};
 use crate::connector::connection::Connection;
 use crate::events::{Event, MessageId};
+use crate::groups::{self, GroupId, GroupInfo};
 use crate::sessions::Sessions;
-use crate::store::{HistoryEntry, LocalStore, MessageStatus};
+use crate::store::{HistoryEntry, LocalStore, MemberStatus, MessageStatus, OutgoingGroup};
 use crate::timeouts::REQUEST_TIMEOUT;
 use crate::ClientError;
 
@@ -78,20 +81,85 @@ impl Outbox {
         self.handled.load(Ordering::Relaxed)
     }
 
-    fn check(&self, to: &str, text: &str) -> Result<(), ClientError> {
-        username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
+    /// Checks a message to `to` (a contact, or a group's conversation key); for a group,
+    /// returns how it fans out to the members.
+    async fn check(&self, to: &str, text: &str) -> Result<Option<OutgoingGroup>, ClientError> {
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClientError::TooLong {
                 bytes: text.len(),
                 limit: MAX_TEXT_BYTES,
             });
         }
+        if let Some(id) = GroupId::from_conversation_key(to) {
+            let group = self
+                .store
+                .group(&id)
+                .await?
+                .ok_or_else(|| ClientError::NoSuchGroup(to.to_string()))?;
+            if !group.joined {
+                return Err(ClientError::NotInGroup(group.name));
+            }
+            let recipients = group.others(&self.username);
+            if recipients.is_empty() {
+                return Err(ClientError::InvalidInput(format!(
+                    "nobody else is in the group {:?}: add someone first",
+                    group.name
+                )));
+            }
+            return Ok(Some(OutgoingGroup {
+                context: group.context(None).encode_to_vec(),
+                recipients,
+                event: false,
+            }));
+        }
+        username::validate(to).map_err(|_| ClientError::UnknownContact(to.to_string()))?;
         if to == self.username {
             return Err(ClientError::InvalidInput(
                 "you cannot send a message to yourself".into(),
             ));
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Saves a group's new membership and queues the change to everyone concerned: the
+    /// members who stay first, then those removed (so they learn it), then those added
+    /// (last, so the others hold the change before a new member can write). `before` is
+    /// the group as it was (None: just created).
+    pub async fn queue_group_change(
+        &self,
+        before: Option<&GroupInfo>,
+        after: &GroupInfo,
+        change: GroupChange,
+    ) -> Result<MessageId, ClientError> {
+        let me = self.username.as_str();
+        let was = |u: &String| before.is_some_and(|b| b.has(u));
+        let mut recipients: Vec<String> = after.others(me).into_iter().filter(was).collect();
+        if let Some(b) = before {
+            recipients.extend(b.others(me).into_iter().filter(|u| !after.has(u)));
+        }
+        recipients.extend(after.others(me).into_iter().filter(|u| !was(u)));
+        let text = groups::describe(&change, me, me, after);
+        let message_id = MessageId::random();
+        let now = postern_protocol::now_ms();
+        let key = after.conversation_key();
+        let mut tx = self.store.begin().await?;
+        self.store.save_group(&mut tx, after).await?;
+        if recipients.is_empty() {
+            // Nobody to tell (the last member left): the change is only noted here.
+            self.store
+                .insert_group_incoming(&mut tx, &message_id.0, &key, me, &text, now, now, true)
+                .await?;
+        } else {
+            let group = OutgoingGroup {
+                context: after.context(Some(change)).encode_to_vec(),
+                recipients,
+                event: true,
+            };
+            LocalStore::insert_outgoing_in(&mut tx, &message_id.0, &key, &text, now, Some(&group))
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(message_id)
     }
 
     /// Encrypts `file` into the profile and stores a pending message carrying it, with
@@ -103,7 +171,7 @@ impl Outbox {
         name: Option<&str>,
         caption: &str,
     ) -> Result<MessageId, ClientError> {
-        self.check(to, caption)?;
+        let group = self.check(to, caption).await?;
         let message_id = MessageId::random();
         let (wire, encrypted, copy) = self.transfers.seal(&message_id, file, name).await?;
         let stored = self
@@ -116,6 +184,7 @@ impl Outbox {
                 &wire,
                 &encrypted.display().to_string(),
                 &copy.display().to_string(),
+                group.as_ref(),
             )
             .await;
         if stored.is_err() {
@@ -128,7 +197,7 @@ impl Outbox {
 
     /// Checks and stores a message as pending.
     pub async fn queue(&self, to: &str, text: &str) -> Result<HistoryEntry, ClientError> {
-        self.check(to, text)?;
+        let group = self.check(to, text).await?;
         let entry = HistoryEntry {
             message_id: MessageId::random(),
             peer: to.to_string(),
@@ -139,9 +208,18 @@ impl Outbox {
             status: MessageStatus::Pending,
             failure: None,
             attachment: None,
+            sender: None,
+            group_event: group.as_ref().is_some_and(|g| g.event),
+            deliveries: Vec::new(),
         };
         self.store
-            .insert_outgoing(&entry.message_id.0, to, text, entry.created_ms)
+            .insert_outgoing(
+                &entry.message_id.0,
+                to,
+                text,
+                entry.created_ms,
+                group.as_ref(),
+            )
             .await?;
         Ok(entry)
     }
@@ -155,7 +233,10 @@ impl Outbox {
     ) -> Result<(), ClientError> {
         match self.transmit_once(conn, entry).await {
             Err(e)
-                if matches!(e, ClientError::UnknownContact(_)) || attachments::is_permanent(&e) =>
+                if matches!(
+                    e,
+                    ClientError::UnknownContact(_) | ClientError::GroupUnreachable(_)
+                ) || attachments::is_permanent(&e) =>
             {
                 let reason = e.to_string();
                 self.store.mark_failed(&entry.message_id.0, &reason).await?;
@@ -232,7 +313,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Encrypts for every device of the recipient and hands the message to the server.
+    /// Uploads the message's file, if any, then hands the message to the server: to the
+    /// contact, or a copy to each member of a group.
     async fn transmit_once(
         &self,
         conn: &Connection,
@@ -252,6 +334,9 @@ impl Outbox {
             }
             None => None,
         };
+        if GroupId::from_conversation_key(&entry.peer).is_some() {
+            return self.transmit_group(conn, entry, attachment).await;
+        }
         let content = Content {
             message_id: entry.message_id.0.to_vec(),
             sender: self.username.clone(),
@@ -259,30 +344,116 @@ impl Outbox {
             sent_at_ms: entry.created_ms,
             text: entry.text.clone(),
             attachment,
+            group: None,
         }
         .encode_to_vec();
+        let server_time_ms = self
+            .deliver(
+                conn,
+                &entry.message_id.0,
+                &entry.peer,
+                &content,
+                entry.created_ms,
+            )
+            .await?;
+        self.store
+            .mark_sent(&entry.message_id.0, server_time_ms)
+            .await?;
+        let _ = self.events.send(Event::Sent {
+            message_id: entry.message_id,
+            to: entry.peer.clone(),
+        });
+        Ok(())
+    }
+
+    /// Sends a group message's copies still pending, one per member, each under its own
+    /// wire id; a member who no longer exists is marked failed and the others go on.
+    async fn transmit_group(
+        &self,
+        conn: &Connection,
+        entry: &HistoryEntry,
+        attachment: Option<Attachment>,
+    ) -> Result<(), ClientError> {
+        let id = &entry.message_id.0;
+        let context = self.store.group_context_of(id).await?.ok_or_else(|| {
+            ClientError::Profile("a group message was stored without its group".into())
+        })?;
+        let mut server_time_ms = None;
+        for send in self.store.pending_group_sends(id).await? {
+            let content = Content {
+                message_id: send.wire_id.to_vec(),
+                sender: self.username.clone(),
+                recipient: send.member.clone(),
+                sent_at_ms: entry.created_ms,
+                text: entry.text.clone(),
+                attachment: attachment.clone(),
+                group: Some(context.clone()),
+            }
+            .encode_to_vec();
+            let delivered = self
+                .deliver(
+                    conn,
+                    &send.wire_id,
+                    &send.member,
+                    &content,
+                    entry.created_ms,
+                )
+                .await;
+            match delivered {
+                Ok(t) => {
+                    server_time_ms = Some(t);
+                    self.store
+                        .settle_group_send(&send.wire_id, MemberStatus::Sent, None)
+                        .await?;
+                }
+                Err(e @ ClientError::UnknownContact(_)) => {
+                    self.store
+                        .settle_group_send(
+                            &send.wire_id,
+                            MemberStatus::Failed,
+                            Some(&e.to_string()),
+                        )
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.store.finish_group_message(id, server_time_ms).await? {
+            MessageStatus::Failed => Err(ClientError::GroupUnreachable(context.name)),
+            MessageStatus::Pending => Ok(()),
+            _ => {
+                let _ = self.events.send(Event::Sent {
+                    message_id: entry.message_id,
+                    to: entry.peer.clone(),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Encrypts `content` for every device of `recipient` and hands it to the server
+    /// under `wire_id`; returns the server's time once it is in the recipient's queue.
+    async fn deliver(
+        &self,
+        conn: &Connection,
+        wire_id: &[u8; 16],
+        recipient: &str,
+        content: &[u8],
+        written_ms: u64,
+    ) -> Result<u64, ClientError> {
         let mut reclaimed = false;
         loop {
             let ciphertexts = self
                 .sessions
-                .encrypt_for(conn, &entry.peer, &content, reclaimed, entry.created_ms)
+                .encrypt_for(conn, recipient, content, reclaimed, written_ms)
                 .await?;
             let request = client_frame::Body::Send(SendMessage {
-                message_id: entry.message_id.0.to_vec(),
-                recipient: entry.peer.clone(),
+                message_id: wire_id.to_vec(),
+                recipient: recipient.to_string(),
                 ciphertexts,
             });
             match conn.request(request, REQUEST_TIMEOUT).await {
-                Ok(server_frame::Body::MessageAccepted(a)) => {
-                    self.store
-                        .mark_sent(&entry.message_id.0, a.server_time_ms)
-                        .await?;
-                    let _ = self.events.send(Event::Sent {
-                        message_id: entry.message_id,
-                        to: entry.peer.clone(),
-                    });
-                    return Ok(());
-                }
+                Ok(server_frame::Body::MessageAccepted(a)) => return Ok(a.server_time_ms),
                 Ok(other) => return Err(ClientError::unexpected(other)),
                 Err(ClientError::Server { code, .. })
                     if code == ErrorCode::DevicesChanged as i32 && !reclaimed =>
@@ -290,7 +461,7 @@ impl Outbox {
                     reclaimed = true;
                 }
                 Err(ClientError::Server { code, .. }) if code == ErrorCode::UnknownUser as i32 => {
-                    return Err(ClientError::UnknownContact(entry.peer.clone()))
+                    return Err(ClientError::UnknownContact(recipient.to_string()))
                 }
                 Err(e) => return Err(e),
             }

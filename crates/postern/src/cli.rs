@@ -95,6 +95,27 @@ where it stopped the next time.")]
     #[command(subcommand)]
     Contact(ContactCommand),
 
+    /// Groups: create one, add and remove members, leave, list, send and read.
+    #[command(
+        subcommand,
+        after_help = "\
+A group's messages, files and membership changes are encrypted end to end to every
+member's devices: each message goes to each member as a separate encrypted message, so
+the server and relays see ordinary messages and nothing of the group (no name, no member
+list). A group has at most 100 members. Members who are offline get everything from the
+server's queue when they are back. In `postern group history`, ✓✓ means every member has
+the message and ✓✓ 1/2 that one of two does so far.
+Examples:
+  postern group create trip bob carol
+  postern group send trip 'the train leaves at nine'
+  postern group send trip --file map.pdf
+  postern group history trip
+  postern group add trip dave
+  postern group remove trip carol
+  postern group leave trip"
+    )]
+    Group(GroupCommand),
+
     /// Proxies (relays) to reach the service through when the network blocks it.
     #[command(subcommand)]
     Proxy(ProxyCommand),
@@ -192,6 +213,73 @@ Examples:
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// A group, as commands take it.
+const GROUP_ARG_HELP: &str =
+    "The group: its name, or its id (6 or more of its first hex digits) if several \
+     groups share the name";
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group NAME with MEMBERS (usernames) and you; they learn of it with your
+    /// next send, which this command does at once.
+    Create {
+        /// The group's name, as members see it (up to 100 bytes).
+        name: String,
+        /// Usernames of the other members.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Add MEMBERS to GROUP: they get the messages written from now on.
+    Add {
+        #[arg(help = GROUP_ARG_HELP)]
+        group: String,
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Remove MEMBERS from GROUP: they are told, and nothing written from now on reaches
+    /// them.
+    Remove {
+        #[arg(help = GROUP_ARG_HELP)]
+        group: String,
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Leave GROUP: the others are told; your history of it is kept.
+    Leave {
+        #[arg(help = GROUP_ARG_HELP)]
+        group: String,
+    },
+    /// Your groups, with their members.
+    List {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message (and a file, with --file) to every member of GROUP.
+    Send {
+        #[arg(help = GROUP_ARG_HELP)]
+        group: String,
+        /// The message text (quote it); with --file, the file's caption (may be left out).
+        #[arg(required_unless_present = "file")]
+        text: Option<String>,
+        /// A file to send with the message (uploaded once, its key sent to every member).
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Show a group's conversation: who wrote what, membership changes, and for your
+    /// messages ✓✓ (every member has it) or ✓✓ 1/2 (some do so far).
+    History {
+        #[arg(help = GROUP_ARG_HELP)]
+        group: String,
+        /// One JSON object per line instead of text (with each member's delivery state).
+        #[arg(long)]
+        json: bool,
+        /// Copy the files of this conversation that have arrived into DIR.
+        #[arg(long, value_name = "DIR")]
+        save_to: Option<std::path::PathBuf>,
     },
 }
 

@@ -56,20 +56,7 @@ fn plaintext_never_crosses_the_wire_nor_reaches_the_server_database() {
     // (the media store's directory included).
     let data = server.data.clone();
     assert!(server.terminate());
-    let mut dirs = vec![data];
-    let mut files = Vec::new();
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    for path in files {
-        let bytes = std::fs::read(&path).unwrap();
+    for (path, bytes) in files_under(&data) {
         assert!(
             !contains(&bytes, CANARY.as_bytes()) && !contains(&bytes, b"the-eagle"),
             "plaintext found in the server's {}",

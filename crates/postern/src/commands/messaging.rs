@@ -1,4 +1,5 @@
-//! `postern send`, `postern inbox`, `postern history`.
+//! `postern send`, `postern inbox`, `postern history` (and their group forms, `postern
+//! group send` and `postern group history`).
 
 use std::path::{Path, PathBuf};
 
@@ -8,55 +9,116 @@ use tokio::sync::broadcast;
 
 use crate::output;
 
+/// Who a message or a history is for: a contact, or a group as the user named it.
+pub enum Target {
+    Contact(String),
+    Group(String),
+}
+
+impl Target {
+    /// The conversation key the client library takes, and how to name it to the user.
+    async fn resolve(&self, client: &Client) -> Result<(String, String), ClientError> {
+        Ok(match self {
+            Target::Contact(c) => (c.clone(), c.clone()),
+            Target::Group(g) => {
+                let group = client.find_group(g).await?;
+                (
+                    group.conversation_key(),
+                    format!("the group “{}”", group.name),
+                )
+            }
+        })
+    }
+
+    /// The command that shows this conversation.
+    fn history_command(&self) -> String {
+        match self {
+            Target::Contact(c) => format!("postern history {c}"),
+            Target::Group(g) => format!("postern group history {}", shell_word(g)),
+        }
+    }
+}
+
+/// `word`, quoted for a shell if it needs to be.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 pub async fn send(
     home: PathBuf,
-    contact: &str,
+    to: Target,
     text: &str,
     file: Option<&Path>,
 ) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
     let mut events = client.subscribe();
     let result = async {
+        let (key, shown) = to.resolve(&client).await?;
         // Saved first: from here on nothing typed can be lost (a file is encrypted into
         // the profile, so it may change or go away afterwards).
         let id = match file {
-            Some(f) => client.queue_file(contact, f, text).await?,
-            None => client.queue(contact, text).await?,
+            Some(f) => client.queue_file(&key, f, text).await?,
+            None => client.queue(&key, text).await?,
         };
-        client.connect(ConnectMode::SendOnly).await?;
-        // Everything pending goes out, this message included; a connection lost on the
-        // way is replaced (routes raced again) and what was not acknowledged is re-sent
-        // (a file goes on from the last chunk the server acknowledged).
-        let outcomes = with_progress(&mut events, client.send_pending()).await?;
-        report_pending(&outcomes, Some(id));
-        match outcomes.into_iter().find(|o| o.message_id == id) {
-            Some(o) => o.result.map(|()| id),
-            None => Err(ClientError::NotConnected),
-        }
+        push_out(&client, &mut events, id)
+            .await
+            .map(|()| (id, shown))
     }
     .await;
     client.close().await;
     match result {
-        Ok(id) => {
+        Ok((id, shown)) => {
             println!("{id}");
             eprintln!(
-                "✓ sent to {contact} (✓✓ appears in `postern history {contact}` once delivered)"
+                "✓ sent to {shown} (✓✓ appears in `{}` once delivered)",
+                to.history_command()
             );
             Ok(())
         }
-        Err(e) if e.is_connection_problem() => Err(anyhow::Error::new(e).context(
+        Err(e) => Err(not_sent(e)),
+    }
+}
+
+/// Connects and sends everything pending, this message (`id`) included; returns its
+/// outcome. A connection lost on the way is replaced (routes raced again) and what was
+/// not acknowledged is re-sent (a file goes on from the last chunk the server
+/// acknowledged).
+pub(crate) async fn push_out(
+    client: &Client,
+    events: &mut broadcast::Receiver<Event>,
+    id: postern_client::MessageId,
+) -> Result<(), ClientError> {
+    client.connect(ConnectMode::SendOnly).await?;
+    let outcomes = with_progress(events, client.send_pending()).await?;
+    report_pending(&outcomes, Some(id));
+    match outcomes.into_iter().find(|o| o.message_id == id) {
+        Some(o) => o.result,
+        None => Err(ClientError::NotConnected),
+    }
+}
+
+/// What to tell the user when a message saved in history did not go out now.
+pub(crate) fn not_sent(e: ClientError) -> anyhow::Error {
+    match e {
+        e if e.is_connection_problem() => anyhow::Error::new(e).context(
             "not sent yet: the message is saved and goes out with your next `postern send`, \
              `postern inbox` or `postern status`",
-        )),
-        Err(
-            e @ (ClientError::UnknownContact(_)
-            | ClientError::AttachmentTooLarge { .. }
-            | ClientError::MediaUnavailable(_)),
-        ) => {
-            Err(anyhow::Error::new(e)
-                .context("not sent: the message stays in your history, marked ✗"))
+        ),
+        e @ (ClientError::UnknownContact(_)
+        | ClientError::AttachmentTooLarge { .. }
+        | ClientError::MediaUnavailable(_)
+        | ClientError::GroupUnreachable(_)) => {
+            anyhow::Error::new(e).context("not sent: the message stays in your history, marked ✗")
         }
-        Err(e) => Err(e.into()),
+        e => e.into(),
     }
 }
 
@@ -318,7 +380,7 @@ async fn follow_inbox(
                 Ok(Event::Unreachable { retry_in_ms, .. }) => {
                     eprintln!("no route worked; trying again in {:.1} s", retry_in_ms as f64 / 1000.0);
                 }
-                Ok(Event::Sent { message_id, to }) => eprintln!("✓ sent to {to} ({message_id})"),
+                Ok(Event::Sent { message_id, to }) => eprintln!("✓ sent to {} ({message_id})", shown_peer(client, &to).await),
                 Ok(event @ Event::Transfer { .. }) => progress.show(&event),
                 Ok(event) => {
                     if let (Event::AttachmentSaved { path, .. }, Some(dir)) = (&event, save_to) {
@@ -347,6 +409,7 @@ fn print_event(event: &Event, json: bool) -> bool {
     let visible = matches!(
         event,
         Event::Incoming(_)
+            | Event::GroupChanged { .. }
             | Event::Delivered { .. }
             | Event::Undecryptable { .. }
             | Event::Failed { .. }
@@ -375,14 +438,20 @@ fn print_event(event: &Event, json: bool) -> bool {
                     a.content_type
                 )
             });
+            let group = m
+                .group
+                .as_ref()
+                .map(|g| format!(" in “{}”", g.name))
+                .unwrap_or_default();
             println!(
-                "[{}] {}: {}{}",
+                "[{}] {}{group}: {}{}",
                 output::time(m.server_time_ms),
                 m.from,
                 m.text,
                 file.unwrap_or_default()
             )
         }
+        Event::GroupChanged { group, text, .. } => println!("⚙ “{}”: {text}", group.name),
         Event::AttachmentSaved {
             from,
             file_name,
@@ -402,7 +471,23 @@ fn print_event(event: &Event, json: bool) -> bool {
                 println!("✗ the file {file_name} from {peer} could not be fetched: {reason}")
             }
         }
-        Event::Delivered { message_id, to } => println!("✓✓ delivered to {to}: {message_id}"),
+        Event::Delivered {
+            message_id,
+            to,
+            group,
+            all,
+        } => match group {
+            Some(g) => println!(
+                "✓✓ delivered to {to} in “{}”{}: {message_id}",
+                g.name,
+                if *all == Some(true) {
+                    " (every member has it now)"
+                } else {
+                    ""
+                }
+            ),
+            None => println!("✓✓ delivered to {to}: {message_id}"),
+        },
         Event::Undecryptable { from, reason, .. } => {
             println!("⚠ a message from {from} could not be decrypted: {reason}")
         }
@@ -415,18 +500,24 @@ fn print_event(event: &Event, json: bool) -> bool {
 
 pub async fn history(
     home: PathBuf,
-    contact: &str,
+    target: Target,
     json: bool,
     save_to: Option<&Path>,
 ) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
-    let entries = client
-        .history(contact)
-        .await
-        .context("cannot read the history")?;
+    let found = async {
+        let (key, shown) = target.resolve(&client).await?;
+        Ok::<_, ClientError>((client.history(&key).await?, shown))
+    }
+    .await;
     client.close().await;
+    let (entries, shown) = found.context("cannot read the history")?;
+    let (group, contact) = match &target {
+        Target::Group(_) => (true, shown.as_str()),
+        Target::Contact(c) => (false, c.as_str()),
+    };
     if entries.is_empty() && !json {
-        eprintln!("no messages with {contact} yet");
+        eprintln!("no messages with {shown} yet");
     }
     if let Some(dir) = save_to {
         let mut copied = 0;
@@ -442,59 +533,88 @@ pub async fn history(
             }
         }
         if copied == 0 {
-            eprintln!("no files from {contact} have arrived here yet");
+            eprintln!("no files from {shown} have arrived here yet");
         }
     }
     for e in entries {
-        let file = e
-            .attachment
-            .as_ref()
-            .map(|a| {
-                format!(
-                    "{}{}",
-                    if e.text.is_empty() { "" } else { " " },
-                    attachment_line(a)
-                )
-            })
-            .unwrap_or_default();
         if json {
             println!("{}", serde_json::to_string(&e)?);
-        } else if e.outgoing {
-            println!(
-                "[{}] → {} {} {}{}{}",
-                output::time(e.created_ms),
-                contact,
-                e.status.marks(),
-                e.text,
-                file,
-                match &e.failure {
-                    Some(why) => format!("  (not delivered: {why})"),
-                    None => String::new(),
-                }
-            );
-        } else if e.status == postern_client::MessageStatus::KeyChanged {
-            println!(
-                "[{}] {}",
-                output::time(e.created_ms),
-                key_changed_line(contact)
-            );
-        } else if e.status == postern_client::MessageStatus::Undecryptable {
-            println!(
-                "[{}] ← {} ⚠ (could not be decrypted)",
-                output::time(e.server_time_ms.unwrap_or(0)),
-                contact
-            );
         } else {
-            println!(
-                "[{}] ← {}: {}{}",
-                output::time(e.created_ms),
-                contact,
-                e.text,
-                file
-            );
+            println!("{}", history_line(&e, contact, group));
         }
     }
     Ok(())
+}
+
+/// One line of `history`: `contact` is the contact's name, or the group's as shown.
+fn history_line(e: &postern_client::HistoryEntry, contact: &str, group: bool) -> String {
+    use postern_client::MessageStatus;
+    let file = e
+        .attachment
+        .as_ref()
+        .map(|a| {
+            format!(
+                "{}{}",
+                if e.text.is_empty() { "" } else { " " },
+                attachment_line(a)
+            )
+        })
+        .unwrap_or_default();
+    let failure = match &e.failure {
+        Some(why) => format!("  (not delivered: {why})"),
+        None => String::new(),
+    };
+    let from = e.sender.as_deref().unwrap_or(contact);
+    if e.group_event {
+        let marks = if e.outgoing {
+            format!(" {}", e.marks())
+        } else {
+            String::new()
+        };
+        return format!(
+            "[{}] ⚙ {}{marks}{failure}",
+            output::time(e.created_ms),
+            e.text
+        );
+    }
+    if e.outgoing {
+        let to = if group { "" } else { contact };
+        let arrow = if group { "→" } else { "→ " };
+        format!(
+            "[{}] {arrow}{to} {} {}{file}{failure}",
+            output::time(e.created_ms),
+            e.marks(),
+            e.text,
+        )
+    } else if e.status == MessageStatus::KeyChanged {
+        format!(
+            "[{}] {}",
+            output::time(e.created_ms),
+            key_changed_line(contact)
+        )
+    } else if e.status == MessageStatus::Undecryptable {
+        format!(
+            "[{}] ← {from} ⚠ (could not be decrypted)",
+            output::time(e.server_time_ms.unwrap_or(0)),
+        )
+    } else {
+        format!(
+            "[{}] ← {from}: {}{file}",
+            output::time(e.created_ms),
+            e.text
+        )
+    }
+}
+
+/// How events name a conversation: a contact's name, or "the group “name”".
+async fn shown_peer(client: &Client, peer: &str) -> String {
+    if postern_client::GroupId::from_conversation_key(peer).is_none() {
+        return peer.to_string();
+    }
+    match client.find_group(peer).await {
+        Ok(g) => format!("the group “{}”", g.name),
+        Err(_) => "a group".to_string(),
+    }
 }
 
 /// The line that marks a contact's key change, in history and in the inbox.

@@ -4,6 +4,7 @@ mod account;
 mod app;
 mod contact;
 mod dev;
+mod group;
 mod messaging;
 pub mod proxy;
 pub mod relay;
@@ -27,7 +28,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             file,
         } => {
             let text = text.unwrap_or_default();
-            messaging::send(profile_home(home)?, &contact, &text, file.as_deref()).await
+            let to = messaging::Target::Contact(contact);
+            messaging::send(profile_home(home)?, to, &text, file.as_deref()).await
         }
         Command::Inbox {
             follow,
@@ -38,8 +40,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             contact,
             json,
             save_to,
-        } => messaging::history(profile_home(home)?, &contact, json, save_to.as_deref()).await,
+        } => {
+            let target = messaging::Target::Contact(contact);
+            messaging::history(profile_home(home)?, target, json, save_to.as_deref()).await
+        }
         Command::Contact(cmd) => contact::run(profile_home(home)?, cmd).await,
+        Command::Group(cmd) => group::run(profile_home(home)?, cmd).await,
         Command::Proxy(cmd) => proxy::run(profile_home(home)?, cmd).await,
         Command::Status { json } => proxy::status(profile_home(home)?, json).await,
         Command::Relay(cmd) => relay::run(*cmd).await,

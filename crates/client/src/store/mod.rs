@@ -17,6 +17,10 @@ use vodozemac::olm::{Account, AccountPickle, Session, SessionPickle};
 
 use crate::{ClientError, MessageId};
 
+mod groups;
+pub(crate) use groups::OutgoingGroup;
+pub use groups::{MemberDelivery, MemberStatus};
+
 pub type Tx = Transaction<'static, Sqlite>;
 
 /// Delivery state of a message in the history.
@@ -96,6 +100,39 @@ pub struct HistoryEntry {
     /// The file sent with the message, if any (`text` is then its caption).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment: Option<AttachmentInfo>,
+    /// In a group's conversation: who wrote an incoming message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// In a group's conversation: a membership change, which `text` describes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub group_event: bool,
+    /// An outgoing group message: where each member's copy stands.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<MemberDelivery>,
+}
+
+impl HistoryEntry {
+    /// The marks shown next to an outgoing message: as [`MessageStatus::marks`], and for a
+    /// group message "✓✓" once every member has it, "✓✓ 1/3" while only some do.
+    pub fn marks(&self) -> String {
+        let reached: Vec<&MemberDelivery> = self
+            .deliveries
+            .iter()
+            .filter(|d| d.status != MemberStatus::Failed)
+            .collect();
+        let delivered = reached
+            .iter()
+            .filter(|d| d.status == MemberStatus::Delivered)
+            .count();
+        let some = matches!(self.status, MessageStatus::Sent | MessageStatus::Pending)
+            && delivered > 0
+            && delivered < reached.len();
+        if some {
+            format!("✓✓ {delivered}/{}", reached.len())
+        } else {
+            self.status.marks().to_string()
+        }
+    }
 }
 
 /// Where an attachment's transfer stands.
@@ -184,7 +221,15 @@ impl std::fmt::Debug for AttachmentRecord {
 /// A conversation in the chat list.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Conversation {
+    /// The contact's username, or a group's conversation key (`group:` and its id).
     pub peer: String,
+    /// What to call it: the contact's username, or the group's name.
+    pub title: String,
+    /// A group's conversation.
+    pub group: bool,
+    /// Who wrote the last message, in a group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_sender: Option<String>,
     pub last_text: String,
     pub last_outgoing: bool,
     pub last_status: MessageStatus,
@@ -798,12 +843,28 @@ impl LocalStore {
 
     // --- History -----------------------------------------------------------------------
 
-    pub async fn insert_outgoing(
+    /// Stores a pending outgoing message (to a group: with a send per member).
+    pub(crate) async fn insert_outgoing(
         &self,
         message_id: &[u8; 16],
         peer: &str,
         text: &str,
         created_ms: u64,
+        group: Option<&OutgoingGroup>,
+    ) -> Result<(), ClientError> {
+        let mut tx = self.begin().await?;
+        Self::insert_outgoing_in(&mut tx, message_id, peer, text, created_ms, group).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn insert_outgoing_in(
+        tx: &mut Tx,
+        message_id: &[u8; 16],
+        peer: &str,
+        text: &str,
+        created_ms: u64,
+        group: Option<&OutgoingGroup>,
     ) -> Result<(), ClientError> {
         sqlx::query(
             "INSERT INTO messages (message_id, peer, outgoing, body, created_ms, status)
@@ -813,14 +874,17 @@ impl LocalStore {
         .bind(peer)
         .bind(text)
         .bind(created_ms as i64)
-        .execute(&self.pool)
+        .execute(&mut **tx)
         .await?;
+        if let Some(g) = group {
+            Self::insert_group_sends(tx, message_id, g).await?;
+        }
         Ok(())
     }
 
     /// Stores a pending outgoing message and its attachment (to be uploaded) together.
     #[allow(clippy::too_many_arguments)]
-    pub async fn insert_outgoing_with_attachment(
+    pub(crate) async fn insert_outgoing_with_attachment(
         &self,
         message_id: &[u8; 16],
         peer: &str,
@@ -829,18 +893,10 @@ impl LocalStore {
         attachment: &postern_protocol::schema::Attachment,
         ciphertext_path: &str,
         local_copy: &str,
+        group: Option<&OutgoingGroup>,
     ) -> Result<(), ClientError> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO messages (message_id, peer, outgoing, body, created_ms, status)
-             VALUES (?, ?, 1, ?, ?, 'pending')",
-        )
-        .bind(&message_id[..])
-        .bind(peer)
-        .bind(text)
-        .bind(created_ms as i64)
-        .execute(&mut *tx)
-        .await?;
+        Self::insert_outgoing_in(&mut tx, message_id, peer, text, created_ms, group).await?;
         Self::insert_attachment(
             &mut tx,
             message_id,
@@ -1059,6 +1115,19 @@ impl LocalStore {
         Ok(())
     }
 
+    /// The status of a message in history, if it is there.
+    pub async fn history_status(
+        &self,
+        message_id: &[u8],
+    ) -> Result<Option<MessageStatus>, ClientError> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM messages WHERE message_id = ?")
+                .bind(message_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(status.map(|s| MessageStatus::parse(&s)))
+    }
+
     pub async fn has_message(&self, message_id: &[u8]) -> Result<bool, ClientError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE message_id = ?")
             .bind(message_id)
@@ -1099,16 +1168,18 @@ impl LocalStore {
     /// number of incoming messages after the read marker.
     pub async fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
         let rows = sqlx::query(
-            "SELECT m.peer,
+            "SELECT m.peer, g.name, m.sender,
                     COALESCE((SELECT '📎 ' || a.file_name ||
                                      CASE WHEN m.body = '' THEN '' ELSE ' ' || m.body END
                               FROM attachments a WHERE a.message_id = m.message_id), m.body),
                     m.outgoing, m.status, m.created_ms, m.failure,
                     (SELECT COUNT(*) FROM messages u
                       WHERE u.peer = m.peer AND u.outgoing = 0 AND u.status != 'key_changed'
+                        AND u.group_event = 0
                         AND u.rowid > COALESCE(
                             (SELECT read_rowid FROM conversation_reads r WHERE r.peer = m.peer), 0))
              FROM messages m
+             LEFT JOIN groups g ON m.peer = 'group:' || lower(hex(g.group_id))
              WHERE m.rowid = (SELECT MAX(x.rowid) FROM messages x WHERE x.peer = m.peer)
              ORDER BY m.rowid DESC",
         )
@@ -1116,14 +1187,21 @@ impl LocalStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| Conversation {
-                peer: r.get(0),
-                last_text: r.get(1),
-                last_outgoing: r.get::<i64, _>(2) != 0,
-                last_status: MessageStatus::parse(r.get::<&str, _>(3)),
-                last_ms: r.get::<i64, _>(4) as u64,
-                last_failure: r.get(5),
-                unread: r.get::<i64, _>(6) as u64,
+            .map(|r| {
+                let peer: String = r.get(0);
+                let group_name: Option<String> = r.get(1);
+                Conversation {
+                    title: group_name.clone().unwrap_or_else(|| peer.clone()),
+                    group: group_name.is_some(),
+                    peer,
+                    last_sender: r.get(2),
+                    last_text: r.get(3),
+                    last_outgoing: r.get::<i64, _>(4) != 0,
+                    last_status: MessageStatus::parse(r.get::<&str, _>(5)),
+                    last_ms: r.get::<i64, _>(6) as u64,
+                    last_failure: r.get(7),
+                    unread: r.get::<i64, _>(8) as u64,
+                }
             })
             .collect())
     }
@@ -1148,7 +1226,14 @@ impl LocalStore {
     }
 
     pub async fn history(&self, peer: &str) -> Result<Vec<HistoryEntry>, ClientError> {
-        self.query_history("WHERE m.peer = ?", Some(peer)).await
+        let mut entries = self.query_history("WHERE m.peer = ?", Some(peer)).await?;
+        if crate::groups::GroupId::from_conversation_key(peer).is_some() {
+            let mut deliveries = self.group_deliveries(peer).await?;
+            for e in entries.iter_mut().filter(|e| e.outgoing) {
+                e.deliveries = deliveries.remove(&e.message_id.0).unwrap_or_default();
+            }
+        }
+        Ok(entries)
     }
 
     async fn query_history(
@@ -1159,7 +1244,7 @@ impl LocalStore {
         let sql = format!(
             "SELECT m.message_id, m.peer, m.outgoing, m.body, m.created_ms, m.server_time_ms,
                     m.status, m.failure, a.file_name, a.content_type, a.size, a.state,
-                    a.transferred, a.ciphertext_size, a.path, a.error
+                    a.transferred, a.ciphertext_size, a.path, a.error, m.sender, m.group_event
              FROM messages m LEFT JOIN attachments a ON a.message_id = m.message_id
              {filter} ORDER BY m.created_ms, m.rowid"
         );
@@ -1193,6 +1278,9 @@ impl LocalStore {
                             path: r.get(14),
                             error: r.get(15),
                         }),
+                    sender: r.get(16),
+                    group_event: r.get::<i64, _>(17) != 0,
+                    deliveries: Vec::new(),
                 })
             })
             .collect())
@@ -1228,7 +1316,7 @@ mod tests {
         incoming(&store, "bob", "one").await;
         incoming(&store, "bob", "two").await;
         store
-            .insert_outgoing(&MessageId::random().0, "carol", "hi carol", 5)
+            .insert_outgoing(&MessageId::random().0, "carol", "hi carol", 5, None)
             .await
             .unwrap();
         let list = store.conversations().await.unwrap();
