@@ -76,6 +76,25 @@ const MARK_TITLES = {
   delivered: "Delivered to the recipient's device",
   failed: "Not delivered",
 };
+/** A group's conversation key: "group:" and its id. */
+const isGroup = (peer) => typeof peer === "string" && peer.startsWith("group:");
+
+/**
+ * The marks of an outgoing message and their explanation. A group message is ✓✓ once
+ * every member's device has it, ✓✓ 1/2 while only some do.
+ */
+function marksOf(m) {
+  const reached = (m.deliveries || []).filter((d) => d.status !== "failed");
+  const delivered = reached.filter((d) => d.status === "delivered").length;
+  if ((m.status === "sent" || m.status === "pending") && delivered > 0 && delivered < reached.length) {
+    const waiting = reached.filter((d) => d.status !== "delivered").map((d) => d.member).join(", ");
+    return { text: `✓✓ ${delivered}/${reached.length}`, title: `Delivered to ${delivered} of ${reached.length} members; not yet to ${waiting}` };
+  }
+  const title = m.deliveries && m.deliveries.length && m.status === "delivered"
+    ? "Delivered to every member's device" : (MARK_TITLES[m.status] || "");
+  return { text: MARKS[m.status] || "", title };
+}
+
 const STAGE_WORDS = { resolve: "Find the address (DNS)", connect: "Connect (TCP)", tls: "Secure connection (TLS)", handshake: "Reach the service and verify it" };
 
 /** Route attempts as a list: "route — stage: reason". */
@@ -147,10 +166,11 @@ function onPush(push) {
         break;
       }
       if (["incoming", "sent", "delivered", "failed", "undecryptable", "key_changed",
-           "attachment_saved", "attachment_failed"].includes(e.type)) {
-        const peer = e.to || e.from || e.contact;
+           "attachment_saved", "attachment_failed", "group_changed"].includes(e.type)) {
+        const peer = e.group ? `group:${e.group.id}` : (e.to || e.from || e.contact);
         refreshChats();
         if (peer && peer === state.openPeer) refreshHistory(true);
+        if (e.type === "group_changed" && peer === state.openPeer) refreshGroup();
       }
       break;
     }
@@ -315,13 +335,33 @@ function buildShell() {
     newChat.classList.add("hidden");
     location.hash = `#/chat/${encodeURIComponent(name)}`;
   });
+  // A group: a name and the other members' usernames (commas or spaces between them).
+  const groupName = h("input", { type: "text", placeholder: "Group name", "data-test": "new-group-name" });
+  const groupMembers = h("input", { type: "text", placeholder: "Members: bob, carol", "data-test": "new-group-members" });
+  const newGroup = h("form", { class: "new-chat new-group hidden", "data-test": "new-group-form" }, groupName, groupMembers,
+    h("button", { type: "submit", class: "primary", "data-test": "new-group-create" }, "Create"));
+  newGroup.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const members = groupMembers.value.split(/[\s,]+/).filter(Boolean);
+    try {
+      const made = await api("POST", "/api/groups", { name: groupName.value, members });
+      groupName.value = "";
+      groupMembers.value = "";
+      newGroup.classList.add("hidden");
+      location.hash = `#/chat/${encodeURIComponent(`group:${made.group.id}`)}`;
+    } catch (e) {
+      alert(e.message);
+    }
+  });
   views.me = h("div", { class: "me", "data-test": "me" });
   views.sidebar = h("aside", { class: "sidebar" },
     h("div", { class: "side-head" },
       views.me,
       h("button", { title: "New chat", "data-test": "new-chat", onclick: () => { newChat.classList.toggle("hidden"); newChatInput.focus(); } }, "+ New chat"),
+      h("button", { title: "New group", "data-test": "new-group", onclick: () => { newGroup.classList.toggle("hidden"); groupName.focus(); } }, "+ Group"),
       h("button", { title: "Settings", "data-test": "settings", onclick: () => { location.hash = "#/settings"; } }, "⚙")),
     newChat,
+    newGroup,
     views.chatList);
   views.main = h("main", { class: "main", "data-test": "main" });
   views.shell = h("div", { class: "shell" }, views.banner, h("div", { class: "body" }, views.sidebar, views.main));
@@ -371,16 +411,17 @@ function renderChatList() {
     return;
   }
   replace(list, state.chats.map((c) => {
-    const preview = c.last_status === "key_changed" ? "⚠ Safety number changed"
-      : (c.last_outgoing ? (MARKS[c.last_status] || "") + " You: " : "") + c.last_text;
+    const who = c.last_outgoing ? (MARKS[c.last_status] || "") + " You: " : (c.last_sender ? `${c.last_sender}: ` : "");
+    const preview = c.last_status === "key_changed" ? "⚠ Safety number changed" : who + c.last_text;
+    const title = c.title || c.peer;
     return h("li", {
       class: c.peer === state.openPeer ? "open" : "",
-      "data-test": "chat", "data-peer": c.peer,
+      "data-test": "chat", "data-peer": c.peer, "data-group": c.group ? "1" : null,
       onclick: () => { location.hash = `#/chat/${encodeURIComponent(c.peer)}`; },
     },
-    h("div", { class: "avatar" }, c.peer.slice(0, 1)),
+    h("div", { class: "avatar" + (c.group ? " group" : "") }, title.slice(0, 1)),
     h("div", { class: "info" },
-      h("div", { class: "row" }, h("span", { class: "peer" }, c.peer), h("span", { class: "when" }, formatTime(c.last_ms))),
+      h("div", { class: "row" }, h("span", { class: "peer", "data-test": "chat-title" }, title), h("span", { class: "when" }, formatTime(c.last_ms))),
       h("div", { class: "row" }, h("span", { class: "preview" }, preview),
         c.unread ? h("span", { class: "unread", "data-test": "unread" }, c.unread) : null)));
   }));
@@ -416,9 +457,11 @@ window.addEventListener("hashchange", route);
 
 function renderConversation() {
   const peer = state.openPeer;
+  const group = isGroup(peer);
   state.history = [];
+  state.group = null;
   views.messages = h("div", { class: "messages", "data-test": "messages" });
-  const text = h("textarea", { placeholder: `Message ${peer}`, "data-test": "compose", "aria-label": "Message" });
+  const text = h("textarea", { placeholder: group ? "Message the group" : `Message ${peer}`, "data-test": "compose", "aria-label": "Message" });
   const send = async () => {
     const body = text.value;
     if (!body.trim()) return;
@@ -465,36 +508,109 @@ function renderConversation() {
   });
   const attach = h("button", { class: "attach", title: "Send a file", "aria-label": "Send a file", "data-test": "attach", onclick: () => picker.click() }, "📎");
   views.safety = h("div", { class: "safety", "data-test": "safety", hidden: true });
+  views.groupPanel = h("div", { class: "safety group-panel", "data-test": "group-panel", hidden: true });
+  views.convTitle = h("span", { "data-test": "conversation-peer" }, group ? "Group" : peer);
+  views.convMembers = h("span", { class: "small members", "data-test": "group-members" });
+  views.compose = h("div", { class: "compose" }, attach, picker, text, h("button", { class: "primary", "data-test": "send", onclick: send }, "Send"));
   replace(views.main,
-    h("div", { class: "conv-head" }, h("div", { class: "avatar" }, peer.slice(0, 1)), h("span", { "data-test": "conversation-peer" }, peer),
-      h("button", { class: "link safety-button", "data-test": "safety-button", onclick: () => toggleSafety() }, "Safety number")),
-    views.safety,
+    h("div", { class: "conv-head" }, views.convAvatar = h("div", { class: "avatar" + (group ? " group" : "") }, group ? "" : peer.slice(0, 1)),
+      h("div", { class: "titles" }, views.convTitle, group ? views.convMembers : null),
+      group
+        ? h("button", { class: "link safety-button", "data-test": "members-button", onclick: () => { views.groupPanel.hidden = !views.groupPanel.hidden; } }, "Members")
+        : h("button", { class: "link safety-button", "data-test": "safety-button", onclick: () => toggleSafety() }, "Safety number")),
+    group ? views.groupPanel : views.safety,
     views.messages,
-    h("div", { class: "compose" }, attach, picker, text, h("button", { class: "primary", "data-test": "send", onclick: send }, "Send")));
+    views.compose);
   renderMessages();
   refreshHistory(true);
+  if (group) refreshGroup();
   text.focus();
+}
+
+/** Reloads the open group's name and members. */
+async function refreshGroup() {
+  const peer = state.openPeer;
+  if (!isGroup(peer)) return;
+  let g;
+  try {
+    g = await api("GET", `/api/groups/${encodeURIComponent(peer)}`);
+  } catch (e) { return; }
+  if (peer !== state.openPeer) return;
+  state.group = g;
+  renderGroupPanel();
+}
+
+/** The group's title, its members, and (for a member) adding, removing and leaving. */
+function renderGroupPanel() {
+  const g = state.group;
+  if (!g || !views.groupPanel) return;
+  const me = state.account.username;
+  views.convTitle.textContent = g.name;
+  views.convAvatar.textContent = g.name.slice(0, 1);
+  views.convMembers.textContent = g.joined ? g.members.map((m) => (m === me ? "you" : m)).join(", ") : "You are no longer a member";
+  views.compose.hidden = !g.joined;
+  const change = async (body) => {
+    try {
+      await api("POST", `/api/groups/${encodeURIComponent(state.openPeer)}/members`, body);
+    } catch (e) { alert(e.message); return; }
+    refreshGroup();
+    refreshHistory(false);
+    refreshChats();
+  };
+  if (!g.joined) {
+    replace(views.groupPanel, h("p", {}, "You are no longer a member of this group: its messages do not reach you, and you cannot write to it. The conversation is kept."));
+    return;
+  }
+  const add = h("input", { type: "text", placeholder: "Username", "data-test": "group-add-name" });
+  const addForm = h("form", { class: "new-chat" }, add, h("button", { type: "submit", class: "primary", "data-test": "group-add" }, "Add"));
+  addForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const names = add.value.split(/[\s,]+/).filter(Boolean);
+    if (names.length) change({ add: names });
+  });
+  replace(views.groupPanel,
+    h("ul", { class: "members-list" }, g.members.map((m) => h("li", { "data-test": "group-member", "data-member": m },
+      m === me ? `${m} (you)` : m,
+      m === me ? null : h("button", { class: "link", "data-test": "group-remove", onclick: () => change({ remove: [m] }) }, "Remove")))),
+    addForm,
+    h("p", { class: "small" }, "Messages and files go to every member's devices, each encrypted for them; the server sees neither the group nor its members. Someone added sees what is written from then on."),
+    h("button", { class: "danger", "data-test": "group-leave", onclick: async () => {
+      if (!confirm(`Leave “${g.name}”? The others are told; you keep the conversation.`)) return;
+      try {
+        await api("POST", `/api/groups/${encodeURIComponent(state.openPeer)}/leave`);
+      } catch (e) { alert(e.message); return; }
+      refreshGroup();
+      refreshHistory(false);
+      refreshChats();
+    } }, "Leave group"));
 }
 
 function renderMessages() {
   const box = views.messages;
   if (!box || !document.body.contains(box)) return;
   if (!state.history.length) {
-    replace(box, h("div", { class: "placeholder" }, `No messages with ${state.openPeer} yet. Say hello!`));
+    const who = isGroup(state.openPeer) ? "in this group" : `with ${state.openPeer}`;
+    replace(box, h("div", { class: "placeholder" }, `No messages ${who} yet. Say hello!`));
     return;
   }
   replace(box, state.history.map((m) => {
     const status = m.status;
+    if (m.group_event) {
+      const marks = m.outgoing ? ` ${marksOf(m).text}` : "";
+      return h("div", { class: "group-notice", "data-test": "group-event" }, `${m.text} · ${formatTime(m.created_ms)}${marks}`);
+    }
     if (status === "key_changed") {
       return h("div", { class: "key-notice", "data-test": "key-changed" },
         `⚠ ${state.openPeer}'s safety number changed (new identity key) · ${formatTime(m.created_ms)} `,
         h("button", { class: "link", onclick: () => toggleSafety(true) }, "Verify"));
     }
-    const marks = m.outgoing ? h("span", { class: `marks ${status}`, title: MARK_TITLES[status] || "", "data-test": "marks" }, MARKS[status] || "") : null;
+    const mk = marksOf(m);
+    const marks = m.outgoing ? h("span", { class: `marks ${status}` + (mk.text.includes("/") ? " partial" : ""), title: mk.title, "data-test": "marks" }, mk.text) : null;
     return h("div", {
       class: "bubble" + (m.outgoing ? " out" : "") + (status === "failed" ? " failed" : ""),
       "data-test": "message", "data-status": status, "data-id": m.message_id,
     },
+    m.sender && !m.outgoing ? h("div", { class: "sender", "data-test": "message-sender" }, m.sender) : null,
     m.attachment ? renderAttachment(m) : null,
     (m.text || !m.attachment) ? h("div", { class: "text", "data-test": "message-text" }, status === "undecryptable" ? "⚠ This message could not be decrypted." : m.text) : null,
     status === "failed" && m.failure ? h("div", { class: "reason", "data-test": "failure" }, `Not delivered: ${m.failure}`) : null,

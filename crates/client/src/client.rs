@@ -30,7 +30,7 @@ use crate::connector::route::{DialReport, Route};
 use crate::connector::{self, ConnectMode, ConnectReport, Connected, Connector, OnConnected};
 use crate::crypto::{self, ONE_TIME_KEY_LOW, ONE_TIME_KEY_TARGET};
 use crate::events::{Event, MessageId};
-use crate::groups::{self, GroupId, GroupInfo, MAX_GROUP_MEMBERS};
+use crate::groups::{self, GroupId, GroupInfo, MembershipChange, MAX_GROUP_MEMBERS};
 use crate::inbox::Inbox;
 use crate::outbox::{Outbox, PendingOutcome};
 use crate::profile::{ProfileDir, ProfileInfo, Secrets};
@@ -698,7 +698,7 @@ impl Client {
         &self,
         name: &str,
         members: &[String],
-    ) -> Result<GroupInfo, ClientError> {
+    ) -> Result<MembershipChange, ClientError> {
         let name = name.trim();
         groups::check_name(name)?;
         let mut all = groups::check_new_members(self.username(), members)?;
@@ -713,11 +713,12 @@ impl Client {
             created_ms: postern_protocol::now_ms(),
         };
         let change = groups::change(group_change::Kind::Created, Vec::new());
-        self.inner
+        let message_id = self
+            .inner
             .outbox
             .queue_group_change(None, &group, change)
             .await?;
-        Ok(group)
+        Ok(MembershipChange { group, message_id })
     }
 
     /// Adds `members` to a group this account is in; they receive the messages written
@@ -726,7 +727,7 @@ impl Client {
         &self,
         which: &str,
         members: &[String],
-    ) -> Result<GroupInfo, ClientError> {
+    ) -> Result<MembershipChange, ClientError> {
         let before = self.joined_group(which).await?;
         let new = groups::check_new_members(self.username(), members)?;
         if let Some(m) = new.iter().find(|m| before.has(m)) {
@@ -741,11 +742,15 @@ impl Client {
         self.check_group_size(after.members.len())?;
         after.epoch += 1;
         let change = groups::change(group_change::Kind::Added, new.into_iter().collect());
-        self.inner
+        let message_id = self
+            .inner
             .outbox
             .queue_group_change(Some(&before), &after, change)
             .await?;
-        Ok(after)
+        Ok(MembershipChange {
+            group: after,
+            message_id,
+        })
     }
 
     /// Removes `members` from a group this account is in: they are told, and no message
@@ -754,7 +759,7 @@ impl Client {
         &self,
         which: &str,
         members: &[String],
-    ) -> Result<GroupInfo, ClientError> {
+    ) -> Result<MembershipChange, ClientError> {
         let before = self.joined_group(which).await?;
         if members.iter().any(|m| m == self.username()) {
             return Err(ClientError::InvalidInput(
@@ -772,27 +777,35 @@ impl Client {
         after.members.retain(|m| !gone.contains(m));
         after.epoch += 1;
         let change = groups::change(group_change::Kind::Removed, gone.into_iter().collect());
-        self.inner
+        let message_id = self
+            .inner
             .outbox
             .queue_group_change(Some(&before), &after, change)
             .await?;
-        Ok(after)
+        Ok(MembershipChange {
+            group: after,
+            message_id,
+        })
     }
 
     /// Leaves a group: the others are told, and nothing they write reaches this account
     /// any more. The conversation is kept.
-    pub async fn leave_group(&self, which: &str) -> Result<GroupInfo, ClientError> {
+    pub async fn leave_group(&self, which: &str) -> Result<MembershipChange, ClientError> {
         let before = self.joined_group(which).await?;
         let mut after = before.clone();
         after.members.retain(|m| m != self.username());
         after.joined = false;
         after.epoch += 1;
         let change = groups::change(group_change::Kind::Left, Vec::new());
-        self.inner
+        let message_id = self
+            .inner
             .outbox
             .queue_group_change(Some(&before), &after, change)
             .await?;
-        Ok(after)
+        Ok(MembershipChange {
+            group: after,
+            message_id,
+        })
     }
 
     async fn joined_group(&self, which: &str) -> Result<GroupInfo, ClientError> {

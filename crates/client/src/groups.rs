@@ -164,6 +164,16 @@ impl GroupInfo {
     }
 }
 
+/// A membership change made here: the group as it is now, and the message telling the
+/// others (None when nobody is left to tell). Like any message, it is saved first and goes
+/// out with the next send.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MembershipChange {
+    pub group: GroupInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<crate::MessageId>,
+}
+
 /// Checks a group name typed by the user.
 pub fn check_name(name: &str) -> Result<(), ClientError> {
     let name_ok = !name.trim().is_empty()

@@ -49,7 +49,7 @@ pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
 pub use connector::{check_route_without_profile, ConnectMode, ConnectReport};
 pub use error::ClientError;
 pub use events::{AttachmentSummary, Event, GroupRef, IncomingMessage, MessageId, MessageIdError};
-pub use groups::{GroupId, GroupInfo, MAX_GROUP_MEMBERS};
+pub use groups::{GroupId, GroupInfo, MembershipChange, MAX_GROUP_MEMBERS};
 pub use outbox::{PendingOutcome, MAX_TEXT_BYTES};
 pub use postern_protocol::units::human_bytes;
 pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};

@@ -124,13 +124,14 @@ impl Outbox {
     /// Saves a group's new membership and queues the change to everyone concerned: the
     /// members who stay first, then those removed (so they learn it), then those added
     /// (last, so the others hold the change before a new member can write). `before` is
-    /// the group as it was (None: just created).
+    /// the group as it was (None: just created). Returns the id of the message carrying
+    /// the change (None: nobody to tell).
     pub async fn queue_group_change(
         &self,
         before: Option<&GroupInfo>,
         after: &GroupInfo,
         change: GroupChange,
-    ) -> Result<MessageId, ClientError> {
+    ) -> Result<Option<MessageId>, ClientError> {
         let me = self.username.as_str();
         let was = |u: &String| before.is_some_and(|b| b.has(u));
         let mut recipients: Vec<String> = after.others(me).into_iter().filter(was).collect();
@@ -144,7 +145,8 @@ impl Outbox {
         let key = after.conversation_key();
         let mut tx = self.store.begin().await?;
         self.store.save_group(&mut tx, after).await?;
-        if recipients.is_empty() {
+        let told = !recipients.is_empty();
+        if !told {
             // Nobody to tell (the last member left): the change is only noted here.
             self.store
                 .insert_group_incoming(&mut tx, &message_id.0, &key, me, &text, now, now, true)
@@ -159,7 +161,7 @@ impl Outbox {
                 .await?;
         }
         tx.commit().await?;
-        Ok(message_id)
+        Ok(told.then_some(message_id))
     }
 
     /// Encrypts `file` into the profile and stores a pending message carrying it, with

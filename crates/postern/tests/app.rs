@@ -496,3 +496,106 @@ async fn a_picture_sent_from_the_app_shows_in_the_other_persons_app() {
     alice.close().await;
     bob.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_shows_like_a_chat_with_who_wrote_what_and_each_members_ticks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let (alice_home, bob_home, carol_home, dave_home) = (
+        tmp.path().join("alice"),
+        tmp.path().join("bob"),
+        tmp.path().join("carol"),
+        tmp.path().join("dave"),
+    );
+    for (home, name) in [
+        (&alice_home, "alice"),
+        (&bob_home, "bob"),
+        (&carol_home, "carol"),
+        (&dave_home, "dave"),
+    ] {
+        account(home, name, &server);
+    }
+    let (alice_app, bob_app) = (AppProcess::start(&alice_home), AppProcess::start(&bob_home));
+    let (alice, bob) = tokio::join!(Browser::start(), Browser::start());
+    alice.client.goto(&alice_app.url).await.unwrap();
+    bob.client.goto(&bob_app.url).await.unwrap();
+    for b in [&alice, &bob] {
+        b.text_until("[data-test=banner-text]", |t| t == "Connected directly")
+            .await;
+    }
+
+    // Alice makes a group with bob and carol (carol is offline: she uses the CLI later).
+    alice.click("[data-test=new-group]").await;
+    alice
+        .type_into("[data-test=new-group-name]", "book club")
+        .await;
+    alice
+        .type_into("[data-test=new-group-members]", "bob, carol")
+        .await;
+    alice.click("[data-test=new-group-create]").await;
+    alice
+        .text_until("[data-test=conversation-peer]", |t| t == "book club")
+        .await;
+    let members = alice
+        .text_until("[data-test=group-members]", |t| !t.is_empty())
+        .await;
+    assert_eq!(members, "you, bob, carol");
+    alice
+        .text_until("[data-test=group-event]", |t| {
+            t.contains("you created the group “book club” with bob, carol")
+        })
+        .await;
+    alice
+        .type_into("[data-test=compose]", "chapter one by friday\n")
+        .await;
+
+    // Bob's app lists the group by its name, and shows who wrote the message.
+    bob.text_until("[data-test=chat][data-group] [data-test=chat-title]", |t| {
+        t == "book club"
+    })
+    .await;
+    bob.text_until("[data-test=chat][data-group]", |t| {
+        t.contains("alice: chapter one by friday")
+    })
+    .await;
+    bob.click("[data-test=chat][data-group]").await;
+    bob.text_until("[data-test=message-sender]", |t| t == "alice")
+        .await;
+    bob.text_until("[data-test=message-text]", |t| t == "chapter one by friday")
+        .await;
+
+    // Bob has it, carol not yet: ✓✓ 1/2, then ✓✓ once carol's device has it too.
+    alice
+        .text_until("[data-test=message] [data-test=marks]", |t| t == "✓✓ 1/2")
+        .await;
+    alice.screenshot("group").await;
+    let inbox = ok(&carol_home, &["inbox"]);
+    assert!(
+        inbox.contains("alice in “book club”: chapter one by friday"),
+        "{inbox}"
+    );
+    alice
+        .text_until(
+            "[data-test=message][data-status=delivered] [data-test=marks]",
+            |t| t == "✓✓",
+        )
+        .await;
+
+    // Members: alice adds dave from the panel; bob's conversation shows it.
+    alice.click("[data-test=members-button]").await;
+    alice.type_into("[data-test=group-add-name]", "dave").await;
+    alice.click("[data-test=group-add]").await;
+    alice
+        .text_until("[data-test=group-members]", |t| {
+            t == "you, bob, carol, dave"
+        })
+        .await;
+    bob.text_until("[data-test=messages]", |t| t.contains("alice added dave"))
+        .await;
+    bob.text_until("[data-test=group-members]", |t| t.contains("dave"))
+        .await;
+    let inbox = ok(&dave_home, &["inbox"]);
+    assert!(inbox.contains("alice added you"), "{inbox}");
+    alice.close().await;
+    bob.close().await;
+}

@@ -86,6 +86,11 @@ fn dev_network_serves_direct_and_relayed_clients_and_stops_cleanly() {
         std::fs::read(files.join("README.md")).unwrap(),
         std::fs::read(readme).unwrap()
     );
+    // The printed group example.
+    ok(&alice, &["group", "create", "friends", "bob"]);
+    ok(&alice, &["group", "send", "friends", "hello everyone"]);
+    let got = ok(&bob, &["inbox"]);
+    assert!(got.contains("alice in “friends”: hello everyone"), "{got}");
 
     // The relay's health endpoint answers.
     let stats = status_page

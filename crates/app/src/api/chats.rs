@@ -65,11 +65,17 @@ async fn send(
         message_id,
         to: to.clone(),
     });
+    flush_in_background(client);
+    Ok(Json(Queued { message_id }))
+}
+
+/// Sends what is pending over the connection in use, if any, without making the page
+/// wait (without a connection it goes out on the next one).
+pub(crate) fn flush_in_background(client: postern_client::Client) {
     tokio::spawn(async move {
         match client.flush_pending().await {
             Ok(_) | Err(ClientError::NotConnected) => {}
             Err(e) => tracing::debug!(error = %e, "pending messages go out on the next connection"),
         }
     });
-    Ok(Json(Queued { message_id }))
 }

@@ -6,6 +6,7 @@
 //! * [`account`]: `GET /api/state`, `POST /api/account` (onboarding);
 //! * [`chats`]: conversations, history, sending, read markers;
 //! * [`files`]: sending a file (the page posts its bytes) and opening one kept here;
+//! * [`groups`]: the groups, creating one, adding and removing members, leaving;
 //! * [`contacts`]: a contact's safety number (and its QR code), the verified mark;
 //! * [`proxies`]: the proxy mode, the saved proxies (add, remove, reorder, QR code) and
 //!   live route checks (the green tick).
@@ -14,6 +15,7 @@ pub mod account;
 pub mod chats;
 pub mod contacts;
 pub mod files;
+pub mod groups;
 pub mod proxies;
 
 use std::sync::Arc;
@@ -44,6 +46,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .merge(chats::routes())
         .merge(contacts::routes())
         .merge(files::routes())
+        .merge(groups::routes())
         .merge(proxies::routes())
 }
 
@@ -100,6 +103,10 @@ impl From<ClientError> for ApiError {
             ClientError::AttachmentTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
             ClientError::MediaUnavailable(_) => (S::SERVICE_UNAVAILABLE, "media_unavailable"),
             ClientError::File { .. } => (S::BAD_REQUEST, "file"),
+            ClientError::NoSuchGroup(_) => (S::NOT_FOUND, "no_such_group"),
+            ClientError::AmbiguousGroup { .. } => (S::CONFLICT, "ambiguous_group"),
+            ClientError::NotInGroup(_) => (S::CONFLICT, "not_in_group"),
+            ClientError::GroupUnreachable(_) => (S::BAD_REQUEST, "group_unreachable"),
             _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
         let attempts = match e {

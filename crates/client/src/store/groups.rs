@@ -414,3 +414,131 @@ impl LocalStore {
         Ok(r.rows_affected() == 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn marks(store: &LocalStore, key: &str) -> (MessageStatus, String) {
+        let h = store.history(key).await.unwrap();
+        (h[0].status, h[0].marks())
+    }
+
+    #[tokio::test]
+    async fn a_group_message_is_delivered_once_every_member_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("profile.db"), [7; 32])
+            .await
+            .unwrap();
+        let group = GroupInfo {
+            id: GroupId([3; 16]),
+            name: "trip".into(),
+            epoch: 1,
+            members: vec!["alice".into(), "bob".into(), "carol".into()],
+            joined: true,
+            created_ms: 1,
+        };
+        let mut tx = store.begin().await.unwrap();
+        store.save_group(&mut tx, &group).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.group(&group.id).await.unwrap().as_ref(), Some(&group));
+
+        let id = MessageId::random();
+        let key = group.conversation_key();
+        let fan_out = OutgoingGroup {
+            context: group.context(None).encode_to_vec(),
+            recipients: group.others("alice"),
+            event: false,
+        };
+        store
+            .insert_outgoing(&id.0, &key, "hi", 5, Some(&fan_out))
+            .await
+            .unwrap();
+        let sends = store.pending_group_sends(&id.0).await.unwrap();
+        let members: Vec<&str> = sends.iter().map(|s| s.member.as_str()).collect();
+        assert_eq!(members, ["bob", "carol"], "in sending order");
+        assert_eq!(
+            store.group_context_of(&id.0).await.unwrap().unwrap().name,
+            "trip"
+        );
+
+        // Bob's copy is queued; carol's not yet: still pending.
+        store
+            .settle_group_send(&sends[0].wire_id, MemberStatus::Sent, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.finish_group_message(&id.0, Some(9)).await.unwrap(),
+            MessageStatus::Pending
+        );
+        store
+            .settle_group_send(&sends[1].wire_id, MemberStatus::Sent, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.finish_group_message(&id.0, Some(9)).await.unwrap(),
+            MessageStatus::Sent
+        );
+
+        let receipt = store
+            .group_receipt(&sends[0].wire_id, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((receipt.message_id, receipt.member.as_str()), (id, "bob"));
+        assert_eq!(
+            marks(&store, &key).await,
+            (MessageStatus::Sent, "✓✓ 1/2".to_string())
+        );
+        store
+            .group_receipt(&sends[1].wire_id, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            marks(&store, &key).await,
+            (MessageStatus::Delivered, "✓✓".to_string())
+        );
+        // A receipt for something that is not a copy of ours: nothing.
+        assert!(store
+            .group_receipt(&[1; 16], false)
+            .await
+            .unwrap()
+            .is_none());
+        let list = store.conversations().await.unwrap();
+        assert_eq!((list[0].title.as_str(), list[0].group), ("trip", true));
+    }
+
+    #[tokio::test]
+    async fn a_group_message_nobody_can_receive_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("profile.db"), [7; 32])
+            .await
+            .unwrap();
+        let id = MessageId::random();
+        let fan_out = OutgoingGroup {
+            context: Vec::new(),
+            recipients: vec!["ghost".into()],
+            event: false,
+        };
+        store
+            .insert_outgoing(&id.0, "group:00", "hi", 5, Some(&fan_out))
+            .await
+            .unwrap();
+        let sends = store.pending_group_sends(&id.0).await.unwrap();
+        store
+            .settle_group_send(
+                &sends[0].wire_id,
+                MemberStatus::Failed,
+                Some("no such user"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.finish_group_message(&id.0, None).await.unwrap(),
+            MessageStatus::Failed
+        );
+        let h = store.history("group:00").await.unwrap();
+        assert_eq!(h[0].failure.as_deref(), Some("no such user"));
+    }
+}

@@ -111,7 +111,10 @@ Try it from another terminal:
   {exe} --home /tmp/postern-alice inbox               (collects the ✓✓ receipt)
   {exe} --home /tmp/postern-alice history bob
   {exe} --home /tmp/postern-alice send bob --file README.md 'a file, end to end encrypted'
-  {exe} --home /tmp/postern-bob inbox --save-to /tmp/postern-bob-files"
+  {exe} --home /tmp/postern-bob inbox --save-to /tmp/postern-bob-files
+  {exe} --home /tmp/postern-alice group create friends bob
+  {exe} --home /tmp/postern-alice group send friends 'hello everyone'
+  {exe} --home /tmp/postern-bob inbox"
     );
     if !link_line.is_empty() {
         println!(

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use postern_client::{Client, GroupInfo};
+use postern_client::{Client, GroupInfo, MembershipChange};
 
 use super::messaging::{self, Target};
 use crate::cli::GroupCommand;
@@ -51,27 +51,19 @@ pub async fn run(home: PathBuf, cmd: GroupCommand) -> anyhow::Result<()> {
 /// Makes a membership change, then sends it (and whatever else is pending) at once.
 async fn change(
     home: PathBuf,
-    make: impl AsyncFnOnce(&Client) -> Result<GroupInfo, postern_client::ClientError>,
+    make: impl AsyncFnOnce(&Client) -> Result<MembershipChange, postern_client::ClientError>,
 ) -> anyhow::Result<()> {
     let client = Client::open(&home).await?;
     let mut events = client.subscribe();
     let made = make(&client).await;
-    let group = match made {
-        Ok(g) => g,
+    let MembershipChange { group, message_id } = match made {
+        Ok(m) => m,
         Err(e) => {
             client.close().await;
             return Err(e.into());
         }
     };
-    // The change is the newest pending message of the group's conversation.
-    let change_id = client
-        .history(&group.conversation_key())
-        .await?
-        .into_iter()
-        .rev()
-        .find(|e| e.group_event && e.outgoing)
-        .map(|e| e.message_id);
-    let sent = match change_id {
+    let sent = match message_id {
         Some(id) => messaging::push_out(&client, &mut events, id).await,
         None => Ok(()),
     };
