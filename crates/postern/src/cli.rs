@@ -492,9 +492,29 @@ pub struct ServerRunArgs {
     #[arg(long, value_name = "N", default_value_t = 30)]
     pub claims_per_user_per_minute: u32,
     /// Where attachments (their ciphertext: the server never sees a key) are kept
-    /// [default: DIR/media]. With several nodes, give them a shared directory.
+    /// [default: DIR/media]; with --media-s3-bucket, only uploads in progress.
     #[arg(long, value_name = "PATH", conflicts_with = "no_media")]
     pub media_dir: Option<PathBuf>,
+    /// Keep complete attachments in this S3-compatible bucket (AWS S3, MinIO, Garage,
+    /// Ceph…), shared by every node: any node then serves any attachment. Credentials come
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. The bucket holds only ciphertext.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "media_s3_endpoint",
+        conflicts_with = "no_media"
+    )]
+    pub media_s3_bucket: Option<String>,
+    /// The object storage service's URL, e.g. https://s3.eu-central-1.amazonaws.com or
+    /// http://minio.internal:9000 (path-style requests: endpoint/bucket/key).
+    #[arg(long, value_name = "URL", requires = "media_s3_bucket")]
+    pub media_s3_endpoint: Option<String>,
+    /// The bucket's region (what the service signs requests for).
+    #[arg(long, value_name = "REGION", default_value = "us-east-1")]
+    pub media_s3_region: String,
+    /// Object keys start with this inside the bucket.
+    #[arg(long, value_name = "PREFIX", default_value = "media/")]
+    pub media_s3_prefix: String,
     /// Largest attachment, MiB (of ciphertext: about the file's size).
     #[arg(long, value_name = "MIB", default_value_t = 100)]
     pub media_max_file_mib: u64,

@@ -286,7 +286,7 @@ fn media_error(e: MediaError) -> server_frame::Body {
         }
         MediaError::Conflict => ErrorCode::MediaConflict,
         MediaError::BadRequest(_) => ErrorCode::BadRequest,
-        MediaError::Io { .. } => {
+        MediaError::Io { .. } | MediaError::Remote(_) => {
             warn!(error = %e, "media store failed");
             return error_body(
                 ErrorCode::Internal,

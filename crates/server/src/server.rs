@@ -69,13 +69,22 @@ impl Server {
         let hub = Arc::new(Hub::default());
         let store =
             Store::open_database(&config.database, &dir.database_path(), hub.clone()).await?;
-        let media =
-            match config.media {
-                Some(m) => Some(MediaStore::open(m).map_err(|e| {
+        let media = match config.media {
+            Some(m) => {
+                let media = MediaStore::open(m).map_err(|e| {
                     ServerError::Config(format!("cannot open the media store: {e}"))
-                })?),
-                None => None,
-            };
+                })?;
+                media.start_remote().await.map_err(|e| {
+                    ServerError::Config(format!(
+                        "cannot use the media bucket: {e} (check --media-s3-endpoint, \
+                         --media-s3-bucket and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY \
+                         credentials)"
+                    ))
+                })?;
+                Some(media)
+            }
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen).await.map_err(ServerError::io(
             format!(
                 "cannot listen on {} (is another server running there? ports below 1024 need root or CAP_NET_BIND_SERVICE)",
@@ -209,6 +218,8 @@ async fn housekeeping(shared: Arc<Shared>) {
                 if expired > 0 {
                     info!(uploads = expired, "deleted expired media");
                 }
+                // Uploads whose copy to object storage failed are tried again.
+                media.push_pending();
             }
         }
         let cutoff = postern_protocol::now_ms().saturating_sub(ttl.as_millis() as u64);

@@ -7,11 +7,15 @@
 //! * [`tls`]: TLS ClientHello bytes for SNI tests and the testbed's prober.
 //! * [`pebble`]: Let's Encrypt's test CA on loopback, for the relay's ACME tests.
 //! * [`apt`]: the Debian packages a test needs, installed when missing (as root).
+//! * `s3` (feature `s3`): an S3-compatible object store on loopback (s3s-fs), for the
+//!   server's media store on object storage.
 
 pub mod apt;
 pub mod pebble;
 pub mod postgres;
 pub mod process;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod tls;
 
 /// A loopback port free at the time of asking (for programs that cannot report the port

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use postern_protocol::net::TrustedProxies;
-use postern_server::media::MediaConfig;
+use postern_server::media::{MediaConfig, RemoteConfig};
 use postern_server::store::Database;
 use postern_server::{DataDir, Limits, Server, ServerConfig};
 
@@ -74,6 +74,12 @@ pub(crate) fn config(args: &ServerRunArgs) -> anyhow::Result<ServerConfig> {
         media.ttl = args.media_ttl.max(Duration::from_secs(1));
         media.partial_ttl = media.partial_ttl.min(media.ttl);
         media.min_free_disk = config.limits.min_free_disk;
+        if let (Some(bucket), Some(endpoint)) = (&args.media_s3_bucket, &args.media_s3_endpoint) {
+            let mut remote = RemoteConfig::new(endpoint, bucket);
+            remote.region = args.media_s3_region.clone();
+            remote.prefix = args.media_s3_prefix.clone();
+            media.remote = Some(remote);
+        }
         Some(media)
     };
     Ok(config)

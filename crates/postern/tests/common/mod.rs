@@ -93,6 +93,16 @@ impl TestServer {
 
     /// Like [`TestServer::start_on`], with extra `server run` flags.
     pub fn start_with(data: &Path, listen: SocketAddr, extra: &[&str]) -> Self {
+        Self::start_with_env(data, listen, extra, &[])
+    }
+
+    /// [`TestServer::start_with`], with environment variables (credentials, say).
+    pub fn start_with_env(
+        data: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut init = Command::new(BIN);
         init.args(["server", "init", "--data"]).arg(data);
         assert!(run(init).status.success());
@@ -101,6 +111,7 @@ impl TestServer {
             .arg(data)
             .args(["--listen", &listen.to_string()])
             .args(extra)
+            .envs(env.iter().copied())
             .env("POSTERN_LOG", "info,postern_server=debug");
         let process = ReadyProcess::start(cmd, "postern server listening on ");
         let addr: SocketAddr = process.ready.parse().expect("address");

@@ -16,12 +16,17 @@
 //! cut back to it, so a client resuming after a server crash is told a length that is
 //! really there. A complete upload is fsynced before it is renamed into place.
 //!
+//! With [`RemoteConfig`] (S3-compatible object storage, [`remote`]), complete uploads move
+//! to a bucket that several nodes share; partial ones stay on the receiving node's disk.
+//!
 //! Limits: the largest upload, a per-account quota (partial uploads reserve their whole
 //! size), a time-to-live for complete uploads and a shorter one for abandoned partial
 //! ones, and the free-disk high-water mark. The index of uploads is kept in memory (about
 //! a hundred bytes each), read from the meta files at start.
 
-use std::collections::HashMap;
+mod remote;
+
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +35,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::disk::DiskGuard;
+pub use remote::RemoteConfig;
+use remote::RemoteStore;
 
 /// Length of a media id.
 pub const MEDIA_ID_LEN: usize = 16;
@@ -59,6 +66,8 @@ pub struct MediaConfig {
     pub partial_ttl: Duration,
     /// Uploads are refused while the media directory's disk has less free than this.
     pub min_free_disk: u64,
+    /// Complete uploads go to this S3-compatible bucket (None: they stay in `dir`).
+    pub remote: Option<RemoteConfig>,
 }
 
 impl MediaConfig {
@@ -73,6 +82,7 @@ impl MediaConfig {
             ttl: Duration::from_secs(30 * 24 * 3600),
             partial_ttl: Duration::from_secs(24 * 3600),
             min_free_disk: 512 * 1024 * 1024,
+            remote: None,
         }
     }
 }
@@ -94,6 +104,8 @@ pub enum MediaError {
     Conflict,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("media object storage: {0}")]
+    Remote(String),
     #[error("media store I/O on {path}: {source}")]
     Io {
         path: String,
@@ -128,6 +140,9 @@ struct Meta {
     created_ms: u64,
     /// Last progress (or completion), for expiry.
     touched_ms: u64,
+    /// Complete and copied to the object storage bucket (the local copy is gone).
+    #[serde(default)]
+    remote: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -149,13 +164,20 @@ struct Index {
     entries: HashMap<MediaId, Entry>,
     /// Bytes reserved and uploads held, per account.
     usage: HashMap<String, Usage>,
+    /// Complete uploads being copied to the bucket now.
+    pushing: HashSet<MediaId>,
+}
+
+fn lock(index: &Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
+    index.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The media store. Cheap to share behind an `Arc`.
 pub struct MediaStore {
     config: MediaConfig,
     disk: DiskGuard,
-    index: Mutex<Index>,
+    index: Arc<Mutex<Index>>,
+    remote: Option<Arc<RemoteStore>>,
 }
 
 impl MediaStore {
@@ -186,6 +208,10 @@ impl MediaStore {
                 }
             };
             let stored = if meta.complete {
+                if meta.remote {
+                    // In the bucket: a local copy left by a crash after the meta said so.
+                    let _ = std::fs::remove_file(data_path(&dir, &id));
+                }
                 meta.size
             } else {
                 // Cut back to what is known to be on disk (a crash may leave more, or
@@ -233,11 +259,89 @@ impl MediaStore {
             uploads = index.entries.len(),
             "media store open"
         );
+        let remote = match &config.remote {
+            Some(r) => Some(Arc::new(RemoteStore::new(r)?)),
+            None => None,
+        };
         Ok(Self {
             disk: DiskGuard::new(dir, config.min_free_disk),
             config,
-            index: Mutex::new(index),
+            index: Arc::new(Mutex::new(index)),
+            remote,
         })
+    }
+
+    /// With object storage: checks that the bucket answers (so a wrong endpoint or key
+    /// stops the server at start, with the reason), then copies complete uploads still on
+    /// disk to it. Without: nothing.
+    pub async fn start_remote(&self) -> Result<(), MediaError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        remote.check().await?;
+        self.push_pending();
+        Ok(())
+    }
+
+    /// Copies every complete upload still on disk to the bucket, in the background (also
+    /// those whose copy failed before: called again periodically).
+    pub fn push_pending(&self) {
+        if self.remote.is_none() {
+            return;
+        }
+        let waiting: Vec<MediaId> = self
+            .index()
+            .entries
+            .iter()
+            .filter(|(_, e)| e.meta.complete && !e.meta.remote)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.push_later(id);
+        }
+    }
+
+    /// Copies complete upload `id` to the bucket in the background; then records it there
+    /// and deletes the local copy (fetches in between are served from disk).
+    fn push_later(&self, id: MediaId) {
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        if !self.index().pushing.insert(id) {
+            return;
+        }
+        let (index, dir) = (self.index.clone(), self.config.dir.clone());
+        tokio::spawn(async move {
+            let result = remote.put_file(&id, &data_path(&dir, &id)).await;
+            let meta = {
+                let mut guard = lock(&index);
+                guard.pushing.remove(&id);
+                if let Err(e) = result {
+                    warn!(error = %e, "an upload stays on disk for now (copied to object storage later)");
+                    return;
+                }
+                guard.entries.get_mut(&id).map(|e| {
+                    e.meta.remote = true;
+                    e.meta.clone()
+                })
+            };
+            let Some(meta) = meta else {
+                // Expired while it was copied.
+                let _ = remote.delete(&id).await;
+                return;
+            };
+            // The meta says "in the bucket" before the local copy goes: a crash in
+            // between leaves a stray local file, which the next start removes.
+            let written = tokio::task::spawn_blocking(move || {
+                write_meta(&dir, &id, &meta)?;
+                let data = data_path(&dir, &id);
+                std::fs::remove_file(&data).map_err(io_error(&data))
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                warn!(error = %e, "an upload copied to object storage is also still on disk");
+            }
+        });
     }
 
     pub fn config(&self) -> &MediaConfig {
@@ -245,7 +349,7 @@ impl MediaStore {
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.index)
     }
 
     /// Bytes `owner` has reserved (complete and partial uploads).
@@ -310,6 +414,7 @@ impl MediaStore {
                     complete,
                     created_ms,
                     touched_ms: now,
+                    remote: false,
                 }),
             )
         })
@@ -318,15 +423,21 @@ impl MediaStore {
             path: self.config.dir.display().to_string(),
             source: std::io::Error::other(e),
         })??;
-        let mut index = self.index();
-        let e = index.entries.get_mut(id).ok_or(MediaError::NotFound)?;
-        e.stored = end;
-        e.meta.touched_ms = now;
-        if sync {
-            e.meta.synced = end;
-            e.meta.complete = complete;
+        let state = {
+            let mut index = self.index();
+            let e = index.entries.get_mut(id).ok_or(MediaError::NotFound)?;
+            e.stored = end;
+            e.meta.touched_ms = now;
+            if sync {
+                e.meta.synced = end;
+                e.meta.complete = complete;
+            }
+            e.state()
+        };
+        if state.complete {
+            self.push_later(*id);
         }
-        Ok(e.state())
+        Ok(state)
     }
 
     /// The upload's writer lock, creating the upload (within the limits) if it is new.
@@ -373,6 +484,7 @@ impl MediaStore {
             complete: false,
             created_ms: now,
             touched_ms: now,
+            remote: false,
         };
         // The meta first: a part file without one is removed at the next start.
         write_meta(&self.config.dir, id, &meta)?;
@@ -393,26 +505,60 @@ impl MediaStore {
         Ok(writing)
     }
 
-    /// Up to `max_len` bytes of complete upload `id` from `offset`, and its size.
+    /// Up to `max_len` bytes of complete upload `id` from `offset`, and its size: from
+    /// this node's disk, else (with object storage) from the bucket — which also holds the
+    /// uploads other nodes took.
     pub async fn fetch(
         &self,
         id: &MediaId,
         offset: u64,
         max_len: u32,
     ) -> Result<(Vec<u8>, u64), MediaError> {
-        let size = {
+        let known = {
             let index = self.index();
             match index.entries.get(id) {
-                Some(e) if e.meta.complete => e.meta.size,
-                _ => return Err(MediaError::NotFound),
+                Some(e) if !e.meta.complete => return Err(MediaError::NotFound),
+                Some(e) => Some((e.meta.size, e.meta.remote)),
+                None => None,
             }
         };
+        let want = u64::from(max_len).min(MAX_CHUNK as u64);
+        if let Some((size, false)) = known {
+            match self.read_local(id, offset, want, size).await {
+                // Moved to the bucket (or expired) between the index check and the read.
+                Err(MediaError::NotFound) if self.remote.is_some() => {}
+                other => return other,
+            }
+        }
+        let Some(remote) = &self.remote else {
+            return Err(MediaError::NotFound);
+        };
+        if let Some((size, _)) = known {
+            if offset > size {
+                return Err(MediaError::BadRequest("offset past the end of the upload"));
+            }
+            if offset == size {
+                return Ok((Vec::new(), size));
+            }
+        }
+        let (data, size) = remote.get_range(id, offset, want.max(1)).await?;
         if offset > size {
             return Err(MediaError::BadRequest("offset past the end of the upload"));
         }
-        let len = (size - offset)
-            .min(u64::from(max_len))
-            .min(MAX_CHUNK as u64) as usize;
+        Ok((data, size))
+    }
+
+    async fn read_local(
+        &self,
+        id: &MediaId,
+        offset: u64,
+        want: u64,
+        size: u64,
+    ) -> Result<(Vec<u8>, u64), MediaError> {
+        if offset > size {
+            return Err(MediaError::BadRequest("offset past the end of the upload"));
+        }
+        let len = (size - offset).min(want) as usize;
         let path = data_path(&self.config.dir, id);
         let read = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
@@ -429,7 +575,6 @@ impl MediaStore {
         })?;
         match read {
             Ok(data) => Ok((data, size)),
-            // Deleted by expiry between the index check and the read.
             Err(MediaError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Err(MediaError::NotFound)
             }
@@ -464,6 +609,14 @@ impl MediaStore {
                     }
                 }
                 remove_upload(&self.config.dir, id);
+                if let (true, Some(remote)) = (e.meta.remote, &self.remote) {
+                    let (remote, id) = (remote.clone(), *id);
+                    tokio::spawn(async move {
+                        if let Err(e) = remote.delete(&id).await {
+                            warn!(error = %e, "an expired upload stays in the bucket (a lifecycle rule on the bucket removes such leftovers)");
+                        }
+                    });
+                }
             }
         }
         old.len()
@@ -595,6 +748,82 @@ mod tests {
             }
             assert!(!data.is_empty(), "no progress");
         }
+    }
+
+    /// A node whose complete uploads go to `s3`'s bucket.
+    fn node_on(dir: &Path, s3: &postern_test_kit::s3::S3Server) -> MediaStore {
+        let mut config = MediaConfig::new(dir.join("media"));
+        config.min_free_disk = 0;
+        let mut remote = RemoteConfig::new(s3.endpoint(), &s3.bucket);
+        remote.access_key = Some(s3.access_key.clone());
+        remote.secret_key = Some(s3.secret_key.clone());
+        config.remote = Some(remote);
+        MediaStore::open(config).unwrap()
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn complete_uploads_move_to_the_bucket_and_every_node_serves_them() {
+        let s3 = postern_test_kit::s3::S3Server::start("postern-media");
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (node_on(a_dir.path(), &s3), node_on(b_dir.path(), &s3));
+        a.start_remote().await.unwrap();
+        b.start_remote().await.unwrap();
+
+        let id = [9u8; MEDIA_ID_LEN];
+        let data = pattern(3 * MAX_CHUNK + 123);
+        upload_all(&a, "alice", &id, &data).await;
+        let key = format!("media/{}", hex(&id));
+        let local = data_path(&a.config.dir, &id);
+        eventually("the upload is in the bucket and gone from the disk", || {
+            s3.object_keys().contains(&key) && !local.exists()
+        })
+        .await;
+        // Node A serves it from the bucket now; node B, which never saw the upload, too.
+        assert_eq!(fetch_all(&a, &id).await, data);
+        assert_eq!(fetch_all(&b, &id).await, data);
+        // The bucket holds exactly the uploaded bytes (ciphertext, as clients send it).
+        assert_eq!(std::fs::read(s3.bucket_dir().join(&key)).unwrap(), data);
+        // An id nobody uploaded is not found on either node.
+        assert!(matches!(
+            b.fetch(&[1; MEDIA_ID_LEN], 0, 100).await,
+            Err(MediaError::NotFound)
+        ));
+
+        // A restart keeps knowing it is in the bucket.
+        drop(a);
+        let a = node_on(a_dir.path(), &s3);
+        assert_eq!(fetch_all(&a, &id).await, data);
+        // Expiry deletes it from the bucket.
+        assert_eq!(a.expire(u64::MAX), 1);
+        eventually("the expired upload is gone from the bucket", || {
+            !s3.object_keys().contains(&key)
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bucket_that_refuses_the_credentials_stops_the_start_with_the_reason() {
+        let s3 = postern_test_kit::s3::S3Server::start("postern-media");
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = MediaConfig::new(dir.path().join("media"));
+        let mut remote = RemoteConfig::new(s3.endpoint(), &s3.bucket);
+        remote.access_key = Some(s3.access_key.clone());
+        remote.secret_key = Some("not-the-secret".into());
+        config.remote = Some(remote);
+        let store = MediaStore::open(config).unwrap();
+        let err = store.start_remote().await.unwrap_err().to_string();
+        assert!(
+            err.contains("bucket postern-media at http://127.0.0.1:") && err.contains("403"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
