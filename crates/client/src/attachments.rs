@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
 use crate::connector::connection::{Answer, Connection};
+use crate::connector::media::{MediaPath, MediaRoute};
 use crate::events::{Event, MessageId};
 use crate::store::{AttachmentRecord, LocalStore, TransferState};
 use crate::timeouts::REQUEST_TIMEOUT;
@@ -559,17 +560,34 @@ pub(crate) struct Transfers {
     sizer: Arc<Mutex<ChunkSizer>>,
     /// Bytes moved in this run, to tell whether a connection made progress.
     moved: Arc<AtomicU64>,
+    /// A relay's media port, when the chat connection's relay offers one.
+    media: Arc<MediaPath>,
 }
 
 impl Transfers {
-    pub fn new(store: LocalStore, events: broadcast::Sender<Event>, root: &Path) -> Self {
+    pub fn new(
+        store: LocalStore,
+        events: broadcast::Sender<Event>,
+        root: &Path,
+        media: Arc<MediaPath>,
+    ) -> Self {
         Self {
             store,
             events,
             root: root.to_path_buf(),
             sizer: Arc::default(),
             moved: Arc::default(),
+            media,
         }
+    }
+
+    /// Where attachments go with `chat` as the chat connection.
+    pub async fn media_route(&self, chat: &Arc<Connection>) -> MediaRoute {
+        self.media.route(chat).await
+    }
+
+    pub async fn close(&self) {
+        self.media.close().await;
     }
 
     /// Bytes moved (either way) in this run.
@@ -581,6 +599,14 @@ impl Transfers {
         let dir = self.root.join(name);
         postern_protocol::fsutil::private_dir(&dir).map_err(ClientError::file(&dir))?;
         Ok(dir)
+    }
+
+    /// The media connection lost mid-transfer: the media port is left alone for a while
+    /// and the caller goes on over the chat connection (from where the transfer stopped).
+    async fn media_lost(&self, e: &ClientError) {
+        self.media
+            .failed(&format!("lost during a transfer: {e}"))
+            .await;
     }
 
     /// Encrypts `src` into the profile for sending, named `name` (default: its own file
@@ -668,12 +694,29 @@ impl Transfers {
     /// A permanent refusal marks the attachment failed (the caller fails the message).
     pub async fn upload(
         &self,
-        conn: &Connection,
+        chat: &Arc<Connection>,
         rec: &AttachmentRecord,
     ) -> Result<(), ClientError> {
         if rec.state != TransferState::Uploading {
             return Ok(());
         }
+        // Through the relay's media port if it has one; if that connection is lost, on
+        // over the chat connection.
+        let (conn, separate) = self.media.connection(chat).await;
+        match self.upload_on(&conn, rec).await {
+            Err(e) if separate && e.is_connection_problem() => {
+                self.media_lost(&e).await;
+                self.upload_on(chat, rec).await
+            }
+            other => other,
+        }
+    }
+
+    async fn upload_on(
+        &self,
+        conn: &Connection,
+        rec: &AttachmentRecord,
+    ) -> Result<(), ClientError> {
         let id = rec.message_id.0;
         let mut progress = self.progress_event(rec, rec.wire.ciphertext_size);
         let mut last_saved = 0;
@@ -722,6 +765,20 @@ impl Transfers {
     /// Returns the ones saved. A connection problem stops it (what arrived is kept);
     /// an attachment that can never be fetched is marked failed and the rest go on.
     pub async fn download_all(
+        &self,
+        chat: &Arc<Connection>,
+    ) -> Result<Vec<SavedAttachment>, ClientError> {
+        let (conn, separate) = self.media.connection(chat).await;
+        match self.download_all_on(&conn).await {
+            Err(e) if separate && e.is_connection_problem() => {
+                self.media_lost(&e).await;
+                self.download_all_on(chat).await
+            }
+            other => other,
+        }
+    }
+
+    async fn download_all_on(
         &self,
         conn: &Connection,
     ) -> Result<Vec<SavedAttachment>, ClientError> {

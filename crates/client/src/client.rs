@@ -26,6 +26,7 @@ use vodozemac::olm::Account;
 use crate::attachments::{SavedAttachment, Transfers};
 use crate::connector::connection::{Connection, Push};
 use crate::connector::health::{self, HealthMap};
+use crate::connector::media::{MediaPath, MediaRoute};
 use crate::connector::route::{DialReport, Route};
 use crate::connector::{self, ConnectMode, ConnectReport, Connected, Connector, OnConnected};
 use crate::crypto::{self, ONE_TIME_KEY_LOW, ONE_TIME_KEY_TARGET};
@@ -190,7 +191,8 @@ impl Client {
             events.clone(),
         ));
         let sessions = Sessions::new(store.clone(), events.clone());
-        let transfers = Transfers::new(store.clone(), events.clone(), dir.root());
+        let media = Arc::new(MediaPath::new(secrets.noise.clone(), server_key));
+        let transfers = Transfers::new(store.clone(), events.clone(), dir.root(), media);
         let outbox = Outbox::new(
             store.clone(),
             transfers.clone(),
@@ -327,8 +329,16 @@ impl Client {
     }
 
     /// Checks a media port: it must accept a TCP connection in time.
-    pub async fn check_media(&self, host: &str, port: u16) -> DialReport {
-        self.inner.connector.check_media(host, port).await
+    pub async fn check_media(&self, proxy: &ProxyEntry) -> Option<DialReport> {
+        self.inner.connector.check_media(proxy).await
+    }
+
+    /// Where attachments go over the connection in use (None: not connected): the chat
+    /// connection, or the relay's media port — tried now if it was not yet — with the
+    /// reason it failed if it did.
+    pub async fn media_route(&self) -> Option<MediaRoute> {
+        let (conn, _) = self.connection().await.ok()?;
+        Some(self.inner.transfers.media_route(&conn).await)
     }
 
     // --- Connecting -------------------------------------------------------------------
@@ -415,6 +425,7 @@ impl Client {
         if let Some((c, _)) = self.inner.conn.lock().await.take() {
             c.shutdown().await;
         }
+        self.inner.transfers.close().await;
         self.inner.store.close().await;
     }
 

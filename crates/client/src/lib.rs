@@ -45,6 +45,7 @@ pub use attachments::SavedAttachment;
 pub use client::{Client, ContactSafety, RECONNECTS_PER_OPERATION};
 pub use connector::connection::{BoxStream, Stream};
 pub use connector::health::RouteHealth;
+pub use connector::media::MediaRoute;
 pub use connector::route::{self as route, DialReport, Failure, Route, Stage};
 pub use connector::{check_route_without_profile, ConnectMode, ConnectReport};
 pub use error::ClientError;

@@ -230,7 +230,7 @@ impl Outbox {
     /// (and the error returned); a connection problem leaves it pending.
     pub async fn transmit(
         &self,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         entry: &HistoryEntry,
     ) -> Result<(), ClientError> {
         match self.transmit_once(conn, entry).await {
@@ -265,7 +265,7 @@ impl Outbox {
     /// new files after each.
     pub async fn flush(
         &self,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         outcomes: &mut Vec<PendingOutcome>,
     ) -> Result<(), ClientError> {
         {
@@ -297,7 +297,7 @@ impl Outbox {
     /// failure (the message stays pending).
     async fn settle(
         &self,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         entry: HistoryEntry,
         outcomes: &mut Vec<PendingOutcome>,
     ) -> Result<(), ClientError> {
@@ -319,7 +319,7 @@ impl Outbox {
     /// contact, or a copy to each member of a group.
     async fn transmit_once(
         &self,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         entry: &HistoryEntry,
     ) -> Result<(), ClientError> {
         // The file goes up first: the message carries its key, so it must not arrive
@@ -372,7 +372,7 @@ impl Outbox {
     /// wire id; a member who no longer exists is marked failed and the others go on.
     async fn transmit_group(
         &self,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         entry: &HistoryEntry,
         attachment: Option<Attachment>,
     ) -> Result<(), ClientError> {

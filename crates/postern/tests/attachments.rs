@@ -374,3 +374,101 @@ fn a_download_through_a_path_that_freezes_every_connection_after_40_kib_complete
         "the file needed several connections, each going on where the last stopped: {connections}"
     );
 }
+
+#[test]
+fn a_relays_media_port_carries_the_files_and_when_it_fails_they_go_over_the_chat_port() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("server"));
+    let upstream = server.addr.to_string();
+    let relay = TestRelay::start(&[
+        "--upstream",
+        &upstream,
+        "--tls",
+        "127.0.0.1:0",
+        "--media",
+        "127.0.0.1:0",
+        "--no-stats",
+    ]);
+    let media = relay
+        .listeners
+        .iter()
+        .find(|(name, _, _)| name == "media")
+        .map(|(_, _, a)| *a)
+        .expect("a media listener");
+    // The media port as clients reach it: through a path we can watch and cut.
+    let media_path = Forwarder::start(media, Tamper::None);
+    let chat = relay.addr("tls");
+    let link = format!(
+        "postern://proxy?host=127.0.0.1&port={}&tls=1&media={}",
+        chat.port(),
+        media_path.addr.port()
+    );
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        account(home, name, &server);
+        ok(home, &["proxy", "use", "on"]);
+        ok(home, &["proxy", "add", &link]);
+    }
+    let check = ok(&alice, &["proxy", "check"]);
+    assert!(
+        check.contains(&format!(
+            "Media: available (port {}, TLS",
+            media_path.addr.port()
+        )),
+        "{check}"
+    );
+
+    // A file goes up and comes down through the media port.
+    let file = tmp.path().join("song.ogg");
+    let data = random_file(&file, 600_000);
+    ok(&alice, &["send", "bob", "--file", file.to_str().unwrap()]);
+    let through_media = media_path.captured.lock().unwrap().len();
+    assert!(
+        through_media > 600_000,
+        "the upload used the media port ({through_media} bytes)"
+    );
+    let status = ok(&alice, &["status"]);
+    assert!(
+        status.contains(&format!(
+            "Media port: ✓ files go through 127.0.0.1:{}",
+            media_path.addr.port()
+        )),
+        "{status}"
+    );
+    let saved = tmp.path().join("saved");
+    ok(&bob, &["inbox", "--save-to", saved.to_str().unwrap()]);
+    assert_eq!(std::fs::read(saved.join("song.ogg")).unwrap(), data);
+
+    // The media port goes down (a censor blocks it): messages and files still go, over
+    // the chat port, and status and check say what failed.
+    media_path.set_tamper(Tamper::Drop);
+    let before = media_path.captured.lock().unwrap().len();
+    let second = tmp.path().join("second.ogg");
+    let data2 = random_file(&second, 300_000);
+    ok(
+        &alice,
+        &["send", "bob", "--file", second.to_str().unwrap(), "again"],
+    );
+    assert!(
+        media_path.captured.lock().unwrap().len() - before < 300_000,
+        "the second file did not go through the dead media port"
+    );
+    ok(&bob, &["inbox", "--save-to", saved.to_str().unwrap()]);
+    assert_eq!(std::fs::read(saved.join("second.ogg")).unwrap(), data2);
+    let status = ok(&alice, &["status"]);
+    assert!(status.contains("✓ Connected via"), "{status}");
+    assert!(
+        status.contains("Media port: unavailable (127.0.0.1:")
+            && status.contains("files go over the chat connection"),
+        "{status}"
+    );
+    let out = postern(&alice, &["proxy", "check"]);
+    let check = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        check.contains(&format!(
+            "Media: unavailable (port {}",
+            media_path.addr.port()
+        )) && check.contains("files go over the chat port instead"),
+        "{check}"
+    );
+}

@@ -123,6 +123,8 @@ pub(crate) struct Connection {
     keepalive: JoinHandle<()>,
     pub hello: ServerHello,
     pub handshake_time: Duration,
+    /// The route it came over (set by the connector once it is up).
+    pub via: Option<super::route::Route>,
 }
 
 impl Connection {
@@ -213,6 +215,7 @@ impl Connection {
                 keepalive,
                 hello: server_hello,
                 handshake_time,
+                via: None,
             },
             push_rx,
         ))

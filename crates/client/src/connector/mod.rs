@@ -9,6 +9,8 @@
 //! * [`health`]: outcomes remembered in the profile, deciding which routes go first;
 //! * [`liveness`] and `connection`: one authenticated Noise channel, pinged when silent
 //!   and dropped when a censor freezes it;
+//! * `media`: a second connection for attachments through a relay's media port, when the
+//!   relay in use offers one (else attachments share the chat connection);
 //! * [`Connector::keep_connected`]: reconnects after a drop (at once after a stall, with
 //!   back-off when nothing works) and re-checks failed relays while connected.
 //!
@@ -19,6 +21,7 @@ pub mod browser_tls;
 pub(crate) mod connection;
 pub mod health;
 pub mod liveness;
+pub mod media;
 pub mod race;
 pub mod relay_proof;
 pub mod route;
@@ -153,9 +156,10 @@ async fn attempt(
     )
     .await
     {
-        Ok(c) => {
+        Ok((mut conn, pushes)) => {
             progress.record(Stage::Handshake, started);
-            Ok(c)
+            conn.via = Some(route);
+            Ok((conn, pushes))
         }
         Err(e) => Err((Stage::Handshake, handshake_failure(&e, &seen, route.tls()))),
     }
@@ -373,21 +377,13 @@ impl Connector {
         Ok(report)
     }
 
-    /// Checks a media port: it must accept a TCP connection in time.
-    pub async fn check_media(&self, host: &str, port: u16) -> DialReport {
-        let route = Route::Relay(ProxyEntry {
-            host: host.to_string(),
-            port,
-            tls: false,
-            secret: None,
-            sni: Default::default(),
-            media: None,
-        });
+    /// Checks a relay's media port the way transfers use it: TLS (with the relay's secret,
+    /// if the proxy has one) and a server handshake through it.
+    pub async fn check_media(&self, proxy: &ProxyEntry) -> Option<DialReport> {
+        let route = media::media_route_of(&Route::Relay(proxy.clone()))?;
         let progress = Progress::new(&route);
-        if let Err((stage, failure)) = route::dial(&route, &progress).await {
-            progress.fail(stage, failure);
-        }
-        progress.report()
+        check_attempt(&route, &progress, &self.keys, &self.server_key).await;
+        Some(progress.report())
     }
 
     /// Remembers attempts' outcomes, in one transaction (an abandoned attempt teaches

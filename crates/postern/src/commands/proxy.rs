@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use postern_client::{
-    route, Client, ClientError, ConnectMode, DialReport, ProxyEntry, ProxyMode, Route,
+    route, Client, ClientError, ConnectMode, DialReport, MediaRoute, ProxyEntry, ProxyMode, Route,
 };
 use postern_protocol::link::Sni;
 
@@ -138,10 +138,7 @@ async fn proxy_command(client: &Client, cmd: ProxyCommand) -> anyhow::Result<()>
             let mut failed = 0;
             for p in targets {
                 let report = client.check_route(&Route::Relay(p.clone())).await?;
-                let media = match p.media {
-                    Some(port) => Some(client.check_media(&p.host, port).await),
-                    None => None,
-                };
+                let media = client.check_media(&p).await;
                 if report.failed.is_some() {
                     failed += 1;
                 }
@@ -258,10 +255,12 @@ fn print_check(p: &ProxyEntry, report: &DialReport, media: Option<&DialReport>) 
     if let (Some(m), Some(port)) = (media, p.media) {
         match &m.failed {
             None => println!(
-                "  Media: available (port {port}, {:.0} ms)",
+                "  Media: available (port {port}, TLS, the server's handshake through it in {:.0} ms)",
                 m.total().as_secs_f64() * 1000.0
             ),
-            Some((_, f)) => println!("  Media: unavailable (port {port}: {f})"),
+            Some((stage, f)) => println!(
+                "  Media: unavailable (port {port}: {stage}: {f}); files go over the chat port instead"
+            ),
         }
     }
 }
@@ -280,9 +279,10 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
         Err(_) => None,
     };
     let hostile = client.hostile_routes().await?;
-    // Files travel over the same route as messages; what can still fail is the server's
-    // media store (turned off, or smaller than the file).
+    // Files travel over the chat route, or a relay's media port when it has one (which
+    // may fail on its own); and the server's media store may be turned off.
     let media = client.media_limits().await;
+    let media_route = client.media_route().await;
     client.close().await;
     if json {
         let sent = match &pending {
@@ -297,7 +297,7 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
                     }
                     None => serde_json::json!({ "available": false, "reason": NO_MEDIA }),
                 };
-                serde_json::json!({ "connected": true, "mode": mode, "report": r, "hostile": hostile, "pending_sent": sent, "media": media })
+                serde_json::json!({ "connected": true, "mode": mode, "report": r, "hostile": hostile, "pending_sent": sent, "media": media, "media_route": media_route })
             }
             Err(ClientError::NoRoute { attempts, .. }) => {
                 serde_json::json!({ "connected": false, "mode": mode, "attempts": attempts, "hostile": hostile })
@@ -343,6 +343,15 @@ pub async fn status(home: PathBuf, json: bool) -> anyhow::Result<()> {
                     m.ttl_seconds / 86_400
                 ),
                 None => println!("  Media: unavailable ({NO_MEDIA}); messages work"),
+            }
+            match &media_route {
+                Some(MediaRoute::MediaPort { route }) => {
+                    println!("  Media port: ✓ files go through {route}")
+                }
+                Some(MediaRoute::MediaPortFailed { route, reason }) => println!(
+                    "  Media port: unavailable ({route} — {reason}); files go over the chat connection"
+                ),
+                Some(MediaRoute::Chat) | None => {}
             }
             if let Some(outcomes) = pending {
                 match outcomes {

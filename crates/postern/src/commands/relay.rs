@@ -97,6 +97,12 @@ pub struct RelayCli {
     #[arg(long, value_name = "ADDR")]
     pub proxy_plain: Vec<SocketAddr>,
 
+    /// Also offer a media port on ADDR (TLS, to the same servers; repeatable): links carry
+    /// `media=PORT` and clients send files through it on a connection of their own, so
+    /// media can be blocked, limited or moved apart from chat. Example: --media 0.0.0.0:587
+    #[arg(long, value_name = "ADDR")]
+    pub media: Vec<SocketAddr>,
+
     /// Listen on ADDR for TLS from a load balancer that sends a PROXY v1/v2 header first
     /// (repeatable). Replaces and enables the standard 0.0.0.0:8443.
     #[arg(long, value_name = "ADDR")]
@@ -335,7 +341,9 @@ fn replace_listeners(
     proxy: bool,
     addrs: &[SocketAddr],
 ) -> anyhow::Result<()> {
-    let matches = |l: &ListenerConfig| l.tls == tls && l.accept_proxy == proxy && l.pool.is_some();
+    let matches = |l: &ListenerConfig| {
+        l.tls == tls && l.accept_proxy == proxy && l.pool.is_some() && !l.media
+    };
     let old: Vec<ListenerConfig> = cfg
         .listeners
         .iter()
@@ -369,6 +377,37 @@ fn replace_listeners(
             format!("{kind}-{}", i + 1)
         };
         cfg.listeners.push(l);
+    }
+    Ok(())
+}
+
+/// `--media ADDR…`: TLS listeners to the first pool, marked as media ports.
+fn add_media_listeners(cfg: &mut RelayConfig, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let Some(pool) = cfg
+        .listeners
+        .iter()
+        .find_map(|l| l.pool.clone().filter(|_| !l.accept_proxy))
+    else {
+        bail!("--media: this configuration has no upstream pool to send media to");
+    };
+    for (i, addr) in addrs.iter().enumerate() {
+        cfg.listeners.push(ListenerConfig {
+            name: if i == 0 {
+                "media".to_string()
+            } else {
+                format!("media-{}", i + 1)
+            },
+            listen: *addr,
+            tls: true,
+            accept_proxy: false,
+            enabled: true,
+            pool: Some(pool.clone()),
+            sni: None,
+            media: true,
+        });
     }
     Ok(())
 }
@@ -408,10 +447,11 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
         for (tls, given) in [(false, &cli.plain), (true, &cli.tls)] {
             if given.is_empty() {
                 cfg.listeners
-                    .retain(|l| !(l.tls == tls && !l.accept_proxy && l.pool.is_some()));
+                    .retain(|l| !(l.tls == tls && !l.accept_proxy && l.pool.is_some() && !l.media));
             }
         }
     }
+    add_media_listeners(&mut cfg, &cli.media)?;
     if cli.no_stats {
         cfg.stats = None;
     } else if let Some(addr) = cli.stats {
@@ -575,7 +615,7 @@ pub fn relay_secret(
 }
 
 /// Links for every client-facing listener of `cfg` (pool routes without a PROXY header;
-/// the first SNI listener, if any, becomes the media port).
+/// the first media listener — else the first SNI listener — becomes the media port).
 pub fn links_for(
     cfg: &RelayConfig,
     host: &str,
@@ -584,12 +624,17 @@ pub fn links_for(
     let media = cfg
         .listeners
         .iter()
-        .find(|l| l.enabled && l.sni.is_some() && !l.tls && !l.accept_proxy)
+        .find(|l| l.enabled && l.media && !l.accept_proxy)
+        .or_else(|| {
+            cfg.listeners
+                .iter()
+                .find(|l| l.enabled && l.sni.is_some() && !l.tls && !l.accept_proxy)
+        })
         .map(|l| l.listen.port());
     let mut ports = std::collections::BTreeSet::new();
     cfg.listeners
         .iter()
-        .filter(|l| l.enabled && l.pool.is_some() && !l.accept_proxy)
+        .filter(|l| l.enabled && l.pool.is_some() && !l.accept_proxy && !l.media)
         // One link per port: `[::]:443` beside `0.0.0.0:443` is the same link.
         .filter(|l| ports.insert(l.listen.port()))
         .map(|l| {

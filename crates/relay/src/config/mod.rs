@@ -291,6 +291,11 @@ pub struct ListenerConfig {
     /// ... or route by the TLS ClientHello's SNI against an allow-list.
     #[serde(default)]
     pub sni: Option<SniRoute>,
+    /// A media listener: links name its port as `media=PORT`, and clients send
+    /// attachments through it on a connection of their own (the reference's 587/7777).
+    /// For Postern clients it is a TLS listener with a pool like the chat ones.
+    #[serde(default)]
+    pub media: bool,
 }
 
 fn yes() -> bool {
