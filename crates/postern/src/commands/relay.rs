@@ -447,7 +447,7 @@ pub fn build_config(cli: &RelayCli) -> anyhow::Result<RelayConfig> {
         for (tls, given) in [(false, &cli.plain), (true, &cli.tls)] {
             if given.is_empty() {
                 cfg.listeners
-                    .retain(|l| !(l.tls == tls && !l.accept_proxy && l.pool.is_some() && !l.media));
+                    .retain(|l| l.tls != tls || l.accept_proxy || l.pool.is_none() || l.media);
             }
         }
     }
