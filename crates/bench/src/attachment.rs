@@ -38,6 +38,8 @@ use crate::AttachmentArgs;
 struct RelayProcess {
     child: Child,
     tls: SocketAddr,
+    /// Its media port, if it was given one.
+    media: Option<SocketAddr>,
 }
 
 impl Drop for RelayProcess {
@@ -48,13 +50,17 @@ impl Drop for RelayProcess {
 }
 
 impl RelayProcess {
-    fn start(binary: &Path, dir: &Path, upstream: &str) -> Result<Self> {
+    fn start(binary: &Path, dir: &Path, upstream: &str, media_port: bool) -> Result<Self> {
         let tls = SocketAddr::from(([127, 0, 0, 1], postern_test_kit::free_port()));
+        let media =
+            media_port.then(|| SocketAddr::from(([127, 0, 0, 1], postern_test_kit::free_port())));
         let log = std::fs::File::create(dir.join(format!("relay-{}.log", tls.port())))?;
+        let media_args = media.map(|m| vec!["--media".to_string(), m.to_string()]);
         let mut child = Command::new(binary)
             .arg("relay")
             .args(["--upstream", upstream])
             .args(["--tls", &tls.to_string()])
+            .args(media_args.unwrap_or_default())
             .args([
                 "--no-stats",
                 "--send-proxy",
@@ -77,7 +83,7 @@ impl RelayProcess {
             let _ = child.kill();
             bail!("postern relay did not get ready: {e}");
         }
-        Ok(Self { child, tls })
+        Ok(Self { child, tls, media })
     }
 
     fn cpu_seconds(&self) -> Result<f64> {
@@ -102,9 +108,13 @@ pub async fn run(args: &AttachmentArgs, binary: &Path, dir: &Path) -> Result<()>
         ],
         None,
     )?;
-    let relay = RelayProcess::start(binary, dir, &server.address)?;
+    let relay = RelayProcess::start(binary, dir, &server.address, args.media_port)?;
+    let media = relay
+        .media
+        .map(|m| format!("&media={}", m.port()))
+        .unwrap_or_default();
     let via = ProxyEntry::parse(&format!(
-        "postern://proxy?host=127.0.0.1&port={}&tls=1",
+        "postern://proxy?host=127.0.0.1&port={}&tls=1{media}",
         relay.tls.port()
     ))
     .context("relay address")?;
@@ -143,8 +153,13 @@ pub async fn run(args: &AttachmentArgs, binary: &Path, dir: &Path) -> Result<()>
     table.row(
         "file",
         format!(
-            "{} MiB of random bytes, through the relay's TLS listener",
-            args.file_mib
+            "{} MiB of random bytes, through the relay's {}",
+            args.file_mib,
+            if args.media_port {
+                "media port (TLS, a connection of its own)"
+            } else {
+                "TLS listener (the chat connection)"
+            }
         ),
     );
     let t = Instant::now();
@@ -172,6 +187,12 @@ pub async fn run(args: &AttachmentArgs, binary: &Path, dir: &Path) -> Result<()>
         server.cpu_seconds()? - server_cpu,
         relay.cpu_seconds()? - relay_cpu,
     );
+    if args.media_port {
+        match alice.media_route().await {
+            Some(postern_client::MediaRoute::MediaPort { .. }) => {}
+            other => bail!("the upload did not use the relay's media port: {other:?}"),
+        }
+    }
 
     bob.receive_all().await?;
     let (server_cpu, relay_cpu) = (server.cpu_seconds()?, relay.cpu_seconds()?);
@@ -251,7 +272,7 @@ async fn raw_through_relay(binary: &Path, dir: &Path, bytes: u64) -> Result<f64>
             }
         }
     });
-    let relay = RelayProcess::start(binary, dir, &sink_addr.to_string())?;
+    let relay = RelayProcess::start(binary, dir, &sink_addr.to_string(), false)?;
     let tcp = tokio::net::TcpStream::connect(relay.tls).await?;
     tcp.set_nodelay(true)?;
     let connector =

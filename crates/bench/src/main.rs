@@ -163,6 +163,10 @@ pub struct AttachmentArgs {
     /// Size of the file sent in `--mode attachment`, MiB.
     #[arg(long, default_value_t = 50)]
     file_mib: u64,
+    /// Give the relay a media port (`postern relay --media`) and the clients a link with
+    /// `media=PORT`, so the file goes over a connection of its own through that port.
+    #[arg(long)]
+    media_port: bool,
 }
 
 #[derive(Debug, Args)]
