@@ -167,7 +167,7 @@ function onPush(push) {
       }
       if (["incoming", "sent", "delivered", "failed", "undecryptable", "key_changed",
            "attachment_saved", "attachment_failed", "group_changed"].includes(e.type)) {
-        const peer = e.group ? `group:${e.group.id}` : (e.to || e.from || e.contact);
+        const peer = e.group ? `group:${e.group.id}` : (e.conversation || e.to || e.from || e.contact);
         refreshChats();
         if (peer && peer === state.openPeer) refreshHistory(true);
         if (e.type === "group_changed" && peer === state.openPeer) refreshGroup();

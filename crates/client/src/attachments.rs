@@ -811,13 +811,14 @@ impl Transfers {
                         .await?;
                     let _ = self.events.send(Event::AttachmentSaved {
                         message_id: rec.message_id,
-                        from: rec.peer.clone(),
+                        from: rec.sender.clone().unwrap_or_else(|| rec.peer.clone()),
+                        conversation: rec.peer.clone(),
                         file_name: rec.wire.file_name.clone(),
                         path: path.clone(),
                     });
                     saved.push(SavedAttachment {
                         message_id: rec.message_id,
-                        from: rec.peer.clone(),
+                        from: rec.sender.clone().unwrap_or_else(|| rec.peer.clone()),
                         path: dst,
                     });
                 }

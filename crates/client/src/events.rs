@@ -176,6 +176,8 @@ pub enum Event {
     AttachmentSaved {
         message_id: MessageId,
         from: String,
+        /// The conversation it belongs to: `from`, or a group's key.
+        conversation: String,
         file_name: String,
         path: String,
     },

@@ -195,7 +195,10 @@ pub struct AttachmentInfo {
 #[derive(Clone)]
 pub struct AttachmentRecord {
     pub message_id: MessageId,
+    /// The conversation: a contact, or a group's key.
     pub peer: String,
+    /// In a group, who sent it.
+    pub sender: Option<String>,
     pub outgoing: bool,
     pub wire: postern_protocol::schema::Attachment,
     pub state: TransferState,
@@ -972,7 +975,7 @@ impl LocalStore {
         let sql = format!(
             "SELECT a.message_id, m.peer, a.outgoing, a.media_id, a.key, a.nonce, a.segment_size,
                     a.size, a.ciphertext_size, a.sha256, a.file_name, a.content_type, a.state,
-                    a.transferred, a.upload_path, a.path
+                    a.transferred, a.upload_path, a.path, m.sender
              FROM attachments a JOIN messages m ON m.message_id = a.message_id
              WHERE {filter} ORDER BY m.rowid"
         );
@@ -1004,6 +1007,7 @@ impl LocalStore {
                     transferred: r.get::<i64, _>(13) as u64,
                     upload_path: r.get(14),
                     path: r.get(15),
+                    sender: r.get(16),
                 })
             })
             .collect())
