@@ -7,8 +7,8 @@
 //!
 //! Both keep the same promise: every write that the protocol acknowledges is committed
 //! first, so an acknowledged message survives a crash, and a crash in the middle of an
-//! operation leaves no half-written state. Both **group commit**: a writer task (one for
-//! SQLite, a few per node for PostgreSQL) runs each waiting write in its own savepoint
+//! operation leaves no half-written state. Both **group commit**: a writer (one OS thread
+//! for SQLite, a few tasks per node for PostgreSQL) runs each waiting write in its own savepoint
 //! inside one transaction, commits once, and only then answers each caller. Reads never wait for the writer.
 //!
 //! **Why an enum and not a trait object.** Every operation is an `async fn`; a
