@@ -5,7 +5,8 @@
 //! for every recipient device, and the server stores and forwards that ciphertext.
 //!
 //! * [`data_dir`]: the key, network file and database in one directory (`server init`).
-//! * [`store`]: SQLite (default) or PostgreSQL through sqlx, group-committed; what is
+//! * [`store`]: SQLite (default, through rusqlite on a writer thread) or PostgreSQL
+//!   (through sqlx), group-committed; what is
 //!   acknowledged is on disk. Several nodes may share one PostgreSQL database.
 //! * [`hub`]: which devices are online on this node, to wake their connections (woken
 //!   from other nodes through PostgreSQL `LISTEN/NOTIFY`).

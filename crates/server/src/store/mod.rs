@@ -7,8 +7,8 @@
 //!
 //! Both keep the same promise: every write that the protocol acknowledges is committed
 //! first, so an acknowledged message survives a crash, and a crash in the middle of an
-//! operation leaves no half-written state. Both **group commit**: a writer task (one for
-//! SQLite, a few per node for PostgreSQL) runs each waiting write in its own savepoint
+//! operation leaves no half-written state. Both **group commit**: a writer (one OS thread
+//! for SQLite, a few tasks per node for PostgreSQL) runs each waiting write in its own savepoint
 //! inside one transaction, commits once, and only then answers each caller. Reads never wait for the writer.
 //!
 //! **Why an enum and not a trait object.** Every operation is an `async fn`; a
@@ -191,11 +191,15 @@ impl Database {
     }
 }
 
+/// Calls the backend's method of the same name. PostgreSQL's futures (sqlx's query
+/// machinery, inlined) are several KiB, and a future's size is paid by every task that
+/// may await it, for the task's whole life, busy or idle: each connection's tasks did.
+/// Boxed, that memory is taken only while a call runs.
 macro_rules! forward {
     ($self:ident, $s:ident => $call:expr) => {
         match &$self.backend {
-            Backend::Sqlite($s) => $call,
-            Backend::Postgres($s) => $call,
+            Backend::Sqlite($s) => $call.await,
+            Backend::Postgres($s) => Box::pin($call).await,
         }
     };
 }
@@ -237,14 +241,14 @@ impl Store {
 
     /// Waits until every write submitted so far is committed, then closes the database.
     pub async fn close(&self) {
-        forward!(self, s => s.close().await)
+        forward!(self, s => s.close())
     }
 
     pub async fn device_by_noise_key(
         &self,
         noise_key: &[u8],
     ) -> Result<Option<DeviceRecord>, ServerError> {
-        forward!(self, s => s.device_by_noise_key(noise_key).await)
+        forward!(self, s => s.device_by_noise_key(noise_key))
     }
 
     /// Creates an account with its first device and keys, atomically.
@@ -258,8 +262,8 @@ impl Store {
         fallback: Option<&SignedKey>,
     ) -> Result<RegisterOutcome, ServerError> {
         forward!(self, s => s
-            .register(username, noise_key, curve25519, ed25519, one_time_keys, fallback)
-            .await)
+        .register(username, noise_key, curve25519, ed25519, one_time_keys, fallback)
+        )
     }
 
     /// One-time keys left for `device_id`, a device of `owner`'s account.
@@ -270,7 +274,7 @@ impl Store {
     ) -> Result<u32, ServerError> {
         match &self.backend {
             Backend::Sqlite(s) => s.one_time_key_count(device_id).await,
-            Backend::Postgres(s) => s.one_time_key_count(owner, device_id).await,
+            Backend::Postgres(s) => Box::pin(s.one_time_key_count(owner, device_id)).await,
         }
     }
 
@@ -280,7 +284,7 @@ impl Store {
     pub async fn keys_low(&self, owner: &str, device_id: i64) -> Result<(), ServerError> {
         match &self.backend {
             Backend::Sqlite(_) => Ok(()),
-            Backend::Postgres(s) => s.keys_low(owner, device_id).await,
+            Backend::Postgres(s) => Box::pin(s.keys_low(owner, device_id)).await,
         }
     }
 
@@ -299,8 +303,7 @@ impl Store {
                     .await
             }
             Backend::Postgres(s) => {
-                s.upload_keys(device, one_time_keys, fallback, max_keys)
-                    .await
+                Box::pin(s.upload_keys(device, one_time_keys, fallback, max_keys)).await
             }
         }
     }
@@ -311,7 +314,7 @@ impl Store {
         username: &str,
         one_time: bool,
     ) -> Result<Option<Vec<DeviceBundle>>, ServerError> {
-        forward!(self, s => s.claim_keys(username, one_time).await)
+        forward!(self, s => s.claim_keys(username, one_time))
     }
 
     /// Writes one message to the recipient devices' queues; idempotent per message id.
@@ -323,7 +326,7 @@ impl Store {
         ciphertexts: &[OutgoingCiphertext],
         limits: EnqueueLimits,
     ) -> Result<EnqueueOutcome, ServerError> {
-        forward!(self, s => s.enqueue(sender, recipient, message_id, ciphertexts, limits).await)
+        forward!(self, s => s.enqueue(sender, recipient, message_id, ciphertexts, limits))
     }
 
     /// Envelopes for `device` after queue position `after_seq`, oldest first.
@@ -335,7 +338,7 @@ impl Store {
     ) -> Result<Vec<QueuedEnvelope>, ServerError> {
         match &self.backend {
             Backend::Sqlite(s) => s.pending(device.device_id, after_seq, limit).await,
-            Backend::Postgres(s) => s.pending(device, after_seq, limit).await,
+            Backend::Postgres(s) => Box::pin(s.pending(device, after_seq, limit)).await,
         }
     }
 
@@ -346,7 +349,7 @@ impl Store {
         device: &DeviceRecord,
         message_id: &[u8],
     ) -> Result<Option<i64>, ServerError> {
-        forward!(self, s => s.ack_message(device, message_id).await)
+        forward!(self, s => s.ack_message(device, message_id))
     }
 
     pub async fn pending_receipts(
@@ -357,14 +360,14 @@ impl Store {
     ) -> Result<Vec<QueuedReceipt>, ServerError> {
         match &self.backend {
             Backend::Sqlite(s) => s.pending_receipts(device.device_id, after_seq, limit).await,
-            Backend::Postgres(s) => s.pending_receipts(device, after_seq, limit).await,
+            Backend::Postgres(s) => Box::pin(s.pending_receipts(device, after_seq, limit)).await,
         }
     }
 
     /// Deletes up to `limit` queued messages older than `before_ms` and queues an
     /// `expired` receipt for each sender's device; returns the sender devices to wake.
     pub async fn expire(&self, before_ms: u64, limit: u32) -> Result<Vec<i64>, ServerError> {
-        forward!(self, s => s.expire(before_ms, limit).await)
+        forward!(self, s => s.expire(before_ms, limit))
     }
 
     pub async fn ack_receipt(
@@ -374,7 +377,7 @@ impl Store {
     ) -> Result<(), ServerError> {
         match &self.backend {
             Backend::Sqlite(s) => s.ack_receipt(device.device_id, message_id).await,
-            Backend::Postgres(s) => s.ack_receipt(device, message_id).await,
+            Backend::Postgres(s) => Box::pin(s.ack_receipt(device, message_id)).await,
         }
     }
 }
