@@ -723,13 +723,8 @@ impl Client {
             joined: true,
             created_ms: postern_protocol::now_ms(),
         };
-        let change = groups::change(group_change::Kind::Created, Vec::new());
-        let message_id = self
-            .inner
-            .outbox
-            .queue_group_change(None, &group, change)
-            .await?;
-        Ok(MembershipChange { group, message_id })
+        self.change_group(None, group, group_change::Kind::Created, Vec::new())
+            .await
     }
 
     /// Adds `members` to a group this account is in; they receive the messages written
@@ -752,16 +747,13 @@ impl Client {
         after.members.sort();
         self.check_group_size(after.members.len())?;
         after.epoch += 1;
-        let change = groups::change(group_change::Kind::Added, new.into_iter().collect());
-        let message_id = self
-            .inner
-            .outbox
-            .queue_group_change(Some(&before), &after, change)
-            .await?;
-        Ok(MembershipChange {
-            group: after,
-            message_id,
-        })
+        self.change_group(
+            Some(&before),
+            after,
+            group_change::Kind::Added,
+            new.into_iter().collect(),
+        )
+        .await
     }
 
     /// Removes `members` from a group this account is in: they are told, and no message
@@ -787,16 +779,13 @@ impl Client {
         let mut after = before.clone();
         after.members.retain(|m| !gone.contains(m));
         after.epoch += 1;
-        let change = groups::change(group_change::Kind::Removed, gone.into_iter().collect());
-        let message_id = self
-            .inner
-            .outbox
-            .queue_group_change(Some(&before), &after, change)
-            .await?;
-        Ok(MembershipChange {
-            group: after,
-            message_id,
-        })
+        self.change_group(
+            Some(&before),
+            after,
+            group_change::Kind::Removed,
+            gone.into_iter().collect(),
+        )
+        .await
     }
 
     /// Leaves a group: the others are told, and nothing they write reaches this account
@@ -807,11 +796,23 @@ impl Client {
         after.members.retain(|m| m != self.username());
         after.joined = false;
         after.epoch += 1;
-        let change = groups::change(group_change::Kind::Left, Vec::new());
+        self.change_group(Some(&before), after, group_change::Kind::Left, Vec::new())
+            .await
+    }
+
+    /// Saves the group as `after` and queues the change to the members concerned.
+    async fn change_group(
+        &self,
+        before: Option<&GroupInfo>,
+        after: GroupInfo,
+        kind: group_change::Kind,
+        subjects: Vec<String>,
+    ) -> Result<MembershipChange, ClientError> {
+        let change = groups::change(kind, subjects);
         let message_id = self
             .inner
             .outbox
-            .queue_group_change(Some(&before), &after, change)
+            .queue_group_change(before, &after, change)
             .await?;
         Ok(MembershipChange {
             group: after,
