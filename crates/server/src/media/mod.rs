@@ -172,6 +172,46 @@ fn lock(index: &Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
     index.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Copies complete upload `id` to the bucket, then records it there and deletes the local
+/// copy (fetches in between are served from disk).
+async fn push(
+    index: &Mutex<Index>,
+    dir: &Path,
+    remote: &RemoteStore,
+    id: MediaId,
+) -> Result<(), MediaError> {
+    let result = remote.put_file(&id, &data_path(dir, &id)).await;
+    let meta = {
+        let mut guard = lock(index);
+        guard.pushing.remove(&id);
+        result?;
+        guard.entries.get_mut(&id).map(|e| {
+            e.meta.remote = true;
+            e.meta.clone()
+        })
+    };
+    let Some(meta) = meta else {
+        // Expired while it was copied.
+        return remote.delete(&id).await;
+    };
+    // The meta says "in the bucket" before the local copy goes: a crash in between leaves
+    // a stray local file, which the next start removes.
+    let dir = dir.to_path_buf();
+    let written = tokio::task::spawn_blocking(move || {
+        write_meta(&dir, &id, &meta)?;
+        let data = data_path(&dir, &id);
+        match std::fs::remove_file(&data) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&data)(e)),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    if let Ok(Err(e)) = written {
+        warn!(error = %e, "an upload copied to object storage is also still on disk");
+    }
+    Ok(())
+}
+
 /// The media store. Cheap to share behind an `Arc`.
 pub struct MediaStore {
     config: MediaConfig,
@@ -301,8 +341,8 @@ impl MediaStore {
         }
     }
 
-    /// Copies complete upload `id` to the bucket in the background; then records it there
-    /// and deletes the local copy (fetches in between are served from disk).
+    /// Copies complete upload `id` to the bucket in the background (a retry of one whose
+    /// copy failed before).
     fn push_later(&self, id: MediaId) {
         let Some(remote) = self.remote.clone() else {
             return;
@@ -312,36 +352,28 @@ impl MediaStore {
         }
         let (index, dir) = (self.index.clone(), self.config.dir.clone());
         tokio::spawn(async move {
-            let result = remote.put_file(&id, &data_path(&dir, &id)).await;
-            let meta = {
-                let mut guard = lock(&index);
-                guard.pushing.remove(&id);
-                if let Err(e) = result {
-                    warn!(error = %e, "an upload stays on disk for now (copied to object storage later)");
-                    return;
-                }
-                guard.entries.get_mut(&id).map(|e| {
-                    e.meta.remote = true;
-                    e.meta.clone()
-                })
-            };
-            let Some(meta) = meta else {
-                // Expired while it was copied.
-                let _ = remote.delete(&id).await;
-                return;
-            };
-            // The meta says "in the bucket" before the local copy goes: a crash in
-            // between leaves a stray local file, which the next start removes.
-            let written = tokio::task::spawn_blocking(move || {
-                write_meta(&dir, &id, &meta)?;
-                let data = data_path(&dir, &id);
-                std::fs::remove_file(&data).map_err(io_error(&data))
-            })
-            .await;
-            if let Ok(Err(e)) = written {
-                warn!(error = %e, "an upload copied to object storage is also still on disk");
+            if let Err(e) = push(&index, &dir, &remote, id).await {
+                warn!(error = %e, "an upload stays on disk for now (copied to object storage later)");
             }
         });
+    }
+
+    /// With object storage: makes sure complete upload `id` is in the bucket before the
+    /// uploader is told it is complete — the message carrying it goes out next, and its
+    /// recipient may fetch it through another node, which only finds it there.
+    async fn ensure_pushed(&self, id: &MediaId) -> Result<(), MediaError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let in_bucket = self
+            .index()
+            .entries
+            .get(id)
+            .is_none_or(|e| e.meta.remote || !e.meta.complete);
+        if in_bucket {
+            return Ok(());
+        }
+        push(&self.index, &self.config.dir, remote, *id).await
     }
 
     pub fn config(&self) -> &MediaConfig {
@@ -381,7 +413,12 @@ impl MediaStore {
             let e = index.entries.get(id).ok_or(MediaError::NotFound)?;
             (e.state(), e.meta.created_ms)
         };
-        if state.complete || data.is_empty() || offset != state.stored {
+        if state.complete {
+            // A repeat after a failed copy to the bucket tries it again.
+            self.ensure_pushed(id).await?;
+            return Ok(state);
+        }
+        if data.is_empty() || offset != state.stored {
             return Ok(state);
         }
         let end = offset + data.len() as u64;
@@ -435,7 +472,7 @@ impl MediaStore {
             e.state()
         };
         if state.complete {
-            self.push_later(*id);
+            self.ensure_pushed(id).await?;
         }
         Ok(state)
     }
