@@ -3,9 +3,10 @@
 //!
 //! Partial uploads stay on the local disk of the node that receives them (S3 objects are
 //! written whole, and a client resumes chunk by chunk); once complete and fsynced there,
-//! an upload is copied to the bucket in the background, then its local copy is deleted.
-//! Any node serves a fetch: from its disk while the copy is under way, else from the
-//! bucket by byte range — also for uploads another node took. The bucket only ever holds
+//! an upload is copied to the bucket before the uploader is told it is complete (its
+//! message goes out next, and the recipient may fetch through another node), then its
+//! local copy is deleted. Any node serves a fetch: from its disk while a failed copy is
+//! retried, else from the bucket by byte range — also for uploads another node took. The bucket only ever holds
 //! ciphertext; keys travel inside end-to-end encrypted messages.
 
 use std::path::Path;
