@@ -143,16 +143,7 @@ fn messages_to_devices_on_other_nodes_and_shards_are_pushed_at_once_with_two_and
             &[nodes[i].addr],
             &tmp.path().join(format!("{name}.toml")),
         );
-        ok(
-            &homes[i],
-            &[
-                "account",
-                "create",
-                name,
-                "--network",
-                net.to_str().unwrap(),
-            ],
-        );
+        account_with(&homes[i], name, &net);
     }
     let bob = TimedFollower::start(&homes[1]);
     let carol = TimedFollower::start(&homes[2]);
@@ -228,16 +219,7 @@ fn a_file_uploaded_through_one_node_is_fetched_through_another_from_the_shared_b
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     for (home, name, node) in [(&alice, "alice", &a), (&bob, "bob", &b)] {
         let net = network(&a, &[node.addr], &tmp.path().join(format!("{name}.toml")));
-        ok(
-            home,
-            &[
-                "account",
-                "create",
-                name,
-                "--network",
-                net.to_str().unwrap(),
-            ],
-        );
+        account_with(home, name, &net);
     }
     let file = tmp.path().join("plan.bin");
     let data: Vec<u8> = (0..700_000).map(|_| rand::random::<u8>()).collect();

@@ -193,6 +193,11 @@ pub fn relay_for(server: &TestServer) -> TestRelay {
 
 /// Registers NAME in the profile at `home` on `server`.
 pub fn account(home: &Path, name: &str, server: &TestServer) {
+    account_with(home, name, &server.network_file());
+}
+
+/// Registers NAME in the profile at `home` with the network file `network`.
+pub fn account_with(home: &Path, name: &str, network: &Path) {
     ok(
         home,
         &[
@@ -200,7 +205,7 @@ pub fn account(home: &Path, name: &str, server: &TestServer) {
             "create",
             name,
             "--network",
-            server.network_file().to_str().unwrap(),
+            network.to_str().unwrap(),
         ],
     );
 }
