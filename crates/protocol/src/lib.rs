@@ -21,7 +21,8 @@
 //! links (`postern://proxy?host=…`) that relays print and clients import, and
 //! [`relay_auth`] the relay secrets such links may carry and the token that proves them.
 //! [`client_hello`] finds a TLS ClientHello in a connection's first bytes, for the relay's
-//! SNI routing and the testbed censor's SNI and fingerprint checks.
+//! SNI routing and the testbed censor's SNI and fingerprint checks; [`stream`] replays the
+//! bytes such peeking read ahead, for the relay and the server alike.
 
 pub mod client_hello;
 pub mod error;
@@ -33,6 +34,7 @@ pub mod network;
 pub mod noise;
 pub mod proxy_header;
 pub mod relay_auth;
+pub mod stream;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod units;

@@ -26,6 +26,7 @@ use postern_protocol::schema::{
 };
 use postern_protocol::{proxy_header, username, ProtocolError, PROTOCOL_VERSION};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -35,10 +36,12 @@ use crate::hub::Presence;
 use crate::media::{MediaError, MediaId};
 use crate::push_window::PushWindow;
 use crate::store::{
-    DeviceRecord, EnqueueLimits, EnqueueOutcome, OutgoingCiphertext, RegisterOutcome, SignedKey,
+    DeviceRecord, EnqueueLimits, EnqueueOutcome, OutgoingCiphertext, QueuedEnvelope, QueuedReceipt,
+    RegisterOutcome, SignedKey,
 };
 use crate::{ServerError, Shared};
 use postern_protocol::net::SourceSlot;
+use postern_protocol::stream::Prefixed;
 
 /// Envelopes or receipts read from the database per round trip while pushing.
 const PUSH_BATCH: u32 = 64;
@@ -85,14 +88,106 @@ pub(crate) async fn serve(
     }
 }
 
+/// A connection past its handshake: the two directions of the Noise channel and who is on
+/// the other end.
+struct Established {
+    reader: noise::SecureReader<Prefixed<OwnedReadHalf>>,
+    writer: SecureWriter<OwnedWriteHalf>,
+    device: Option<DeviceRecord>,
+    noise_key: [u8; 32],
+    client_addr: SocketAddr,
+    send_only: bool,
+    slot: Option<SourceSlot>,
+}
+
 async fn run(
     stream: TcpStream,
     peer: SocketAddr,
-    mut slot: Option<SourceSlot>,
+    slot: Option<SourceSlot>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let accepted = Instant::now();
+    // Boxed: the handshake's futures are large and needed once; inline, they would size the
+    // connection's task for its whole life (an idle connection's memory is mostly its
+    // futures).
+    let Established {
+        mut reader,
+        writer,
+        device,
+        noise_key,
+        client_addr,
+        send_only,
+        slot,
+    } = Box::pin(establish(stream, peer, slot, &shared)).await?;
+    let _slot = slot;
+
+    // Frames travel boxed: tokio's channel allocates its slots in blocks of 32 when it is
+    // created, and an unboxed `ClientFrame` (its largest variant, `Register`) made that
+    // block about 5 KiB of every idle connection's memory, a boxed frame beside an unboxed
+    // error still 1 KiB; a box is one pointer (256 bytes for the block).
+    let (frames_tx, frames_rx) = mpsc::channel(8);
+    let acks_for: Arc<OnceLock<DeviceRecord>> = Arc::default();
+    if let Some(d) = &device {
+        let _ = acks_for.set(d.clone());
+    }
+    let window = Arc::new(PushWindow::default());
+    let reader_window = window.clone();
+    let reader_shared = shared.clone();
+    let reader_device = acks_for.clone();
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let frame = reader.recv::<ClientFrame>().await;
+            if let (
+                Ok(ClientFrame {
+                    body: Some(body), ..
+                }),
+                Some(device),
+            ) = (&frame, reader_device.get())
+            {
+                match apply_ack(&reader_shared, &reader_window, device, body).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(error = %e, "could not apply an acknowledgement");
+                        break;
+                    }
+                }
+            }
+            let failed = frame.is_err();
+            if frames_tx.send(Box::new(frame)).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let shared_unregistered = shared.limits.unregistered_timeout;
+    let mut session = Session {
+        shared,
+        writer,
+        device: device.map(Arc::new),
+        acks_for,
+        window,
+        shutdown: shutdown.clone(),
+        noise_key,
+        client_addr,
+        send_only,
+        presence: None,
+        envelope_cursor: 0,
+        receipt_cursor: 0,
+        register_by: accepted + shared_unregistered,
+    };
+    let result = session.run(frames_rx, shutdown).await;
+    reader_task.abort();
+    result
+}
+
+/// Reads the optional PROXY header and the Noise handshake, looks the device up and answers.
+async fn establish(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut slot: Option<SourceSlot>,
+    shared: &Shared,
+) -> Result<Established, ConnError> {
     let _ = stream.set_nodelay(true);
     // The buffer lets us peek at the first byte for PROXY detection without losing it.
     let mut stream = BufReader::with_capacity(2048, stream);
@@ -138,7 +233,6 @@ async fn run(
     })
     .await
     .map_err(|_| ProtocolError::Timeout(limit))??;
-    let _slot = slot;
     if shared.log_client_addresses {
         debug!(peer = %peer, client = %client_addr, via_proxy, "handshake received");
     }
@@ -173,65 +267,21 @@ async fn run(
         }),
     };
     let transport = handshake.finish(&mut stream, &hello).await?;
-    let (read_half, write_half) = tokio::io::split(stream);
-    let (mut reader, writer) = noise::split(transport, read_half, write_half);
-
-    // Frames travel boxed: tokio's channel allocates its slots in blocks of 32 when it is
-    // created, and an unboxed `ClientFrame` (its largest variant, `Register`) made that
-    // block about 5 KiB of every idle connection's memory; a box is one pointer.
-    let (frames_tx, frames_rx) = mpsc::channel(8);
-    let acks_for: Arc<OnceLock<DeviceRecord>> = Arc::default();
-    if let Some(d) = &device {
-        let _ = acks_for.set(d.clone());
-    }
-    let window = Arc::new(PushWindow::default());
-    let reader_window = window.clone();
-    let reader_shared = shared.clone();
-    let reader_device = acks_for.clone();
-    let reader_task = tokio::spawn(async move {
-        loop {
-            let frame = reader.recv::<ClientFrame>().await;
-            if let (
-                Ok(ClientFrame {
-                    body: Some(body), ..
-                }),
-                Some(device),
-            ) = (&frame, reader_device.get())
-            {
-                match apply_ack(&reader_shared, &reader_window, device, body).await {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(e) => {
-                        warn!(error = %e, "could not apply an acknowledgement");
-                        break;
-                    }
-                }
-            }
-            let failed = frame.is_err();
-            if frames_tx.send(frame.map(Box::new)).await.is_err() || failed {
-                break;
-            }
-        }
-    });
-    let shared_unregistered = shared.limits.unregistered_timeout;
-    let mut session = Session {
-        shared,
+    // The buffer has done its work: whatever it read ahead is replayed, and the socket is
+    // read directly from now on (2 KiB less for every connection that stays).
+    let read_ahead = stream.buffer().to_vec();
+    let (read_half, write_half) = stream.into_inner().into_split();
+    let (reader, writer) =
+        noise::split(transport, Prefixed::new(read_ahead, read_half), write_half);
+    Ok(Established {
+        reader,
         writer,
-        device: device.map(Arc::new),
-        acks_for,
-        window,
-        shutdown: shutdown.clone(),
+        device,
         noise_key,
         client_addr,
         send_only,
-        presence: None,
-        envelope_cursor: 0,
-        receipt_cursor: 0,
-        register_by: accepted + shared_unregistered,
-    };
-    let result = session.run(frames_rx, shutdown).await;
-    reader_task.abort();
-    result
+        slot,
+    })
 }
 
 /// Applies `body` if it is an acknowledgement from `device`; returns whether it was one.
@@ -244,9 +294,8 @@ async fn apply_ack(
     match body {
         client_frame::Body::AckMessage(a) => {
             window.acked(&a.message_id);
-            if let Some(sender_device) = shared.store.ack_message(device, &a.message_id).await? {
-                shared.hub.wake_receipts(sender_device);
-            }
+            // The store tells the sender's connections about the receipt.
+            shared.store.ack_message(device, &a.message_id).await?;
             Ok(true)
         }
         client_frame::Body::AckReceipt(a) => {
@@ -324,7 +373,7 @@ struct Session<W> {
 impl<W: AsyncWrite + Unpin> Session<W> {
     async fn run(
         &mut self,
-        mut frames: mpsc::Receiver<Result<Box<ClientFrame>, ProtocolError>>,
+        mut frames: mpsc::Receiver<Box<Result<ClientFrame, ProtocolError>>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
         self.go_online();
@@ -336,9 +385,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             tokio::select! {
                 frame = frames.recv() => {
                     deadline = Instant::now() + idle;
-                    match frame {
+                    match frame.map(|f| *f) {
                         None => return Ok(()),
-                        Some(Ok(frame)) => self.handle(*frame).await?,
+                        Some(Ok(frame)) => self.handle(frame).await?,
                         Some(Err(ProtocolError::Decode(e))) => {
                             let body = error_body(ErrorCode::BadRequest, format!("malformed frame: {e}"));
                             self.reply(0, body).await?;
@@ -390,77 +439,58 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         Ok(())
     }
 
-    /// Sends everything queued for this device that this connection has not sent yet.
+    /// Sends everything queued for this device that this connection has not sent yet: what
+    /// the store handed over, and what it has to read from the database when told to (see
+    /// `hub`). The cursors skip anything already sent, so the two never overlap.
     async fn push_pending(&mut self) -> Result<(), ConnError> {
         let (Some(device), Some(presence)) = (&self.device, &self.presence) else {
             return Ok(());
         };
-        // A handle of its own: the loops below update this session's cursors while using it.
+        // Handles of their own: the loops below update this session's cursors while using
+        // them.
         let device = &*device.clone();
         let device_id = device.device_id;
-        let signal = &presence.signal;
-        let keys_low = signal.keys_low.swap(false, Ordering::AcqRel);
-        let mut envelopes = signal.envelopes.swap(false, Ordering::AcqRel);
-        let mut receipts = signal.receipts.swap(false, Ordering::AcqRel);
-        while envelopes {
+        let waiting = presence.signal.take();
+        // The database first: everything handed over was committed before this read began,
+        // so the read covers it and the cursor then skips it.
+        let mut read = waiting.read_envelopes;
+        while read {
             let batch = self
                 .shared
                 .store
                 .pending(device, self.envelope_cursor, PUSH_BATCH)
                 .await?;
-            let full = batch.len() == PUSH_BATCH as usize;
-            for e in batch {
-                // At most a window of unacknowledged envelopes in flight, so a path that
-                // freezes after some kilobytes still gets each window acknowledged.
-                if !self.window.has_room() {
-                    let idle = self.shared.limits.idle_timeout;
-                    let mut shutdown = self.shutdown.clone();
-                    tokio::select! {
-                        opened = tokio::time::timeout(idle, self.window.room()) => {
-                            opened.map_err(|_| ConnError::Stalled(idle))?;
-                        }
-                        // The main loop sees the shutdown too and ends the session.
-                        _ = shutdown.changed() => return Ok(()),
-                    }
-                }
-                self.window.pushed(
-                    &e.message_id,
-                    e.ciphertext.len() + e.sender.len() + ENVELOPE_OVERHEAD,
-                );
-                self.envelope_cursor = e.seq;
-                let body = server_frame::Body::Envelope(Envelope {
-                    message_id: e.message_id,
-                    sender: e.sender,
-                    sender_device_id: e.sender_device as u64,
-                    server_time_ms: e.server_time_ms,
-                    olm_type: e.olm_type,
-                    ciphertext: e.ciphertext,
-                });
-                self.reply(0, body).await?;
-            }
             // A full batch means there may be more.
-            envelopes = full;
+            read = batch.len() == PUSH_BATCH as usize;
+            for e in batch {
+                if !self.push_envelope(e).await? {
+                    return Ok(());
+                }
+            }
         }
-        while receipts {
+        for e in waiting.mailbox.envelopes {
+            if e.seq > self.envelope_cursor && !self.push_envelope(Arc::unwrap_or_clone(e)).await? {
+                return Ok(());
+            }
+        }
+        let mut read = waiting.read_receipts;
+        while read {
             let batch = self
                 .shared
                 .store
                 .pending_receipts(device, self.receipt_cursor, PUSH_BATCH)
                 .await?;
-            let full = batch.len() == PUSH_BATCH as usize;
+            read = batch.len() == PUSH_BATCH as usize;
             for r in batch {
-                self.receipt_cursor = r.seq;
-                let body = server_frame::Body::Receipt(Receipt {
-                    message_id: r.message_id,
-                    recipient: r.recipient,
-                    server_time_ms: r.server_time_ms,
-                    expired: r.expired,
-                });
-                self.reply(0, body).await?;
+                self.push_receipt(r).await?;
             }
-            receipts = full;
         }
-        if keys_low {
+        for r in waiting.mailbox.receipts {
+            if r.seq > self.receipt_cursor {
+                self.push_receipt(Arc::unwrap_or_clone(r)).await?;
+            }
+        }
+        if waiting.keys_low {
             let remaining = self
                 .shared
                 .store
@@ -474,6 +504,51 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         Ok(())
     }
 
+    /// Pushes one envelope once the push window has room, and moves the cursor past it.
+    /// False if the server is shutting down instead (nothing was pushed).
+    async fn push_envelope(&mut self, e: QueuedEnvelope) -> Result<bool, ConnError> {
+        // At most a window of unacknowledged envelopes in flight, so a path that freezes
+        // after some kilobytes still gets each window acknowledged.
+        if !self.window.has_room() {
+            let idle = self.shared.limits.idle_timeout;
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                opened = tokio::time::timeout(idle, self.window.room()) => {
+                    opened.map_err(|_| ConnError::Stalled(idle))?;
+                }
+                // The main loop sees the shutdown too and ends the session.
+                _ = shutdown.changed() => return Ok(false),
+            }
+        }
+        self.window.pushed(
+            &e.message_id,
+            e.ciphertext.len() + e.sender.len() + ENVELOPE_OVERHEAD,
+        );
+        self.envelope_cursor = e.seq;
+        let body = server_frame::Body::Envelope(Envelope {
+            message_id: e.message_id,
+            sender: e.sender,
+            sender_device_id: e.sender_device as u64,
+            server_time_ms: e.server_time_ms,
+            olm_type: e.olm_type,
+            ciphertext: e.ciphertext,
+        });
+        self.reply(0, body).await?;
+        Ok(true)
+    }
+
+    /// Pushes one receipt and moves the cursor past it.
+    async fn push_receipt(&mut self, r: QueuedReceipt) -> Result<(), ConnError> {
+        self.receipt_cursor = r.seq;
+        let body = server_frame::Body::Receipt(Receipt {
+            message_id: r.message_id,
+            recipient: r.recipient,
+            server_time_ms: r.server_time_ms,
+            expired: r.expired,
+        });
+        self.reply(0, body).await
+    }
+
     async fn handle(&mut self, frame: ClientFrame) -> Result<(), ConnError> {
         use client_frame::Body;
         let id = frame.request_id;
@@ -484,18 +559,20 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         };
         let answer = match body {
             Body::Ping(p) => server_frame::Body::Pong(Pong { nonce: p.nonce }),
-            Body::Register(r) => self.register(r).await?,
+            // Rare requests run boxed: a session's future is as large as the largest future
+            // it may await, for the whole life of the connection (see `run`).
+            Body::Register(r) => Box::pin(self.register(r)).await?,
             other => match self.device.clone() {
                 None => error_body(
                     ErrorCode::NotRegistered,
                     "this device is not registered: create an account first",
                 ),
                 Some(device) => match other {
-                    Body::UploadKeys(u) => self.upload_keys(&device, u).await?,
-                    Body::ClaimKeys(c) => self.claim_keys(&device, c).await?,
+                    Body::UploadKeys(u) => Box::pin(self.upload_keys(&device, u)).await?,
+                    Body::ClaimKeys(c) => Box::pin(self.claim_keys(&device, c)).await?,
                     Body::Send(s) => self.send(&device, s).await?,
-                    Body::MediaUpload(u) => self.media_upload(&device, u).await,
-                    Body::MediaFetch(f) => self.media_fetch(f).await,
+                    Body::MediaUpload(u) => Box::pin(self.media_upload(&device, u)).await,
+                    Body::MediaFetch(f) => Box::pin(self.media_fetch(f)).await,
                     // Normally applied by the reader task; never answered.
                     Body::AckMessage(_) | Body::AckReceipt(_) => {
                         apply_ack(&self.shared, &self.window, &device, &other).await?;
@@ -771,13 +848,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             )
             .await?;
         Ok(match outcome {
-            EnqueueOutcome::Accepted {
-                server_time_ms,
-                recipient_devices,
-            } => {
-                for d in recipient_devices {
-                    self.shared.hub.wake(d);
-                }
+            // The store has told the recipient's connections.
+            EnqueueOutcome::Accepted { server_time_ms, .. } => {
                 server_frame::Body::MessageAccepted(MessageAccepted {
                     message_id: s.message_id,
                     server_time_ms,

@@ -27,6 +27,7 @@
 
 mod connection;
 pub mod data_dir;
+pub mod delivery;
 pub mod disk;
 mod error;
 pub mod hub;

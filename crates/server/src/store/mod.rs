@@ -31,6 +31,7 @@ pub mod reshard;
 pub mod sharded;
 pub mod sqlite;
 
+pub use crate::delivery::{QueuedEnvelope, QueuedReceipt};
 pub use postgres::PgStore;
 pub use sharded::PgShards;
 pub use sqlite::SqliteStore;
@@ -68,29 +69,6 @@ pub struct OutgoingCiphertext {
     pub body: Vec<u8>,
 }
 
-/// A queued envelope waiting for its recipient device.
-#[derive(Debug, Clone)]
-pub struct QueuedEnvelope {
-    pub seq: i64,
-    pub message_id: Vec<u8>,
-    pub sender: String,
-    pub sender_device: i64,
-    pub server_time_ms: u64,
-    pub olm_type: u32,
-    pub ciphertext: Vec<u8>,
-}
-
-/// A delivery receipt waiting for the sending device.
-#[derive(Debug, Clone)]
-pub struct QueuedReceipt {
-    pub seq: i64,
-    pub message_id: Vec<u8>,
-    pub recipient: String,
-    pub server_time_ms: u64,
-    /// The message was deleted undelivered (queue time-to-live), not delivered.
-    pub expired: bool,
-}
-
 /// Result of registering an account.
 #[derive(Debug)]
 pub enum RegisterOutcome {
@@ -102,7 +80,8 @@ pub enum RegisterOutcome {
 /// Result of queueing a message.
 #[derive(Debug)]
 pub enum EnqueueOutcome {
-    /// Stored (or already stored under this id): acknowledge, and wake these devices.
+    /// Stored (or already stored under this id): acknowledge. The recipient's devices (the
+    /// store has told this node's connections; see [`Store`]).
     Accepted {
         server_time_ms: u64,
         recipient_devices: Vec<i64>,
@@ -138,9 +117,15 @@ enum Backend {
 }
 
 /// Handle to the database; cheap to clone.
+///
+/// It also tells this node's connections what it committed for them: the SQLite store
+/// hands each envelope and receipt to the hub from its writer thread; for PostgreSQL the
+/// handle wakes the connections, which read from the database (other nodes learn of it
+/// through `LISTEN/NOTIFY`).
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    hub: Arc<Hub>,
 }
 
 /// Where the data lives, as given to `postern server run --database`.
@@ -206,10 +191,11 @@ macro_rules! forward {
 
 impl Store {
     /// Opens (creating if needed) the SQLite database file, applies pending migrations and
-    /// starts the writer task.
-    pub async fn open(path: &Path) -> Result<Self, ServerError> {
+    /// starts the writer thread, which hands what it commits to `hub`'s connections.
+    pub async fn open(path: &Path, hub: Arc<Hub>) -> Result<Self, ServerError> {
         Ok(Self {
-            backend: Backend::Sqlite(SqliteStore::open(path).await?),
+            backend: Backend::Sqlite(SqliteStore::open(path, hub.clone()).await?),
+            hub,
         })
     }
 
@@ -223,7 +209,8 @@ impl Store {
     /// them; every node must be given the same URLs in the same order.
     pub async fn open_shards(urls: &[String], hub: Arc<Hub>) -> Result<Self, ServerError> {
         Ok(Self {
-            backend: Backend::Postgres(PgShards::open(urls, hub).await?),
+            backend: Backend::Postgres(PgShards::open(urls, hub.clone()).await?),
+            hub,
         })
     }
 
@@ -234,7 +221,7 @@ impl Store {
         hub: Arc<Hub>,
     ) -> Result<Self, ServerError> {
         match database {
-            Database::Sqlite => Self::open(sqlite_path).await,
+            Database::Sqlite => Self::open(sqlite_path, hub).await,
             Database::Postgres(urls) => Self::open_shards(urls, hub).await,
         }
     }
@@ -326,7 +313,20 @@ impl Store {
         ciphertexts: &[OutgoingCiphertext],
         limits: EnqueueLimits,
     ) -> Result<EnqueueOutcome, ServerError> {
-        forward!(self, s => s.enqueue(sender, recipient, message_id, ciphertexts, limits))
+        let outcome =
+            forward!(self, s => s.enqueue(sender, recipient, message_id, ciphertexts, limits))?;
+        if let (
+            Backend::Postgres(_),
+            EnqueueOutcome::Accepted {
+                recipient_devices, ..
+            },
+        ) = (&self.backend, &outcome)
+        {
+            for d in recipient_devices {
+                self.hub.wake(*d);
+            }
+        }
+        Ok(outcome)
     }
 
     /// Envelopes for `device` after queue position `after_seq`, oldest first.
@@ -343,13 +343,18 @@ impl Store {
     }
 
     /// The recipient stored the message: delete it and queue a receipt for the sender's
-    /// device. Returns that device (to wake it), or `None` for a repeated acknowledgement.
+    /// device. Returns that device (already told, see [`Store`]), or `None` for a repeated
+    /// acknowledgement.
     pub async fn ack_message(
         &self,
         device: &DeviceRecord,
         message_id: &[u8],
     ) -> Result<Option<i64>, ServerError> {
-        forward!(self, s => s.ack_message(device, message_id))
+        let sender_device = forward!(self, s => s.ack_message(device, message_id))?;
+        if let (Backend::Postgres(_), Some(d)) = (&self.backend, sender_device) {
+            self.hub.wake_receipts(d);
+        }
+        Ok(sender_device)
     }
 
     pub async fn pending_receipts(
@@ -409,7 +414,8 @@ mod tests {
                     #[tokio::test]
                     async fn $name() {
                         let dir = tempfile::tempdir().unwrap();
-                        let s = super::Store::open(&dir.path().join("t.db")).await.unwrap();
+                        let hub = std::sync::Arc::new(crate::hub::Hub::default());
+                        let s = super::Store::open(&dir.path().join("t.db"), hub).await.unwrap();
                         super::$name(s).await;
                     }
                 )*
@@ -448,6 +454,64 @@ mod tests {
         expired_messages_leave_the_queue_and_tell_the_sender,
         a_sender_over_its_byte_quota_is_refused_but_retries_are_not
     );
+
+    /// The SQLite writer hands what it commits to the online devices' connections, in
+    /// commit order and with the queue's positions, and nothing for what it refused or
+    /// already had.
+    #[tokio::test]
+    async fn sqlite_hands_committed_envelopes_and_receipts_to_online_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Arc::new(crate::hub::Hub::default());
+        let s = Store::open(&dir.path().join("t.db"), hub.clone())
+            .await
+            .unwrap();
+        let (alice, bob, ct) = alice_bob(&s, 40).await;
+        let carol = register(&s, "carol", 3, &[]).await;
+        // Queued while Bob is offline: in the queue only.
+        for id in [b"old-1", b"old-2", b"old-3"] {
+            s.enqueue(&carol, "bob", id, &ct, lim(5)).await.unwrap();
+        }
+        let before = s.pending(&bob, 0, 10).await.unwrap();
+        let (alice_online, bob_online) = (hub.join(alice.device_id), hub.join(bob.device_id));
+        // Alice's first message also creates her quota row: the queue's position must
+        // still be the queue row's.
+        for id in [b"id-1", b"id-2"] {
+            s.enqueue(&alice, "bob", id, &ct, lim(5)).await.unwrap();
+        }
+        let handed = bob_online.signal.take();
+        assert!(!handed.read_envelopes, "no database read needed");
+        let queued = s.pending(&bob, before[2].seq, 10).await.unwrap();
+        let got: Vec<(i64, &[u8], &[u8])> = handed
+            .mailbox
+            .envelopes
+            .iter()
+            .map(|e| (e.seq, &e.message_id[..], &e.ciphertext[..]))
+            .collect();
+        let want: Vec<(i64, &[u8], &[u8])> = queued
+            .iter()
+            .map(|e| (e.seq, &e.message_id[..], &e.ciphertext[..]))
+            .collect();
+        assert_eq!(got, want);
+        // A retry (already queued) and a refusal (queue full) hand nothing over.
+        s.enqueue(&alice, "bob", b"id-1", &ct, lim(5))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.enqueue(&alice, "bob", b"id-3", &ct, lim(5))
+                .await
+                .unwrap(),
+            EnqueueOutcome::QueueFull
+        ));
+        assert!(bob_online.signal.take().mailbox.envelopes.is_empty());
+        // The receipt goes to the sender's connection.
+        s.ack_message(&bob, b"id-1").await.unwrap();
+        let receipts = alice_online.signal.take().mailbox.receipts;
+        let stored = s.pending_receipts(&alice, 0, 10).await.unwrap();
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(receipts[0].seq, stored[0].seq);
+        assert_eq!(receipts[0].recipient, "bob");
+        assert_eq!(receipts[0].message_id, b"id-1");
+    }
 
     async fn sharded_store(count: usize) -> Store {
         let pg = postern_test_kit::postgres::Postgres::shared();

@@ -28,6 +28,11 @@
 //! before). A write whose savepoint is rolled back, or a batch whose commit fails, empties
 //! both caches, since they may then describe writes that never happened; they refill from
 //! the database as they are used.
+//!
+//! **Hand-over after commit.** For the same reason the writer knows every envelope and
+//! receipt the moment it is committed: it hands them to the hub (in commit order, before
+//! answering anyone), and an online recipient's connection pushes them without reading them
+//! back (see `hub`). A rolled-back write hands nothing over; a failed commit, nothing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,6 +45,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::*;
+use crate::hub::{HandOver, Hub};
 use crate::ServerError;
 
 /// Read connections (and so reads running at once).
@@ -73,6 +79,10 @@ struct Writer {
     devices: HashMap<String, Vec<i64>>,
     /// Device id → messages waiting in its queue.
     queued: HashMap<i64, i64>,
+    /// This node's online connections, given what each batch committed.
+    hub: Arc<Hub>,
+    /// Envelopes and receipts written in the current batch, handed to `hub` once it commits.
+    handed: Vec<HandOver>,
 }
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, ServerError> {
@@ -88,8 +98,8 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, ServerEr
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file, applies pending migrations and starts
-    /// the writer thread.
-    pub async fn open(path: &Path) -> Result<Self, ServerError> {
+    /// the writer thread, which hands what it commits to `hub`'s connections.
+    pub async fn open(path: &Path, hub: Arc<Hub>) -> Result<Self, ServerError> {
         // The database holds every queued message: readable by the server's user only.
         // SQLite gives the -wal and -shm files the database's mode, so creating it 0600
         // first makes them private too; files left looser by older versions are tightened.
@@ -133,6 +143,8 @@ impl SqliteStore {
             conn,
             devices: HashMap::new(),
             queued: HashMap::new(),
+            hub,
+            handed: Vec::new(),
         };
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -438,7 +450,7 @@ impl SqliteStore {
                     return Ok(EnqueueOutcome::OverQuota);
                 }
             }
-            for ct in &ciphertexts {
+            for ct in ciphertexts {
                 if w.queue_len(ct.device_id)? >= i64::from(limits.max_queue) {
                     return Ok(EnqueueOutcome::QueueFull);
                 }
@@ -460,6 +472,8 @@ impl SqliteStore {
                         ct.body
                     ])?;
                 if inserted > 0 {
+                    // Now: the quota upsert below may insert a row and move it.
+                    let seq = w.conn.last_insert_rowid();
                     *w.queued.entry(ct.device_id).or_insert(0) += 1;
                     w.conn
                         .prepare_cached(
@@ -467,6 +481,18 @@ impl SqliteStore {
                              ON CONFLICT(account_id) DO UPDATE SET bytes = bytes + excluded.bytes",
                         )?
                         .execute(params![sender.account_id, ct.body.len() as i64])?;
+                    w.handed.push(HandOver::Envelope {
+                        device_id: ct.device_id,
+                        envelope: Arc::new(QueuedEnvelope {
+                            seq,
+                            message_id: message_id.clone(),
+                            sender: sender.username.clone(),
+                            sender_device: sender.device_id,
+                            server_time_ms: now as u64,
+                            olm_type: ct.olm_type,
+                            ciphertext: ct.body,
+                        }),
+                    });
                 }
             }
             Ok(EnqueueOutcome::Accepted {
@@ -515,6 +541,7 @@ impl SqliteStore {
     ) -> Result<Option<i64>, ServerError> {
         let (device, message_id) = (device.clone(), message_id.to_vec());
         self.write(move |w| {
+            let now = now_ms();
             let deleted: Option<(i64, i64)> = w
                 .conn
                 .prepare_cached(
@@ -537,8 +564,21 @@ impl SqliteStore {
                     "INSERT OR IGNORE INTO receipts (device_id, message_id, recipient, server_time_ms)
                      SELECT id, ?, ?, ? FROM devices WHERE id = ?",
                 )?
-                .execute(params![message_id, device.username, now_ms(), sender_device])?;
-            Ok((queued > 0).then_some(sender_device))
+                .execute(params![message_id, device.username, now, sender_device])?;
+            if queued == 0 {
+                return Ok(None);
+            }
+            w.handed.push(HandOver::Receipt {
+                device_id: sender_device,
+                receipt: Arc::new(QueuedReceipt {
+                    seq: w.conn.last_insert_rowid(),
+                    message_id,
+                    recipient: device.username,
+                    server_time_ms: now as u64,
+                    expired: false,
+                }),
+            });
+            Ok(Some(sender_device))
         })
         .await
     }
@@ -739,10 +779,12 @@ fn write_loop(mut w: Writer, mut jobs: mpsc::Receiver<WriteJob>) {
         }
         for job in batch.drain(..) {
             let savepoint = w.exec("SAVEPOINT op");
+            let handed_before = w.handed.len();
             let (ok, answer) = job(&mut w);
             if !(ok && savepoint.is_ok()) {
                 let _ = w.exec("ROLLBACK TO op");
                 w.forget();
+                w.handed.truncate(handed_before);
             }
             let _ = w.exec("RELEASE op");
             answers.push(answer);
@@ -756,6 +798,14 @@ fn write_loop(mut w: Writer, mut jobs: mpsc::Receiver<WriteJob>) {
                 Err(e.to_string())
             }
         };
+        // Before any answer: a sender told "accepted" may tell the recipient out of band,
+        // and the recipient's connection must already have the message by then.
+        if committed.is_ok() {
+            let hub = w.hub.clone();
+            hub.hand_over(w.handed.drain(..));
+        } else {
+            w.handed.clear();
+        }
         for answer in answers.drain(..) {
             answer(committed.clone());
         }
