@@ -212,3 +212,15 @@ impl Drop for ReadyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A child process killed (and reaped) when this is dropped, so a test that panics half-way
+/// leaves nothing running: a browser left behind by a failed capture kept running and
+/// took CPU from every later test and benchmark on the machine.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

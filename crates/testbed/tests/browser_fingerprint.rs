@@ -15,6 +15,7 @@ use postern_client::connector::browser_tls::CHROME_JA4;
 use postern_client::route::{self, Progress};
 use postern_client::{ProxyEntry, Route};
 use postern_protocol::link::Sni;
+use postern_test_kit::process::KillOnDrop;
 use postern_testbed::fingerprint::{is_grease, Hello};
 use tokio::net::TcpListener;
 
@@ -48,28 +49,28 @@ async fn chromium_hello() -> Hello {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let profile = tempfile::tempdir().expect("profile dir");
-    let mut chromium = Command::new(CHROMIUM)
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--host-resolver-rules=MAP {NAME} 127.0.0.1"))
-        .arg(format!("https://{NAME}:{port}/"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chromium");
-    let hello = capture(&listener).await;
-    let _ = chromium.kill();
-    let _ = chromium.wait();
-    hello
+    // Killed when dropped, also when the capture fails.
+    let _chromium = KillOnDrop(
+        Command::new(CHROMIUM)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--host-resolver-rules=MAP {NAME} 127.0.0.1"))
+            .arg(format!("https://{NAME}:{port}/"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium"),
+    );
+    capture(&listener).await
 }
 
 async fn postern_hello(listener: &TcpListener, sni: Sni) -> Hello {
