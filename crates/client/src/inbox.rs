@@ -183,6 +183,10 @@ impl Inbox {
         }
         if content.group.is_some() {
             let received = self.receive_group(&mut tx, e, id, content).await?;
+            if let Received::Ignored(_) = &received {
+                // Its Olm key is used up: a second delivery must count as a duplicate.
+                store.remember_ignored(&mut tx, &id.0).await?;
+            }
             tx.commit().await?;
             if key_changed {
                 self.sessions.announce_key_change(&e.sender);

@@ -23,6 +23,10 @@ pub use groups::{MemberDelivery, MemberStatus};
 
 pub type Tx = Transaction<'static, Sqlite>;
 
+/// How long a device remembers a message it decrypted and did not show (90 days: three
+/// times the server's default queue lifetime, after which it delivers nothing again).
+pub const IGNORED_KEPT_MS: i64 = 90 * 24 * 60 * 60 * 1000;
+
 /// Delivery state of a message in the history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -1132,12 +1136,40 @@ impl LocalStore {
         Ok(status.map(|s| MessageStatus::parse(&s)))
     }
 
+    /// Whether this device already processed `message_id`: stored it, or decrypted it and
+    /// would not show it ([`LocalStore::remember_ignored`]).
     pub async fn has_message(&self, message_id: &[u8]) -> Result<bool, ClientError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE message_id = ?")
-            .bind(message_id)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM messages WHERE message_id = ?1)
+                  + (SELECT COUNT(*) FROM ignored_messages WHERE message_id = ?1)",
+        )
+        .bind(message_id)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n > 0)
+    }
+
+    /// Records, in the decrypting transaction, that `message_id` was decrypted and not
+    /// shown, so a second delivery of it is a duplicate (its Olm key is used up). Markers
+    /// older than [`IGNORED_KEPT_MS`] go.
+    pub async fn remember_ignored(
+        &self,
+        tx: &mut Tx,
+        message_id: &[u8],
+    ) -> Result<(), ClientError> {
+        let now = postern_protocol::now_ms() as i64;
+        sqlx::query("DELETE FROM ignored_messages WHERE ignored_ms < ?")
+            .bind(now - IGNORED_KEPT_MS)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO ignored_messages (message_id, ignored_ms) VALUES (?, ?)",
+        )
+        .bind(message_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// Records an incoming message inside the decrypting transaction. Returns false if it
@@ -1302,6 +1334,29 @@ mod tests {
             .await
             .unwrap();
         (dir, store)
+    }
+
+    /// A message decrypted and not shown counts as processed, so a second delivery of it
+    /// is dropped as a duplicate (not shown as undecryptable); old markers are pruned.
+    #[tokio::test]
+    async fn a_message_decrypted_and_not_shown_is_a_duplicate_when_delivered_again() {
+        let (_dir, store) = store().await;
+        let (old, refused) = ([1u8; 16], [2u8; 16]);
+        sqlx::query("INSERT INTO ignored_messages (message_id, ignored_ms) VALUES (?, ?)")
+            .bind(&old[..])
+            .bind(postern_protocol::now_ms() as i64 - IGNORED_KEPT_MS - 1)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert!(!store.has_message(&refused).await.unwrap());
+        let mut tx = store.begin().await.unwrap();
+        store.remember_ignored(&mut tx, &refused).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(store.has_message(&refused).await.unwrap());
+        assert!(
+            !store.has_message(&old).await.unwrap(),
+            "old markers are pruned"
+        );
     }
 
     async fn incoming(store: &LocalStore, peer: &str, text: &str) {
