@@ -83,16 +83,16 @@ const isGroup = (peer) => typeof peer === "string" && peer.startsWith("group:");
  * The marks of an outgoing message and their explanation. A group message is ✓✓ once
  * every member's device has it, ✓✓ 1/2 while only some do.
  */
+/** A history line's marks: the text as the client library words it ("✓✓ 1/2" included,
+ *  m.marks), and a tooltip. */
 function marksOf(m) {
-  const reached = (m.deliveries || []).filter((d) => d.status !== "failed");
-  const delivered = reached.filter((d) => d.status === "delivered").length;
-  if ((m.status === "sent" || m.status === "pending") && delivered > 0 && delivered < reached.length) {
-    const waiting = reached.filter((d) => d.status !== "delivered").map((d) => d.member).join(", ");
-    return { text: `✓✓ ${delivered}/${reached.length}`, title: `Delivered to ${delivered} of ${reached.length} members; not yet to ${waiting}` };
+  const p = m.progress;
+  if (p) {
+    return { text: m.marks, title: `Delivered to ${p.delivered} of ${p.reached} members; not yet to ${p.waiting.join(", ")}` };
   }
   const title = m.deliveries && m.deliveries.length && m.status === "delivered"
     ? "Delivered to every member's device" : (MARK_TITLES[m.status] || "");
-  return { text: MARKS[m.status] || "", title };
+  return { text: m.marks ?? (MARKS[m.status] || ""), title };
 }
 
 const STAGE_WORDS = { resolve: "Find the address (DNS)", connect: "Connect (TCP)", tls: "Secure connection (TLS)", handshake: "Reach the service and verify it" };

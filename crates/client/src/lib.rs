@@ -56,6 +56,6 @@ pub use postern_protocol::units::human_bytes;
 pub use proxy::{ProxyEntry, ProxyMode, ProxyParseError};
 pub use safety::{SafetyNumber, SafetyNumberError};
 pub use store::{
-    AttachmentInfo, Conversation, HistoryEntry, MemberDelivery, MemberStatus, MessageStatus,
-    TransferState,
+    AttachmentInfo, Conversation, GroupProgress, HistoryEntry, MemberDelivery, MemberStatus,
+    MessageStatus, TransferState,
 };

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use postern_client::{ClientError, Conversation, HistoryEntry, MessageId};
+use postern_client::{ClientError, Conversation, GroupProgress, HistoryEntry, MessageId};
 use serde::{Deserialize, Serialize};
 
 use super::{client, ApiResult};
@@ -28,11 +28,32 @@ async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Conversation>
     Ok(Json(client(&state).await?.conversations().await?))
 }
 
+/// A line of a conversation as the app shows it: the entry, and its marks as the client
+/// library words them (so the app and the CLI cannot disagree on "✓✓ 1/2").
+#[derive(Debug, Serialize)]
+pub struct Line {
+    #[serde(flatten)]
+    pub entry: HistoryEntry,
+    pub marks: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<GroupProgress>,
+}
+
 async fn history(
     State(state): State<Arc<AppState>>,
     Path(peer): Path<String>,
-) -> ApiResult<Vec<HistoryEntry>> {
-    Ok(Json(client(&state).await?.history(&peer).await?))
+) -> ApiResult<Vec<Line>> {
+    let history = client(&state).await?.history(&peer).await?;
+    Ok(Json(
+        history
+            .into_iter()
+            .map(|entry| Line {
+                marks: entry.marks(),
+                progress: entry.group_progress(),
+                entry,
+            })
+            .collect(),
+    ))
 }
 
 async fn read(State(state): State<Arc<AppState>>, Path(peer): Path<String>) -> ApiResult<()> {

@@ -418,6 +418,7 @@ impl LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::GroupProgress;
 
     async fn marks(store: &LocalStore, key: &str) -> (MessageStatus, String) {
         let h = store.history(key).await.unwrap();
@@ -490,6 +491,14 @@ mod tests {
             marks(&store, &key).await,
             (MessageStatus::Sent, "✓✓ 1/2".to_string())
         );
+        assert_eq!(
+            store.history(&key).await.unwrap()[0].group_progress(),
+            Some(GroupProgress {
+                delivered: 1,
+                reached: 2,
+                waiting: vec!["carol".into()],
+            })
+        );
         store
             .group_receipt(&sends[1].wire_id, false)
             .await
@@ -499,6 +508,7 @@ mod tests {
             marks(&store, &key).await,
             (MessageStatus::Delivered, "✓✓".to_string())
         );
+        assert_eq!(store.history(&key).await.unwrap()[0].group_progress(), None);
         // A receipt for something that is not a copy of ours: nothing.
         assert!(store
             .group_receipt(&[1; 16], false)

@@ -119,6 +119,16 @@ impl HistoryEntry {
     /// The marks shown next to an outgoing message: as [`MessageStatus::marks`], and for a
     /// group message "✓✓" once every member has it, "✓✓ 1/3" while only some do.
     pub fn marks(&self) -> String {
+        match self.group_progress() {
+            Some(p) => format!("✓✓ {}/{}", p.delivered, p.reached),
+            None => self.status.marks().to_string(),
+        }
+    }
+
+    /// For an outgoing group message some members have and others not yet: how many
+    /// have it, of how many it can still reach, and who is still waiting. `None` otherwise
+    /// (the one place this rule lives: the CLI and the app both show it).
+    pub fn group_progress(&self) -> Option<GroupProgress> {
         let reached: Vec<&MemberDelivery> = self
             .deliveries
             .iter()
@@ -131,12 +141,27 @@ impl HistoryEntry {
         let some = matches!(self.status, MessageStatus::Sent | MessageStatus::Pending)
             && delivered > 0
             && delivered < reached.len();
-        if some {
-            format!("✓✓ {delivered}/{}", reached.len())
-        } else {
-            self.status.marks().to_string()
-        }
+        some.then(|| GroupProgress {
+            delivered,
+            reached: reached.len(),
+            waiting: reached
+                .iter()
+                .filter(|d| d.status != MemberStatus::Delivered)
+                .map(|d| d.member.clone())
+                .collect(),
+        })
     }
+}
+
+/// An outgoing group message that some members have (see [`HistoryEntry::group_progress`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupProgress {
+    /// Members whose device has it.
+    pub delivered: usize,
+    /// Members it can still reach (those it failed for are left out).
+    pub reached: usize,
+    /// Members it has not reached yet.
+    pub waiting: Vec<String>,
 }
 
 /// Where an attachment's transfer stands.
