@@ -92,7 +92,7 @@ function marksOf(m) {
   }
   const title = m.deliveries && m.deliveries.length && m.status === "delivered"
     ? "Delivered to every member's device" : (MARK_TITLES[m.status] || "");
-  return { text: m.marks ?? (MARKS[m.status] || ""), title };
+  return { text: m.marks, title };
 }
 
 const STAGE_WORDS = { resolve: "Find the address (DNS)", connect: "Connect (TCP)", tls: "Secure connection (TLS)", handshake: "Reach the service and verify it" };

@@ -12,8 +12,9 @@
 //!   connections, in commit order, so the common push needs no database read (each read
 //!   was a hand-off to a blocking thread and back). The connection skips what its cursor
 //!   has passed, so a hand-over that overlaps a read sends nothing twice. A mailbox is
-//!   bounded: past [`MAILBOX_ENVELOPES`] envelopes or [`MAILBOX_BYTES`] it is emptied and
-//!   turned into a wake-up, and the connection reads from the database instead.
+//!   bounded: past [`MAILBOX_ENVELOPES`] envelopes, [`MAILBOX_BYTES`] or
+//!   [`MAILBOX_RECEIPTS`] receipts it is emptied and turned into a wake-up, and the
+//!   connection reads from the database instead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +26,8 @@ use crate::delivery::{QueuedEnvelope, QueuedReceipt};
 
 /// Envelopes a connection's mailbox holds before it falls back to reading the database.
 pub const MAILBOX_ENVELOPES: usize = 64;
+/// Receipts a connection's mailbox holds before it falls back to reading the database.
+pub const MAILBOX_RECEIPTS: usize = 64;
 /// Ciphertext bytes a connection's mailbox holds before it falls back to reading the
 /// database.
 pub const MAILBOX_BYTES: usize = 256 * 1024;
@@ -164,7 +167,7 @@ impl Hub {
                             }
                         }
                         HandOver::Receipt { receipt, .. } => {
-                            if mailbox.receipts.len() >= MAILBOX_ENVELOPES {
+                            if mailbox.receipts.len() >= MAILBOX_RECEIPTS {
                                 mailbox.receipts = Vec::new();
                                 s.receipts.store(true, Ordering::Release);
                             } else {

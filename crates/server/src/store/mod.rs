@@ -106,6 +106,15 @@ pub struct EnqueueLimits {
 /// Writes committed together at most.
 pub const MAX_BATCH: usize = 256;
 
+/// Whether `ciphertexts` address each of the recipient's `devices` exactly once (both
+/// stores refuse a message otherwise: the sender's view of the devices is out of date).
+fn addresses_every_device(ciphertexts: &[OutgoingCiphertext], devices: &[i64]) -> bool {
+    let mut addressed: Vec<i64> = ciphertexts.iter().map(|c| c.device_id).collect();
+    addressed.sort_unstable();
+    addressed.dedup();
+    addressed == devices && addressed.len() == ciphertexts.len()
+}
+
 fn now_ms() -> i64 {
     postern_protocol::now_ms() as i64
 }

@@ -621,14 +621,11 @@ impl PgStore {
         if devices.is_empty() {
             return Ok(EnqueueOutcome::UnknownRecipient);
         }
-        let mut addressed: Vec<i64> = ciphertexts.iter().map(|c| c.device_id).collect();
-        addressed.sort_unstable();
-        addressed.dedup();
-        if addressed != devices || addressed.len() != ciphertexts.len() {
+        if !addresses_every_device(&ciphertexts, &devices) {
             return Ok(EnqueueOutcome::DevicesChanged);
         }
         // In device order, so two nodes queueing for the same devices do not deadlock.
-        for d in &addressed {
+        for d in &devices {
             lock(tx, queue_lock(*d)).await?;
         }
         lock(tx, quota_lock(sender.account_id)).await?;
@@ -636,7 +633,7 @@ impl PgStore {
         let already: Option<i64> = sqlx::query_scalar(
             "SELECT 1::int8 FROM queue WHERE recipient_device = $1 AND message_id = $2 LIMIT 1",
         )
-        .bind(addressed[0])
+        .bind(devices[0])
         .bind(&message_id)
         .fetch_optional(&mut *tx)
         .await?;

@@ -423,10 +423,7 @@ impl SqliteStore {
             let Some(devices) = w.devices_of(&recipient)? else {
                 return Ok(EnqueueOutcome::UnknownRecipient);
             };
-            let mut addressed: Vec<i64> = ciphertexts.iter().map(|c| c.device_id).collect();
-            addressed.sort_unstable();
-            addressed.dedup();
-            if addressed != devices || addressed.len() != ciphertexts.len() {
+            if !addresses_every_device(&ciphertexts, &devices) {
                 return Ok(EnqueueOutcome::DevicesChanged);
             }
             let now = now_ms();
@@ -444,7 +441,7 @@ impl SqliteStore {
                     .prepare_cached(
                         "SELECT 1 FROM queue WHERE recipient_device = ? AND message_id = ? LIMIT 1",
                     )?
-                    .query_row(params![addressed[0], message_id], |r| r.get(0))
+                    .query_row(params![devices[0], message_id], |r| r.get(0))
                     .optional()?;
                 if already.is_none() {
                     return Ok(EnqueueOutcome::OverQuota);
