@@ -28,6 +28,18 @@ impl<S> Prefixed<S> {
     }
 }
 
+impl<S> Prefixed<S> {
+    /// The replayed bytes not yet read.
+    pub fn unread(&self) -> &[u8] {
+        &self.prefix[self.pos..]
+    }
+
+    /// The stream itself; whatever of the prefix was not read is dropped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -38,6 +38,12 @@ struct Args {
     /// own 2 well under the open-file limit).
     #[arg(long, default_value_t = 3000)]
     idle_conns: usize,
+    /// Seconds the idle connections sit before memory is read (the same for every relay).
+    /// Long enough for postern to park quiet connections (`limits.park_after`, 2 s) and for
+    /// freed memory to go back to the system, as it would on a relay whose clients have
+    /// been quiet for a while.
+    #[arg(long, default_value_t = 5.0)]
+    idle_settle_secs: f64,
     /// Seconds per TLS handshake run.
     #[arg(long, default_value_t = 4.0)]
     hs_secs: f64,
@@ -242,7 +248,7 @@ async fn bulk_rates(t: &Target, secs: f64) -> Result<BulkRates> {
 }
 
 /// Idle memory per connection, KiB, on a freshly started relay.
-async fn idle_memory(kind: Kind, setup: &Setup, tls: bool, n: usize) -> Result<f64> {
+async fn idle_memory(kind: Kind, setup: &Setup, tls: bool, n: usize, settle: f64) -> Result<f64> {
     let relay = Running::start(kind, setup)?;
     let t = target(&relay, tls);
     // Warm up: first-connection allocations (TLS config, thread pools) are not per connection.
@@ -252,7 +258,7 @@ async fn idle_memory(kind: Kind, setup: &Setup, tls: bool, n: usize) -> Result<f
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = relay.rss();
     let conns = load::open_idle(&t, n, 64).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
     let after = relay.rss();
     drop(conns);
     relay.stop();
@@ -282,8 +288,10 @@ async fn bench_peer(kind: Kind, setup: &Setup, a: &Args, rows: &mut [Row]) -> Re
             kind.name(),
             a.idle_conns
         );
-        rows[r::IDLE].vals[c] = Some(idle_memory(kind, setup, false, a.idle_conns).await?);
-        rows[r::TLS_IDLE].vals[c] = Some(idle_memory(kind, setup, true, a.idle_conns).await?);
+        let settle = a.idle_settle_secs;
+        rows[r::IDLE].vals[c] = Some(idle_memory(kind, setup, false, a.idle_conns, settle).await?);
+        rows[r::TLS_IDLE].vals[c] =
+            Some(idle_memory(kind, setup, true, a.idle_conns, settle).await?);
     }
     let relay = Running::start(kind, setup)?;
     let (plain, tls) = (target(&relay, false), target(&relay, true));

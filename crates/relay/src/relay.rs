@@ -7,6 +7,7 @@ use crate::accept::sni::AllowList;
 use crate::accept::tls::TlsError;
 use crate::config::{ConfigError, RelayConfig};
 use crate::cover::Cover;
+use crate::forward::park::ParkingLot;
 use crate::stats::{ListenerStats, Metrics};
 use crate::upstream::{Pool, Resolver};
 use std::collections::BTreeMap;
@@ -100,6 +101,25 @@ fn no_ipv6(e: &std::io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(47) if !cfg!(target_os = "linux"))
 }
 
+/// The lot where quiet connections wait, unless parking is off (`limits.park_after = 0`) or
+/// the system refuses an epoll set (then connections are simply not parked).
+fn parking_lot(
+    limits: &crate::config::Limits,
+    cut: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<Arc<ParkingLot>> {
+    if limits.park_after.is_zero() {
+        return None;
+    }
+    match ParkingLot::start(cut.clone(), tracker.clone()) {
+        Ok(lot) => Some(lot),
+        Err(e) => {
+            tracing::warn!(error = %e, "quiet connections will not be parked");
+            None
+        }
+    }
+}
+
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, RelayError> {
     listen_socket(addr).map_err(|source| RelayError::Bind {
         name: name.to_string(),
@@ -176,6 +196,7 @@ impl Relay {
             trusted,
             cut: cut.clone(),
             tracker: tracker.clone(),
+            lot: parking_lot(&limits, &cut, &tracker),
             gate: gate.clone(),
         });
 
@@ -265,7 +286,11 @@ impl Relay {
         if let Some(g) = &gate {
             all_stats.push(g.cover.stats());
         }
-        let metrics = Metrics::new(all_stats, pools.values().cloned().collect());
+        let metrics = Metrics::new(
+            all_stats,
+            pools.values().cloned().collect(),
+            shared.lot.clone(),
+        );
         let mut stats_addr = None;
         if let Some(socket) = stats_socket {
             stats_addr = socket.local_addr().ok();

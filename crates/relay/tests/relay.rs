@@ -1266,3 +1266,172 @@ async fn postern_on_helper_and_run_until() {
     tokio::time::timeout(T, running).await.unwrap().unwrap();
     assert!(TcpStream::connect(plain).await.is_err());
 }
+
+// ---------------------------------------------------------------- parking quiet connections
+
+fn parked(relay: &RunningRelay) -> usize {
+    relay.metrics().parked()
+}
+
+/// Writes `msg` on `a` while reading it whole on `b`.
+async fn pass<A: AsyncWrite + Unpin, B: AsyncRead + Unpin>(a: &mut A, b: &mut B, msg: &[u8]) {
+    let write = async {
+        a.write_all(msg).await.unwrap();
+        a.flush().await.unwrap();
+    };
+    let mut got = vec![0u8; msg.len()];
+    let read = async {
+        tokio::time::timeout(T, b.read_exact(&mut got))
+            .await
+            .expect("bytes did not arrive")
+            .unwrap();
+    };
+    tokio::join!(write, read);
+    assert!(got == msg, "bytes differ");
+}
+
+/// A quiet connection leaves its task (plain and TLS): bytes from either side wake it, it
+/// still counts as open and for graceful shutdown, and nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_connections_are_parked_and_woken_by_either_side() {
+    // The test holds the upstream end of each connection, so it can speak first.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = pool_config(
+        &[
+            listener("plain", ""),
+            listener("tls", "tls = true"),
+            listener("plain-lb", "accept_proxy = true"),
+        ]
+        .concat(),
+        &[upstream.local_addr().unwrap()],
+        "none",
+        "[limits]\npark_after = \"150ms\"\nidle_timeout = \"60s\"\n",
+    );
+    let relay = Relay::start(cfg).await.unwrap();
+    let accept = || async {
+        loop {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            // Health checks connect and close without a byte; a relayed client says hello.
+            let mut b = [0u8; 5];
+            if s.read_exact(&mut b).await.is_ok() {
+                assert_eq!(&b, b"hello");
+                return s;
+            }
+        }
+    };
+
+    let mut plain = TcpStream::connect(addr(&relay, "plain")).await.unwrap();
+    plain.write_all(b"hello").await.unwrap();
+    let mut plain_up = accept().await;
+    let tls = TcpStream::connect(addr(&relay, "tls")).await.unwrap();
+    let mut tls = tls_client::insecure()
+        .connect(tls_client::name("relay.invalid"), tls)
+        .await
+        .unwrap();
+    tls.write_all(b"hello").await.unwrap();
+    tls.flush().await.unwrap();
+    let mut tls_up = accept().await;
+    // Behind a load balancer, with the first bytes in the PROXY header's packet.
+    let mut lb = TcpStream::connect(addr(&relay, "plain-lb")).await.unwrap();
+    lb.write_all(b"PROXY TCP4 203.0.113.5 192.0.2.80 40000 8222\r\nhello")
+        .await
+        .unwrap();
+    let mut lb_up = accept().await;
+
+    for round in 0..3 {
+        wait_until("all three connections parked", || parked(&relay) == 3).await;
+        assert!(relay.tasks() >= 3, "parked connections count as running");
+        let m = relay.metrics().prometheus();
+        assert!(m.contains("postern_relay_connections_parked 3"), "{m}");
+        assert!(
+            m.contains("postern_relay_connections_active{listener=\"tls\"} 1"),
+            "{m}"
+        );
+        // Round 0 wakes them from the client's side, round 1 from the upstream's, round 2
+        // with bytes both ways at once (the larger message spans several TLS records).
+        let big = pattern(200_000);
+        match round {
+            0 => {
+                pass(&mut plain, &mut plain_up, b"from the client").await;
+                pass(&mut tls, &mut tls_up, b"from the client").await;
+                pass(&mut lb, &mut lb_up, b"from the client").await;
+            }
+            1 => {
+                pass(&mut plain_up, &mut plain, b"from the server").await;
+                pass(&mut tls_up, &mut tls, b"from the server").await;
+                pass(&mut lb_up, &mut lb, b"from the server").await;
+            }
+            _ => {
+                tokio::join!(
+                    pass(&mut plain, &mut plain_up, &big),
+                    pass(&mut tls_up, &mut tls, &big)
+                );
+                pass(&mut plain_up, &mut plain, &big).await;
+                pass(&mut tls, &mut tls_up, &big).await;
+                pass(&mut lb, &mut lb_up, &big).await;
+            }
+        }
+    }
+
+    // Closing either end of a parked connection closes the other.
+    wait_until("all parked again", || parked(&relay) == 3).await;
+    drop(lb);
+    assert!(closed_within(&mut lb_up, Duration::from_secs(5)).await);
+    drop(plain);
+    assert!(closed_within(&mut plain_up, Duration::from_secs(5)).await);
+    drop(tls_up);
+    assert!(closed_within(&mut tls, Duration::from_secs(5)).await);
+    wait_until("nothing parked", || parked(&relay) == 0).await;
+    wait_until("no connection open", || relay_idle(&relay)).await;
+    relay.shutdown().await;
+}
+
+fn relay_idle(relay: &RunningRelay) -> bool {
+    let m = relay.metrics().prometheus();
+    ["plain", "tls", "plain-lb"].iter().all(|l| {
+        m.contains(&format!(
+            "postern_relay_connections_active{{listener=\"{l}\"}} 0"
+        ))
+    })
+}
+
+/// A parked connection still gets its idle timeout, and shutdown cuts parked connections
+/// after the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_time_out_and_are_cut_at_shutdown() {
+    let up = Upstream::start(Mode::Echo, false).await;
+    let cfg = pool_config(
+        &listener("plain", ""),
+        &[up.addr],
+        "none",
+        "[limits]\npark_after = \"100ms\"\nidle_timeout = \"1500ms\"\nshutdown_grace = \"300ms\"\n",
+    );
+    let relay = Relay::start(cfg).await.unwrap();
+    let t0 = Instant::now();
+    let mut quiet = TcpStream::connect(addr(&relay, "plain")).await.unwrap();
+    quiet.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    quiet.read_exact(&mut b).await.unwrap();
+    wait_until("parked", || parked(&relay) == 1).await;
+    assert!(closed_within(&mut quiet, Duration::from_secs(10)).await);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(6),
+        "idle timeout of a parked connection: {took:?}"
+    );
+    assert_eq!(parked(&relay), 0);
+
+    let mut open = TcpStream::connect(addr(&relay, "plain")).await.unwrap();
+    open.write_all(b"y").await.unwrap();
+    open.read_exact(&mut b).await.unwrap();
+    wait_until("parked", || parked(&relay) == 1).await;
+    let t0 = Instant::now();
+    tokio::time::timeout(T, relay.shutdown())
+        .await
+        .expect("shutdown hangs on a parked connection");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "the grace period applies to parked connections too"
+    );
+    assert!(closed_within(&mut open, Duration::from_secs(2)).await);
+}

@@ -6,9 +6,10 @@ use crate::accept::gate::{self, Gate, Verdict};
 use crate::accept::limits::{ConnLimiter, GlobalSlot, SourceSlot};
 use crate::accept::proxy_header;
 use crate::accept::sni::{self, AllowList, SniError};
-use crate::accept::tls_stream::TlsAcceptor;
+use crate::accept::tls_stream::{TlsAcceptor, TlsClient};
 use crate::config::{Limits, SendProxy};
 use crate::forward::copy::{CopyParams, End, Relay};
+use crate::forward::park::{Parkable, ParkingLot, Relayed};
 use crate::stats::{FailReason, ListenerStats};
 use crate::stream::{BoxIo, Prefixed};
 use crate::upstream::{ActiveGuard, Pool, Resolver};
@@ -84,6 +85,9 @@ pub struct Shared {
     pub cut: CancellationToken,
     /// Tracks connection tasks for graceful shutdown.
     pub tracker: TaskTracker,
+    /// Where quiet connections wait (none if the relay could not create it, or parking is
+    /// off).
+    pub lot: Option<Arc<ParkingLot>>,
     /// On a relay with a secret: the gate every pool listener's connections pass, and the
     /// cover site for those that fail it.
     pub gate: Option<Arc<Gate>>,
@@ -200,8 +204,7 @@ impl Listener {
             source_slot,
             guard,
         } = prepared;
-        let cut = self.shared.cut.clone();
-        let tracker = self.shared.tracker.clone();
+        let shared = self.shared.clone();
         let held = (self, open, source_slot, guard);
         let finish = move |end: End| {
             let (this, _open, _source_slot, _guard) = held;
@@ -209,12 +212,9 @@ impl Listener {
                 "connection closed");
         };
         match io {
-            ClientIo::Tcp(tcp) => {
-                tracker.spawn(Relay::new(tcp, upstream, params, cut).map(finish));
-            }
-            ClientIo::Other(io) => {
-                tracker.spawn(Relay::new(io, upstream, params, cut).map(finish));
-            }
+            ClientIo::Tcp(tcp) => relay(&shared, tcp, upstream, params, finish),
+            ClientIo::Tls(tls) => relay(&shared, tls, upstream, params, finish),
+            ClientIo::Prefixed(io) => relay(&shared, io, upstream, params, finish),
         }
     }
 
@@ -290,10 +290,10 @@ impl Listener {
                     return Err(FailReason::AcmeChallenge);
                 }
                 exporter = secret;
-                ClientIo::Other(Box::new(tls))
+                ClientIo::Tls(tls)
             }
             None if leftover.is_empty() => ClientIo::Tcp(tcp),
-            None => ClientIo::Other(Box::new(Prefixed::new(leftover, tcp))),
+            None => ClientIo::Prefixed(Prefixed::new(leftover, tcp)),
         };
 
         // 4. On a relay with a secret: the client proves it holds the link, or the
@@ -415,14 +415,41 @@ struct Prepared {
 /// stream with TLS or replayed bytes on top.
 enum ClientIo {
     Tcp(TcpStream),
-    Other(BoxIo),
+    Tls(TlsClient),
+    /// Bytes that came with a PROXY header are replayed first.
+    Prefixed(Prefixed<TcpStream>),
 }
 
 impl ClientIo {
     fn boxed(self) -> BoxIo {
         match self {
             ClientIo::Tcp(t) => Box::new(t),
-            ClientIo::Other(o) => o,
+            ClientIo::Tls(t) => Box::new(t),
+            ClientIo::Prefixed(p) => Box::new(p),
+        }
+    }
+}
+
+/// Relays a connection in a task of its own, parking it while quiet if the relay parks.
+fn relay<C: Parkable, F: FnOnce(End) + Send + 'static>(
+    shared: &Shared,
+    client: C,
+    upstream: TcpStream,
+    params: Arc<CopyParams>,
+    finish: F,
+) {
+    let cut = shared.cut.clone();
+    match (&shared.lot, params.park_after) {
+        (Some(lot), Some(_)) => {
+            let lot = lot.clone();
+            shared
+                .tracker
+                .spawn(Relayed::new(client, upstream, params, cut, lot, finish));
+        }
+        _ => {
+            shared
+                .tracker
+                .spawn(Relay::new(client, upstream, params, cut).map(finish));
         }
     }
 }
@@ -435,21 +462,24 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             ClientIo::Tcp(t) => Pin::new(t).poll_write(cx, buf),
-            ClientIo::Other(o) => Pin::new(o).poll_write(cx, buf),
+            ClientIo::Tls(t) => Pin::new(t).poll_write(cx, buf),
+            ClientIo::Prefixed(p) => Pin::new(p).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             ClientIo::Tcp(t) => Pin::new(t).poll_flush(cx),
-            ClientIo::Other(o) => Pin::new(o).poll_flush(cx),
+            ClientIo::Tls(t) => Pin::new(t).poll_flush(cx),
+            ClientIo::Prefixed(p) => Pin::new(p).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             ClientIo::Tcp(t) => Pin::new(t).poll_shutdown(cx),
-            ClientIo::Other(o) => Pin::new(o).poll_shutdown(cx),
+            ClientIo::Tls(t) => Pin::new(t).poll_shutdown(cx),
+            ClientIo::Prefixed(p) => Pin::new(p).poll_shutdown(cx),
         }
     }
 }
@@ -462,7 +492,8 @@ impl AsyncRead for ClientIo {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             ClientIo::Tcp(t) => Pin::new(t).poll_read(cx, buf),
-            ClientIo::Other(o) => Pin::new(o).poll_read(cx, buf),
+            ClientIo::Tls(t) => Pin::new(t).poll_read(cx, buf),
+            ClientIo::Prefixed(p) => Pin::new(p).poll_read(cx, buf),
         }
     }
 }

@@ -15,15 +15,20 @@
 //! [`TlsStream`] implements `AsyncRead`/`AsyncWrite` like tokio-rustls's stream, so the rest
 //! of the relay does not care which one it holds.
 
+use crate::forward::copy::Socket;
+use crate::forward::park::Parkable;
+use crate::stream::Prefixed;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::ServerConfig;
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Ciphertext read from the socket at a time: one full TLS record and its header.
 const READ_CHUNK: usize = 16 * 1024 + 512;
@@ -82,9 +87,18 @@ impl TlsAcceptor {
         io: S,
     ) -> io::Result<TlsStream<S>> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-        let mut stream = TlsStream {
+        let mut stream = TlsStream::with_session(io, Box::new(conn));
+        poll_fn(|cx| stream.poll_handshake(cx)).await?;
+        Ok(stream)
+    }
+}
+
+impl<S> TlsStream<S> {
+    /// A stream over `io` carrying on `conn`, with empty buffers.
+    fn with_session(io: S, conn: Box<UnbufferedServerConnection>) -> Self {
+        TlsStream {
             io,
-            conn: Box::new(conn),
+            conn,
             incoming: Vec::new(),
             in_start: 0,
             in_end: 0,
@@ -94,9 +108,7 @@ impl TlsAcceptor {
             plain_start: 0,
             eof: false,
             close_sent: false,
-        };
-        poll_fn(|cx| stream.poll_handshake(cx)).await?;
-        Ok(stream)
+        }
     }
 }
 
@@ -122,6 +134,53 @@ impl<S> TlsStream<S> {
     /// The ALPN protocol agreed in the handshake, if any.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.conn.alpn_protocol()
+    }
+}
+
+/// A client connection the relay terminates TLS for: TLS over the client's socket, after
+/// whatever bytes came with a PROXY header.
+pub type TlsClient = TlsStream<Prefixed<TcpStream>>;
+
+impl TlsClient {
+    /// Nothing is buffered: no replayed bytes, no partial record, no unsent ciphertext,
+    /// no undelivered plaintext, and the session is open both ways.
+    fn holds_nothing(&self) -> bool {
+        self.io.unread().is_empty()
+            && self.in_start == self.in_end
+            && self.out_start == self.outgoing.len()
+            && self.plain_start == self.plaintext.len()
+            && !self.eof
+            && !self.close_sent
+    }
+}
+
+impl Socket for TlsClient {
+    fn is_quiet(&self) -> bool {
+        self.holds_nothing()
+    }
+}
+
+/// A parked TLS connection keeps its session (keys, sequence numbers) and the bare socket;
+/// the buffers, all empty, are dropped.
+impl Parkable for TlsClient {
+    type Parked = (Box<UnbufferedServerConnection>, std::net::TcpStream);
+
+    fn park(self) -> io::Result<Self::Parked> {
+        if !self.holds_nothing() {
+            return Err(io::Error::other("the TLS stream still holds bytes"));
+        }
+        Ok((self.conn, self.io.into_inner().into_std()?))
+    }
+
+    fn fd((_, socket): &Self::Parked) -> RawFd {
+        socket.as_raw_fd()
+    }
+
+    fn unpark((conn, socket): Self::Parked) -> io::Result<Self> {
+        Ok(TlsStream::with_session(
+            Prefixed::new(Vec::new(), TcpStream::from_std(socket)?),
+            conn,
+        ))
     }
 }
 

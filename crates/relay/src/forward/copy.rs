@@ -41,6 +41,9 @@ pub enum End {
     ProxyUnexpected,
     /// The relay is shutting down.
     Shutdown,
+    /// Quiet for `park_after` with nothing buffered: the sockets can be parked
+    /// ([`crate::forward::park`]). Only a relay made with [`Relay::parking`] ends this way.
+    Quiet,
 }
 
 /// Settings of relayed connections (one per listener, shared by its connections).
@@ -56,6 +59,8 @@ pub struct CopyParams {
     pub refuse_proxy_header: bool,
     /// Splice between plain TCP sockets instead of copying through user space.
     pub splice: bool,
+    /// Park a connection quiet for this long (`None`: never; see [`crate::forward::park`]).
+    pub park_after: Option<Duration>,
     /// Byte counters: client → upstream is `bytes_in`, upstream → client `bytes_out`.
     pub stats: Arc<ListenerStats>,
 }
@@ -74,6 +79,7 @@ impl CopyParams {
             half_close: limits.half_close_timeout,
             refuse_proxy_header,
             splice: limits.splice,
+            park_after: (!limits.park_after.is_zero()).then_some(limits.park_after),
             stats,
         })
     }
@@ -86,6 +92,12 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin {
     fn tcp(&self) -> Option<&TcpStream> {
         None
     }
+
+    /// Nothing is buffered inside the stream (a TLS layer holds no partial record, no
+    /// unsent ciphertext): the connection may be parked.
+    fn is_quiet(&self) -> bool {
+        true
+    }
 }
 
 impl Socket for TcpStream {
@@ -95,6 +107,11 @@ impl Socket for TcpStream {
 }
 
 impl Socket for crate::stream::BoxIo {}
+impl Socket for crate::stream::Prefixed<TcpStream> {
+    fn is_quiet(&self) -> bool {
+        self.unread().is_empty()
+    }
+}
 #[cfg(test)]
 impl Socket for tokio::io::DuplexStream {}
 
@@ -164,6 +181,15 @@ impl Dir {
             splice,
             ..Dir::default()
         }
+    }
+
+    /// Both ends open, nothing held: parking loses nothing.
+    fn is_quiet(&self) -> bool {
+        self.done.is_none()
+            && !self.eof
+            && !self.guard_proxy
+            && self.pending.is_empty()
+            && self.in_pipe == 0
     }
 
     /// Gives the (empty) pipe back to the thread's pool while the reader is quiet.
@@ -363,8 +389,9 @@ pin_project_lite::pin_project! {
     /// A relayed connection: copies both ways until both directions end, a timeout hits, or
     /// the relay cuts its connections.
     pub struct Relay<C, U> {
-        client: C,
-        upstream: U,
+        // Taken out only when the connection is parked (then the future is done).
+        client: Option<C>,
+        upstream: Option<U>,
         up: Dir,
         down: Dir,
         params: Arc<CopyParams>,
@@ -372,6 +399,8 @@ pin_project_lite::pin_project! {
         last: Instant,
         // One direction has finished: the half-close timeout applies.
         half_closed: bool,
+        // Ends with `End::Quiet` after `params.park_after` without traffic.
+        may_park: bool,
         #[pin]
         timer: Sleep,
         #[pin]
@@ -382,19 +411,66 @@ pin_project_lite::pin_project! {
 impl<C: Socket, U: Socket> Relay<C, U> {
     /// Relays between `client` and `upstream`; `cut` ends it early.
     pub fn new(client: C, upstream: U, params: Arc<CopyParams>, cut: CancellationToken) -> Self {
-        let now = Instant::now();
+        let guard = params.refuse_proxy_header;
+        Self::with_state(client, upstream, params, cut, Instant::now(), guard)
+    }
+
+    /// Relays a connection that was parked: the start of its stream was checked before, and
+    /// its idle timeout counts from `last`.
+    pub fn resume(
+        client: C,
+        upstream: U,
+        params: Arc<CopyParams>,
+        cut: CancellationToken,
+        last: Instant,
+    ) -> Self {
+        Self::with_state(client, upstream, params, cut, last, false).parking()
+    }
+
+    fn with_state(
+        client: C,
+        upstream: U,
+        params: Arc<CopyParams>,
+        cut: CancellationToken,
+        last: Instant,
+        guard_proxy: bool,
+    ) -> Self {
         let splice = params.splice && client.tcp().is_some() && upstream.tcp().is_some();
         Relay {
-            up: Dir::new(params.refuse_proxy_header, splice),
+            up: Dir::new(guard_proxy, splice),
             down: Dir::new(false, splice),
-            timer: tokio::time::sleep_until(now + params.idle),
+            timer: tokio::time::sleep_until(last + params.idle),
             cancelled: cut.cancelled_owned(),
-            last: now,
+            last,
             half_closed: false,
-            client,
-            upstream,
+            may_park: false,
+            client: Some(client),
+            upstream: Some(upstream),
             params,
         }
+    }
+
+    /// Ends with [`End::Quiet`] once quiet for the settings' `park_after` (if set); the
+    /// caller then takes the sockets with [`Relay::take_sockets`].
+    pub fn parking(mut self) -> Self {
+        if let Some(after) = self.params.park_after {
+            self.may_park = true;
+            self.timer = tokio::time::sleep_until(self.last + after.min(self.params.idle));
+        }
+        self
+    }
+
+    /// After [`End::Quiet`]: the two sockets, the settings and when bytes last moved.
+    pub fn take_sockets(self: Pin<&mut Self>) -> Option<(C, U, Arc<CopyParams>, Instant)> {
+        let this = self.project();
+        this.up.release_pipe();
+        this.down.release_pipe();
+        Some((
+            this.client.take()?,
+            this.upstream.take()?,
+            this.params.clone(),
+            *this.last,
+        ))
     }
 }
 
@@ -406,21 +482,25 @@ impl<C: Socket, U: Socket> Future for Relay<C, U> {
         if this.cancelled.poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
         }
+        let (Some(client), Some(upstream)) = (this.client.as_mut(), this.upstream.as_mut()) else {
+            // Parked: the sockets have left; nothing more happens here.
+            return Poll::Ready(End::Quiet);
+        };
         let p = &*this.params;
         let buffer = p.buffer.max(1);
         let mut active = false;
         let u = this.up.poll(
             cx,
-            this.client,
-            this.upstream,
+            &mut *client,
+            &mut *upstream,
             buffer,
             &p.stats.bytes_in,
             &mut active,
         );
         let d = this.down.poll(
             cx,
-            this.upstream,
-            this.client,
+            &mut *upstream,
+            &mut *client,
             buffer,
             &p.stats.bytes_out,
             &mut active,
@@ -452,9 +532,22 @@ impl<C: Socket, U: Socket> Future for Relay<C, U> {
         } else {
             p.idle
         };
-        let deadline = *this.last + limit;
+        let mut deadline = *this.last + limit;
         if now >= deadline {
             return Poll::Ready(End::Idle);
+        }
+        if let (true, false, Some(after)) = (*this.may_park, *this.half_closed, p.park_after) {
+            let quiet = this.up.is_quiet()
+                && this.down.is_quiet()
+                && client.is_quiet()
+                && upstream.is_quiet();
+            if quiet {
+                let park_at = *this.last + after;
+                if now >= park_at {
+                    return Poll::Ready(End::Quiet);
+                }
+                deadline = deadline.min(park_at);
+            }
         }
         // The timer is only re-armed when it fires (activity just moves `last`) or when the
         // deadline comes closer (half-close).
@@ -486,6 +579,7 @@ mod tests {
             half_close: Duration::from_secs(1).min(idle),
             refuse_proxy_header: refuse,
             splice: true,
+            park_after: None,
             stats: stats.clone(),
         };
         (Arc::new(p), stats)

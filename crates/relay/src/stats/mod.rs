@@ -9,6 +9,7 @@
 pub mod http;
 pub mod page;
 
+use crate::forward::park::ParkingLot;
 use crate::upstream::Pool;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -173,6 +174,8 @@ pub struct Metrics {
     pub listeners: Vec<Arc<ListenerStats>>,
     /// Upstream pools.
     pub pools: Vec<Arc<Pool>>,
+    /// Where quiet connections are parked, if the relay parks them.
+    lot: Option<Arc<ParkingLot>>,
     history: Mutex<History>,
     started: Instant,
 }
@@ -182,10 +185,15 @@ pub const HISTORY_LEN: usize = 60;
 
 impl Metrics {
     /// New metrics over these listeners and pools.
-    pub fn new(listeners: Vec<Arc<ListenerStats>>, pools: Vec<Arc<Pool>>) -> Arc<Self> {
+    pub fn new(
+        listeners: Vec<Arc<ListenerStats>>,
+        pools: Vec<Arc<Pool>>,
+        lot: Option<Arc<ParkingLot>>,
+    ) -> Arc<Self> {
         Arc::new(Metrics {
             listeners,
             pools,
+            lot,
             history: Mutex::new(History::default()),
             started: Instant::now(),
         })
@@ -226,6 +234,11 @@ impl Metrics {
     pub fn history(&self) -> Vec<Sample> {
         let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         h.samples.iter().copied().collect()
+    }
+
+    /// Open connections parked now (quiet; see [`crate::forward::park`]).
+    pub fn parked(&self) -> usize {
+        self.lot.as_ref().map_or(0, |l| l.len())
     }
 
     /// True when every pool has at least one healthy server.
@@ -283,6 +296,13 @@ impl Metrics {
                 );
             }
         }
+        head(
+            &mut out,
+            "postern_relay_connections_parked",
+            "gauge",
+            "Open connections quiet for limits.park_after, waiting without a task of their own.",
+        );
+        let _ = writeln!(out, "postern_relay_connections_parked {}", self.parked());
         head(
             &mut out,
             "postern_relay_bytes_total",

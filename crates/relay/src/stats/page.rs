@@ -59,6 +59,7 @@ pub fn render(m: &Metrics, uptime: Duration) -> String {
         .iter()
         .map(|l| l.active.load(Ordering::Relaxed))
         .sum();
+    let parked = m.parked();
     let total: u64 = m
         .listeners
         .iter()
@@ -147,7 +148,7 @@ th,td{{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}} figure{
 <h1>Postern relay</h1>
 <p class="banner {banner_class}">{banner}</p>
 <div class="nums">
-<div><b>{active}</b>connections open now</div>
+<div><b>{active}</b>connections open now<br><small>{parked} of them quiet (parked)</small></div>
 <div><b>{total}</b>connections since start</div>
 <div><b>{traffic_total}</b>data relayed</div>
 <div><b>{uptime}</b>running for</div>
