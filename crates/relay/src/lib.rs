@@ -19,7 +19,8 @@
 //! ```text
 //!  config ──► accept ──────────────────────────────► forward ──► (stats count it all)
 //!  TOML,      accept loop, PROXY header, limits,       copy both
-//!  presets    TLS, SNI, route + upstream connect       ways, splice
+//!  presets    TLS, SNI, route + upstream connect       ways, splice;
+//!                                                      park when quiet
 //! ```
 //!
 //! * [`config`] — the TOML model ([`RelayConfig`]) and built-in [`config::presets`]
@@ -27,7 +28,8 @@
 //! * [`accept`] — listeners and everything before relaying, under one handshake deadline.
 //! * [`upstream`] — pools, resolver, health checks, load balancing.
 //! * [`cover`] — on a relay with a secret, the web site everyone without the link gets.
-//! * [`forward`] — the relaying itself: copy and splice, idle and half-close timeouts.
+//! * [`forward`] — the relaying itself: copy and splice, idle and half-close timeouts, and
+//!   the parking lot where quiet connections wait without a task.
 //! * [`stats`] — counters, `/metrics`, `/healthz`, and the HTML status page.
 //! * [`stream`] — stream plumbing shared by `accept` and `forward`.
 //! * [`Relay`] starts it all and returns a [`RunningRelay`]; [`link`] is the

@@ -119,8 +119,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// A connection with no traffic for this long, and nothing buffered, is parked: its
     /// sockets wait in one shared epoll set until bytes come, instead of holding a task and
-    /// two I/O registrations (about 1 KiB). Its first bytes after that wait a few microseconds
-    /// more. `"0s"` never parks (default 2s; see [`crate::forward::park`]).
+    /// two I/O registrations (about 1 KiB). Its first bytes after that wait a few tens of
+    /// microseconds more. `"0s"` never parks (default 2s; see [`crate::forward::park`]).
     #[serde(deserialize_with = "de_duration")]
     pub park_after: Duration,
 }

@@ -415,16 +415,15 @@ impl<C: Socket, U: Socket> Relay<C, U> {
         Self::with_state(client, upstream, params, cut, Instant::now(), guard)
     }
 
-    /// Relays a connection that was parked: the start of its stream was checked before, and
-    /// its idle timeout counts from `last`.
-    pub fn resume(
-        client: C,
-        upstream: U,
-        params: Arc<CopyParams>,
-        cut: CancellationToken,
-        last: Instant,
-    ) -> Self {
-        Self::with_state(client, upstream, params, cut, last, false).parking()
+    /// Relays a connection that was parked (the start of its stream was checked before).
+    ///
+    /// Its timers start afresh: the sockets have just been registered with the runtime, whose
+    /// first report of their readiness comes a moment after this future is first polled.
+    /// Counted from the last traffic instead, a connection woken after `park_after` would be
+    /// quiet again at once, park before that report arrived, and be woken again by the same
+    /// bytes, forever.
+    pub fn resume(client: C, upstream: U, params: Arc<CopyParams>, cut: CancellationToken) -> Self {
+        Self::with_state(client, upstream, params, cut, Instant::now(), false).parking()
     }
 
     fn with_state(

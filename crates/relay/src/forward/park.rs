@@ -13,8 +13,8 @@
 //! bytes last moved and what to do when the connection ends — in one allocation — and watches
 //! the descriptors with an epoll set of its own, which is itself one registration in tokio.
 //! When either socket becomes readable (data, a close, an error) the connection gets its
-//! sockets back in tokio and a fresh relaying task; the first bytes wait a few microseconds
-//! longer than on a connection that was not parked.
+//! sockets back in tokio and a fresh relaying task; the first bytes wait a few tens of
+//! microseconds longer than on a connection that was not parked.
 //!
 //! The lot applies the connection's idle timeout itself (checked every second), closes every
 //! parked connection when the relay cuts its connections, and keeps a [`TaskTracker`] token
@@ -133,14 +133,14 @@ impl<C: Parkable, F: FnOnce(End) + Send + 'static> ParkedConn for ParkedRelay<C,
             client,
             upstream,
             params,
-            last,
+            last: _,
             finish,
             _task,
         } = *self;
         let sockets = C::unpark(client).and_then(|c| Ok((c, TcpStream::from_std(upstream)?)));
         match sockets {
             Ok((client, upstream)) => {
-                let relay = Relay::resume(client, upstream, params, lot.cut.clone(), last);
+                let relay = Relay::resume(client, upstream, params, lot.cut.clone());
                 lot.tracker.spawn(Relayed {
                     relay,
                     finish: Some(finish),
