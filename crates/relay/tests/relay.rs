@@ -1435,3 +1435,31 @@ async fn parked_connections_time_out_and_are_cut_at_shutdown() {
     );
     assert!(closed_within(&mut open, Duration::from_secs(2)).await);
 }
+
+/// On a single-threaded runtime nothing else reports a resumed connection's readiness before
+/// its first poll: a connection woken long after its last traffic must stay resumed until it
+/// has read (an earlier version parked it again at once, and the bytes never got through).
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_woken_long_after_its_last_traffic_reads_before_parking_again() {
+    let up = Upstream::start(Mode::Echo, false).await;
+    let cfg = pool_config(
+        &listener("plain", ""),
+        &[up.addr],
+        "none",
+        "[limits]\npark_after = \"100ms\"\n",
+    );
+    let relay = Relay::start(cfg).await.unwrap();
+    let mut s = TcpStream::connect(addr(&relay, "plain")).await.unwrap();
+    for round in 0..3 {
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        tokio::time::timeout(T, s.read_exact(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the parked connection never answered"))
+            .unwrap();
+        assert_eq!(&b, b"ping");
+        wait_until("parked", || parked(&relay) == 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    relay.shutdown().await;
+}
