@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 3000)]
     idle_conns: usize,
     /// Seconds the idle connections sit before memory is read (the same for every relay).
-    /// Long enough for postern to park quiet connections (`limits.park_after`, 2 s) and for
+    /// Long enough for postern to park quiet connections (`limits.park_after`, 1 s) and for
     /// freed memory to go back to the system, as it would on a relay whose clients have
     /// been quiet for a while.
     #[arg(long, default_value_t = 5.0)]

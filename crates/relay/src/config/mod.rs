@@ -120,7 +120,7 @@ pub struct Limits {
     /// A connection with no traffic for this long, and nothing buffered, is parked: its
     /// sockets wait in one shared epoll set until bytes come, instead of holding a task and
     /// two I/O registrations (about 1 KiB). Its first bytes after that wait a few tens of
-    /// microseconds more. `"0s"` never parks (default 2s; see [`crate::forward::park`]).
+    /// microseconds more. `"0s"` never parks (default 1s; see [`crate::forward::park`]).
     #[serde(deserialize_with = "de_duration")]
     pub park_after: Duration,
 }
@@ -138,7 +138,7 @@ impl Default for Limits {
             splice: true,
             max_client_hello: 16 * 1024,
             shutdown_grace: Duration::from_secs(5),
-            park_after: Duration::from_secs(2),
+            park_after: Duration::from_secs(1),
         }
     }
 }
