@@ -188,17 +188,6 @@ impl Relay {
                  (set --trusted-proxy / trusted_proxies)"
             );
         }
-        let shared = Arc::new(Shared {
-            limits: limits.clone(),
-            limiter: ConnLimiter::new(limits.maxconn, limits.max_per_source),
-            resolver: resolver.clone(),
-            log_addresses: config.log_client_addresses,
-            trusted,
-            cut: cut.clone(),
-            tracker: tracker.clone(),
-            lot: parking_lot(&limits, &cut, &tracker),
-            gate: gate.clone(),
-        });
 
         // Bind everything first so a failure leaves nothing running.
         let mut bound = Vec::new();
@@ -230,6 +219,19 @@ impl Relay {
             Some(s) => Some(bind("stats", s.listen).await?),
             None => None,
         };
+        // Only now, with nothing left that can fail: the parking lot starts a task.
+        let shared = Arc::new(Shared {
+            limits: limits.clone(),
+            limiter: ConnLimiter::new(limits.maxconn, limits.max_per_source),
+            resolver: resolver.clone(),
+            log_addresses: config.log_client_addresses,
+            trusted,
+            cut: cut.clone(),
+            tracker: tracker.clone(),
+            lot: parking_lot(&limits, &cut, &tracker),
+            gate: gate.clone(),
+        });
+
         let stats_access = match config.stats.as_ref().and_then(|s| s.token.as_deref()) {
             Some(t) => crate::stats::http::Access::token(t),
             None => crate::stats::http::Access::open(),

@@ -439,14 +439,14 @@ fn relay<C: Parkable, F: FnOnce(End) + Send + 'static>(
     finish: F,
 ) {
     let cut = shared.cut.clone();
-    match (&shared.lot, params.park_after) {
-        (Some(lot), Some(_)) => {
+    match &shared.lot {
+        Some(lot) => {
             let lot = lot.clone();
             shared
                 .tracker
                 .spawn(Relayed::new(client, upstream, params, cut, lot, finish));
         }
-        _ => {
+        None => {
             shared
                 .tracker
                 .spawn(Relay::new(client, upstream, params, cut).map(finish));

@@ -30,7 +30,6 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -165,9 +164,11 @@ pub struct ParkingLot {
     registry: mio::Registry,
     /// Parked connections; the slab key is the epoll token of both their descriptors.
     parked: Mutex<Slab<Box<dyn ParkedConn>>>,
-    /// How many are parked now (the stats page shows it).
-    count: AtomicUsize,
+    /// The relay's: cancelled to cut every connection.
     cut: CancellationToken,
+    /// Cancelled (by `cut`, or when the set can no longer be watched) once the lot takes no
+    /// more connections.
+    closed: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -179,7 +180,7 @@ impl ParkingLot {
         let lot = Arc::new(ParkingLot {
             registry: poll.registry().try_clone()?,
             parked: Mutex::new(Slab::new()),
-            count: AtomicUsize::new(0),
+            closed: cut.child_token(),
             cut,
             tracker,
         });
@@ -195,7 +196,7 @@ impl ParkingLot {
 
     /// Connections parked now.
     pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        self.slab().len()
     }
 
     /// Whether none is parked.
@@ -217,7 +218,7 @@ impl ParkingLot {
         last: Instant,
         finish: F,
     ) {
-        if self.cut.is_cancelled() {
+        if self.closed.is_cancelled() {
             finish(End::Shutdown);
             return;
         }
@@ -239,6 +240,12 @@ impl ParkingLot {
             _task: self.tracker.token(),
         });
         let mut slab = self.slab();
+        if self.closed.is_cancelled() {
+            // Closed while this connection was leaving its task (see `run`).
+            drop(slab);
+            conn.end(End::Shutdown);
+            return;
+        }
         let entry = slab.vacant_entry();
         let token = Token(entry.key());
         let fds = conn.fds();
@@ -260,7 +267,6 @@ impl ParkingLot {
             }
         }
         entry.insert(conn);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes a parked connection out of the lot (its descriptors no longer watched).
@@ -269,7 +275,6 @@ impl ParkingLot {
         for fd in conn.fds() {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
-        self.count.fetch_sub(1, Ordering::Relaxed);
         conn
     }
 
@@ -279,13 +284,16 @@ impl ParkingLot {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.cut.cancelled() => break,
+                _ = self.closed.cancelled() => break,
                 _ = sweep.tick() => self.expire(Instant::now()),
                 ready = watched.readable_mut() => {
                     let mut guard = match ready {
                         Ok(g) => g,
                         Err(e) => {
+                            // Only when the runtime is going away. Parking now would strand
+                            // connections with nothing to wake them: close the lot.
                             tracing::warn!(error = %e, "parked connections cannot be watched");
+                            self.closed.cancel();
                             break;
                         }
                     };
@@ -321,7 +329,9 @@ impl ParkingLot {
                 }
             }
         }
-        // Cut: close everything still parked.
+        // Cut (or closed): close everything still parked. `closed` is cancelled before the
+        // slab is emptied under its lock, and `park` checks it under the same lock, so a
+        // connection parking at this moment is either emptied here or refused there.
         let all: Vec<Box<dyn ParkedConn>> = {
             let mut slab = self.slab();
             let keys: Vec<usize> = slab.iter().map(|(k, _)| k).collect();
