@@ -333,6 +333,7 @@ fn doctor_and_proxy_check_against_a_real_server_and_relay() {
     let state = dir.path().join("state");
     let plain = closed_port();
     let tls = closed_port();
+    let media = closed_port();
     let o = postern(&[
         "relay",
         "setup",
@@ -346,12 +347,29 @@ fn doctor_and_proxy_check_against_a_real_server_and_relay() {
         &plain.to_string(),
         "--tls",
         &tls.to_string(),
+        "--media",
+        &media.to_string(),
         "--stats",
         "127.0.0.1:0",
     ]);
     assert!(o.status.success(), "{}", show(&o));
-    let link = out(&o)
+    assert!(
+        out(&o).contains(&format!("{} (media)", media.port())),
+        "{}",
+        show(&o)
+    );
+    // Every link names the media port; the media port gets no link of its own.
+    let links: Vec<&str> = out(&o)
+        .leak()
         .lines()
+        .filter(|l| l.starts_with("postern://"))
+        .collect();
+    assert_eq!(links.len(), 2, "{links:?}");
+    for l in &links {
+        assert!(l.ends_with(&format!("&media={}", media.port())), "{l}");
+    }
+    let link = links
+        .iter()
         .find(|l| l.starts_with("postern://proxy?host=127.0.0.1") && l.contains("tls=1"))
         .unwrap()
         .to_string();
@@ -387,6 +405,8 @@ fn doctor_and_proxy_check_against_a_real_server_and_relay() {
         "✓ address: 127.0.0.1",
         &format!("✓ port {}", plain.port()),
         &format!("✓ port {}", tls.port()),
+        &format!("✓ port {}", media.port()),
+        "✓ service via media",
         "✓ certificate: self-signed",
         "✓ service via chat",
         "✓ service via https",

@@ -395,13 +395,14 @@ pub async fn run(args: &DoctorArgs) -> anyhow::Result<()> {
                 Some("start the relay once (it creates its secret), or rerun postern relay setup"),
             ),
             Ok(secret) => {
-                // Through each kind of listener once: plain, then TLS.
+                // Through each kind of listener once: plain, TLS, and the media port (a
+                // TLS listener of its own, which a firewall or the service may treat apart).
                 let mut tried = Vec::new();
                 for l in reachable.iter().filter(|l| l.pool.is_some()) {
-                    if tried.contains(&l.tls) {
+                    if tried.contains(&(l.tls, l.media)) {
                         continue;
                     }
-                    tried.push(l.tls);
+                    tried.push((l.tls, l.media));
                     let target = local_target(l.listen);
                     let entry = ProxyEntry {
                         host: target.ip().to_string(),

@@ -86,6 +86,14 @@ pub struct SetupArgs {
     #[arg(long, value_name = "ADDR")]
     pub tls: Vec<SocketAddr>,
 
+    /// Also offer a media port on ADDR (TLS, to the same Postern server; repeatable, e.g.
+    /// IPv4 and IPv6): links carry `media=PORT` and clients send and fetch files through
+    /// it on a connection of their own, so a big upload never queues in front of chat and
+    /// media can be limited or blocked apart from it. Open the port in the firewall too.
+    /// Example: --media 0.0.0.0:587
+    #[arg(long, value_name = "ADDR")]
+    pub media: Vec<SocketAddr>,
+
     /// Status page address (default 127.0.0.1:8199).
     #[arg(long, value_name = "ADDR")]
     pub stats: Option<SocketAddr>,
@@ -95,26 +103,65 @@ pub struct SetupArgs {
     pub no_qr: bool,
 }
 
-/// The standard client-facing listeners: (name, address, tls). IPv6 beside IPv4.
-fn standard_listeners() -> Vec<(String, SocketAddr, bool)> {
+/// One client-facing listener the configuration will have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedListener {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// A media port (always TLS): links name it as `media=PORT`.
+    pub media: bool,
+}
+
+impl PlannedListener {
+    fn new(name: impl Into<String>, addr: SocketAddr, tls: bool) -> Self {
+        Self {
+            name: name.into(),
+            addr,
+            tls,
+            media: false,
+        }
+    }
+}
+
+/// The standard client-facing listeners. IPv6 beside IPv4.
+fn standard_listeners() -> Vec<PlannedListener> {
     let mut v = Vec::new();
     for (name, port, tls) in [
         ("http", 80, false),
         ("https", 443, true),
         ("chat", 5222, false),
     ] {
-        v.push((
-            name.to_string(),
+        v.push(PlannedListener::new(
+            name,
             SocketAddr::from(([0, 0, 0, 0], port)),
             tls,
         ));
-        v.push((
+        v.push(PlannedListener::new(
             format!("{name}-v6"),
             SocketAddr::from(([0u16; 8], port)),
             tls,
         ));
     }
     v
+}
+
+/// `--media ADDR…`: TLS media listeners, named like `postern relay --media` names them.
+fn media_listeners(addrs: &[SocketAddr]) -> Vec<PlannedListener> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| PlannedListener {
+            name: if i == 0 {
+                "media".to_string()
+            } else {
+                format!("media-{}", i + 1)
+            },
+            addr: *addr,
+            tls: true,
+            media: true,
+        })
+        .collect()
 }
 
 fn toml_str(s: &str) -> String {
@@ -136,7 +183,7 @@ pub struct Plan {
     pub acme_directory: Option<String>,
     pub acme_ca_roots: Option<PathBuf>,
     pub secret: bool,
-    pub listeners: Vec<(String, SocketAddr, bool)>,
+    pub listeners: Vec<PlannedListener>,
     pub stats: SocketAddr,
 }
 
@@ -197,12 +244,16 @@ impl Plan {
              [pool.chat]\nservers = {}\nsend_proxy = \"v2\"\nhealth_check_interval = \"60s\"\n",
             toml_list(std::slice::from_ref(&self.upstream))
         ));
-        for (name, addr, tls) in &self.listeners {
+        for l in &self.listeners {
+            if l.media {
+                t.push_str("\n# A media port: clients send and fetch files here, apart from chat.");
+            }
             t.push_str(&format!(
-                "\n[[listener]]\nname = {}\nlisten = {}\n{}pool = \"chat\"\n",
-                toml_str(name),
-                toml_str(&addr.to_string()),
-                if *tls { "tls = true\n" } else { "" }
+                "\n[[listener]]\nname = {}\nlisten = {}\n{}pool = \"chat\"\n{}",
+                toml_str(&l.name),
+                toml_str(&l.addr.to_string()),
+                if l.tls { "tls = true\n" } else { "" },
+                if l.media { "media = true\n" } else { "" }
             ));
         }
         t
@@ -344,14 +395,14 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--host {host:?}"))?
         .host;
 
-    let listeners = if args.plain.is_empty() && args.tls.is_empty() {
+    let mut listeners = if args.plain.is_empty() && args.tls.is_empty() {
         standard_listeners()
     } else {
         let mut v = Vec::new();
         for (i, a) in args.plain.iter().enumerate() {
-            v.push((
+            v.push(PlannedListener::new(
                 if i == 0 {
-                    "chat".into()
+                    "chat".to_string()
                 } else {
                     format!("chat-{}", i + 1)
                 },
@@ -360,9 +411,9 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
             ));
         }
         for (i, a) in args.tls.iter().enumerate() {
-            v.push((
+            v.push(PlannedListener::new(
                 if i == 0 {
-                    "https".into()
+                    "https".to_string()
                 } else {
                     format!("https-{}", i + 1)
                 },
@@ -372,6 +423,17 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
         }
         v
     };
+    if let Some(taken) = args
+        .media
+        .iter()
+        .find(|m| listeners.iter().any(|l| l.addr.port() == m.port()))
+    {
+        bail!(
+            "--media {taken}: that port is already one of the chat listeners; give the media \
+             port a port of its own (e.g. 587)"
+        );
+    }
+    listeners.extend(media_listeners(&args.media));
     let plan = Plan {
         state_dir: state_dir.clone(),
         upstream,
@@ -421,13 +483,18 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
         "  upstream {}; ports {}; {}; {}",
         plan.upstream,
         {
-            let mut ports: Vec<u16> = plan.listeners.iter().map(|(_, a, _)| a.port()).collect();
-            ports.dedup();
-            ports
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("/")
+            let mut ports: Vec<String> = Vec::new();
+            for l in &plan.listeners {
+                let port = if l.media {
+                    format!("{} (media)", l.addr.port())
+                } else {
+                    l.addr.port().to_string()
+                };
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+            ports.join("/")
         },
         match &domain {
             Some(d) => format!("certificate for {d} from ACME"),
@@ -505,6 +572,28 @@ mod tests {
         cfg.validate().unwrap();
         assert!(cfg.tls.acme.is_none() && cfg.secret.is_none());
         assert_eq!(cfg.tls.names, ["203.0.113.7"]);
+    }
+
+    #[test]
+    fn a_media_port_is_a_tls_listener_that_every_link_names() {
+        let mut p = plan(Some("relay.example.org"), true);
+        p.listeners.extend(media_listeners(&[
+            "0.0.0.0:587".parse().unwrap(),
+            "[::]:587".parse().unwrap(),
+        ]));
+        let cfg = RelayConfig::from_toml_str(&p.to_toml()).unwrap();
+        cfg.validate().unwrap();
+        let media: Vec<_> = cfg.listeners.iter().filter(|l| l.media).collect();
+        assert_eq!(media.len(), 2);
+        assert!(media
+            .iter()
+            .all(|l| l.tls && l.listen.port() == 587 && l.pool.as_deref() == Some("chat")));
+        assert_eq!(media[0].name, "media");
+        assert_eq!(media[1].name, "media-2");
+        let links = links_for(&cfg, "relay.example.org", None);
+        // 80, 443 and 5222: the media port is not a chat link of its own.
+        assert_eq!(links.len(), 3, "{links:?}");
+        assert!(links.iter().all(|(_, l)| l.media == Some(587)), "{links:?}");
     }
 
     #[test]
