@@ -1,8 +1,17 @@
 //! The PostgreSQL backend: several server nodes may share one database.
 //!
 //! The operations and their SQL mirror the SQLite backend (see `sqlite.rs`), with the same
-//! **group commit**: a writer task runs every waiting write in its own savepoint inside one
-//! transaction and commits once before answering. What differs:
+//! **group commit**: a writer task runs every waiting write inside one transaction and
+//! commits once before answering. What differs:
+//!
+//! * **One round trip per message write.** Each statement is a round trip to PostgreSQL,
+//!   which the writer waits for. The three writes every message makes (queue it, its
+//!   acknowledgement with the receipt it queues, the receipt's acknowledgement) are SQL
+//!   functions (migrations-postgres/0003_write_functions.sql) that undo themselves and
+//!   answer when they fail, so they need no savepoint either; the other writes run
+//!   statement by statement, each in its own savepoint. A statement that fails outside a
+//!   savepoint aborts the whole transaction: the writer then reports the batch as failed
+//!   (PostgreSQL would answer its COMMIT with ROLLBACK and no error).
 //!
 //! * **Several writers.** Every node has [`WRITERS`] of them (a device's writes always go
 //!   to the same one), and every node its own, so transactions run concurrently (READ
@@ -13,8 +22,9 @@
 //!   device's queue (or receipt list) before inserting, so two nodes queueing for the same
 //!   device commit one after the other. The sender's byte-quota row, written by the
 //!   sender's node and by the recipient's, is guarded the same way. Locks are tried, never
-//!   waited for: a write that finds one held by another node's open batch is rolled back
-//!   to its savepoint and submitted again to a later batch (nothing was acknowledged), so
+//!   waited for: a write that finds one held by another node's open batch is undone (its
+//!   savepoint, or the function's own block) and submitted again to a later batch (nothing
+//!   was acknowledged), so
 //!   batches of different nodes never wait on each other and cannot deadlock.
 //! * **Cross-node wake-ups.** A node knows only its own connections ([`Hub`]). Every
 //!   batch that queued envelopes or receipts sends, inside its transaction, one
@@ -57,11 +67,10 @@ const RETRIES: usize = 8;
 /// pauses growing to 20 ms: a few seconds in all) before its caller is told to retry.
 const CONTENDED_RETRIES: usize = 200;
 
-/// Advisory-lock keys: one per device's queue, one per device's receipts, one per
-/// account's byte quota (ids are below 2^57, so the keys never collide).
-fn queue_lock(device_id: i64) -> i64 {
-    device_id.wrapping_mul(4)
-}
+/// Advisory-lock keys: one per device's queue (`device * 4`, taken only inside
+/// `postern_enqueue`, migrations-postgres/0003), one per device's receipts, one per
+/// account's byte quota (ids are below 2^57, so the keys never collide). The SQL functions
+/// compute the same keys.
 fn receipt_lock(device_id: i64) -> i64 {
     device_id.wrapping_mul(4).wrapping_add(1)
 }
@@ -92,6 +101,23 @@ async fn lock(tx: &mut PgConnection, key: i64) -> Result<(), ServerError> {
     }
 }
 
+/// What a write function of migrations-postgres/0003 answered when it did not do its write
+/// (and undid what it had done): `contended` is a lock held by another batch, which
+/// [`lock`] reports the same way, so the write is tried again in a later batch.
+fn function_failed(function: &str, outcome: &str, error: Option<String>) -> ServerError {
+    match outcome {
+        "contended" => ServerError::Contended,
+        "failed" => ServerError::Config(format!(
+            "{function} failed: {}",
+            error.as_deref().unwrap_or("no reason given")
+        )),
+        other => ServerError::Config(format!(
+            "{function} answered {other:?}: the database's functions do not match this server \
+             (run the same version on every node)"
+        )),
+    }
+}
+
 /// A device another node may have to wake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wake {
@@ -115,9 +141,29 @@ pub struct ForeignReceipt {
 /// rolled back), the devices to wake on other nodes, and how to answer its caller once
 /// the batch's commit is known.
 type Deferred = Box<dyn FnOnce(Result<(), String>) + Send>;
-type WriteJob = Box<
-    dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (bool, Vec<Wake>, Deferred)> + Send,
+type JobFn = Box<
+    dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (JobEnd, Vec<Wake>, Deferred)> + Send,
 >;
+
+/// One write for a writer task's next batch.
+struct WriteJob {
+    run: JobFn,
+    /// Whether the writer wraps it in `SAVEPOINT` / `RELEASE` (rolled back to on failure).
+    /// The write functions of migrations-postgres/0003 undo themselves when they fail and
+    /// answer instead of raising, so they go without those two round trips.
+    savepoint: bool,
+}
+
+/// How a write ended, for the writer task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobEnd {
+    Done,
+    /// Failed and undone (by its savepoint, or by the write function itself).
+    Failed,
+    /// A statement failed outside any savepoint: PostgreSQL has aborted the batch's whole
+    /// transaction, which must not be reported as committed.
+    AbortedBatch,
+}
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -323,6 +369,24 @@ impl PgStore {
         self.write_waking(lane, op, |_| Vec::new()).await
     }
 
+    /// [`Self::write_waking`] for a single call of a write function of
+    /// migrations-postgres/0003, which is all or nothing by itself: no savepoint around it.
+    async fn write_function<T, F>(
+        &self,
+        lane: i64,
+        op: F,
+        wakes: fn(&T) -> Vec<Wake>,
+    ) -> Result<T, ServerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
+            + Send
+            + Clone
+            + 'static,
+    {
+        self.retrying(lane, op, wakes, false).await
+    }
+
     /// Runs `op` in the next batch of the writer for `lane` (a device id, so one device's
     /// writes commit in the order they were made); returns its result once it is
     /// committed. `wakes` names the devices other nodes must wake once it is. A write that
@@ -340,9 +404,26 @@ impl PgStore {
             + Clone
             + 'static,
     {
+        self.retrying(lane, op, wakes, true).await
+    }
+
+    async fn retrying<T, F>(
+        &self,
+        lane: i64,
+        op: F,
+        wakes: fn(&T) -> Vec<Wake>,
+        savepoint: bool,
+    ) -> Result<T, ServerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
+            + Send
+            + Clone
+            + 'static,
+    {
         let (mut attempt, mut contended) = (0, 0);
         loop {
-            match self.submit(lane, op.clone(), wakes).await {
+            match self.submit(lane, op.clone(), wakes, savepoint).await {
                 // Another node's batch holds a device this write needs: its commit is
                 // milliseconds away, so try again in a following batch.
                 Err(ServerError::Contended) if contended < CONTENDED_RETRIES => {
@@ -364,6 +445,7 @@ impl PgStore {
         lane: i64,
         op: F,
         wakes: fn(&T) -> Vec<Wake>,
+        savepoint: bool,
     ) -> Result<T, ServerError>
     where
         T: Send + 'static,
@@ -372,10 +454,15 @@ impl PgStore {
             + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
+        let run: JobFn = Box::new(move |conn| {
             Box::pin(async move {
                 let result = op(conn).await;
-                let ok = result.is_ok();
+                let ok = match &result {
+                    Ok(_) => JobEnd::Done,
+                    // A statement's own error: outside a savepoint it aborts the transaction.
+                    Err(ServerError::Database(_)) if !savepoint => JobEnd::AbortedBatch,
+                    Err(_) => JobEnd::Failed,
+                };
                 let woken = result.as_ref().map(wakes).unwrap_or_default();
                 let deferred: Deferred = Box::new(move |commit| {
                     let _ = reply.send(match commit {
@@ -387,7 +474,7 @@ impl PgStore {
             })
         });
         self.writers[lane.rem_euclid(WRITERS as i64) as usize]
-            .send(job)
+            .send(WriteJob { run, savepoint })
             .await
             .map_err(|_| ServerError::Config("the database writer has stopped".into()))?;
         answer
@@ -610,84 +697,58 @@ impl PgStore {
             message_id.to_vec(),
             ciphertexts.to_vec(),
         );
-        self.write_waking(sender.device_id, move |tx| Box::pin(async move {
-        let devices: Vec<i64> = sqlx::query_scalar(
-            "SELECT d.id FROM devices d JOIN accounts a ON a.id = d.account_id
-             WHERE a.username = $1 ORDER BY d.id",
+        self.write_function(
+            sender.device_id,
+            move |tx| {
+                Box::pin(async move {
+                    let device_ids: Vec<i64> = ciphertexts.iter().map(|c| c.device_id).collect();
+                    let olm_types: Vec<i64> =
+                        ciphertexts.iter().map(|c| i64::from(c.olm_type)).collect();
+                    let bodies: Vec<&[u8]> =
+                        ciphertexts.iter().map(|c| c.body.as_slice()).collect();
+                    let now = now_ms();
+                    // One round trip: migrations-postgres/0003_write_functions.sql.
+                    let (outcome, devices, error): (String, Vec<i64>, Option<String>) =
+                        sqlx::query_as(
+                            "SELECT o_outcome, o_devices, o_error
+             FROM postern_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                        )
+                        .bind(&recipient)
+                        .bind(&message_id)
+                        .bind(sender.device_id)
+                        .bind(sender.account_id)
+                        .bind(&sender.username)
+                        .bind(now)
+                        .bind(&device_ids)
+                        .bind(&olm_types)
+                        .bind(&bodies)
+                        .bind(i64::from(limits.max_queue))
+                        .bind(i64::try_from(limits.max_queued_bytes).unwrap_or(i64::MAX))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    Ok(match outcome.as_str() {
+                        "accepted" => EnqueueOutcome::Accepted {
+                            server_time_ms: now as u64,
+                            recipient_devices: devices,
+                        },
+                        "unknown" => EnqueueOutcome::UnknownRecipient,
+                        "changed" => EnqueueOutcome::DevicesChanged,
+                        "over_quota" => EnqueueOutcome::OverQuota,
+                        "queue_full" => EnqueueOutcome::QueueFull,
+                        other => return Err(function_failed("postern_enqueue", other, error)),
+                    })
+                })
+            },
+            |outcome| match outcome {
+                EnqueueOutcome::Accepted {
+                    recipient_devices, ..
+                } => recipient_devices
+                    .iter()
+                    .map(|d| Wake::Envelopes(*d))
+                    .collect(),
+                _ => Vec::new(),
+            },
         )
-        .bind(&recipient)
-        .fetch_all(&mut *tx)
-        .await?;
-        if devices.is_empty() {
-            return Ok(EnqueueOutcome::UnknownRecipient);
-        }
-        if !addresses_every_device(&ciphertexts, &devices) {
-            return Ok(EnqueueOutcome::DevicesChanged);
-        }
-        // In device order, so two nodes queueing for the same devices do not deadlock.
-        for d in &devices {
-            lock(tx, queue_lock(*d)).await?;
-        }
-        lock(tx, quota_lock(sender.account_id)).await?;
-        let now = now_ms();
-        let already: Option<i64> = sqlx::query_scalar(
-            "SELECT 1::int8 FROM queue WHERE recipient_device = $1 AND message_id = $2 LIMIT 1",
-        )
-        .bind(devices[0])
-        .bind(&message_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if already.is_none() {
-            let waiting: i64 =
-                sqlx::query_scalar("SELECT bytes FROM queued_bytes WHERE account_id = $1")
-                    .bind(sender.account_id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .unwrap_or(0);
-            let adding: u64 = ciphertexts.iter().map(|c| c.body.len() as u64).sum();
-            if waiting.max(0) as u64 + adding > limits.max_queued_bytes {
-                return Ok(EnqueueOutcome::OverQuota);
-            }
-        }
-        for c in &ciphertexts {
-            let queued: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE recipient_device = $1")
-                    .bind(c.device_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if queued >= i64::from(limits.max_queue) {
-                return Ok(EnqueueOutcome::QueueFull);
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO queue
-                   (recipient_device, message_id, sender_device, sender, server_time_ms, olm_type, ciphertext, sender_account)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT DO NOTHING",
-            )
-            .bind(c.device_id)
-            .bind(&message_id)
-            .bind(sender.device_id)
-            .bind(&sender.username)
-            .bind(now)
-            .bind(i64::from(c.olm_type))
-            .bind(&c.body)
-            .bind(sender.account_id)
-            .execute(&mut *tx)
-            .await?;
-            if inserted.rows_affected() > 0 {
-                add_queued_bytes(tx, sender.account_id, c.body.len() as i64).await?;
-            }
-        }
-        Ok(EnqueueOutcome::Accepted {
-            server_time_ms: now as u64,
-            recipient_devices: devices,
-        })
-        }), |outcome| match outcome {
-            EnqueueOutcome::Accepted { recipient_devices, .. } => {
-                recipient_devices.iter().map(|d| Wake::Envelopes(*d)).collect()
-            }
-            _ => Vec::new(),
-        })
         .await
     }
 
@@ -731,19 +792,26 @@ impl PgStore {
         message_id: &[u8],
     ) -> Result<Option<i64>, ServerError> {
         let (device, message_id) = (device.clone(), message_id.to_vec());
-        self.write_waking(
+        self.write_function(
             device.device_id,
             move |tx| {
                 Box::pin(async move {
-                    let Some(sender_device) =
-                        delete_queued(tx, device.device_id, &message_id).await?
-                    else {
-                        return Ok(None);
-                    };
-                    let queued =
-                        insert_receipt(tx, sender_device, &message_id, &device.username, false)
-                            .await?;
-                    Ok(queued.then_some(sender_device))
+                    // One round trip: migrations-postgres/0003_write_functions.sql.
+                    let (outcome, woken, error): (String, Option<i64>, Option<String>) =
+                        sqlx::query_as(
+                            "SELECT o_outcome, o_sender_device, o_error
+                             FROM postern_ack_message($1, $2, $3, $4)",
+                        )
+                        .bind(device.device_id)
+                        .bind(&message_id)
+                        .bind(&device.username)
+                        .bind(now_ms())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    match outcome.as_str() {
+                        "acked" | "nothing" => Ok(woken),
+                        other => Err(function_failed("postern_ack_message", other, error)),
+                    }
                 })
             },
             |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect(),
@@ -899,16 +967,25 @@ impl PgStore {
 
     pub async fn ack_receipt(&self, device_id: i64, message_id: &[u8]) -> Result<(), ServerError> {
         let message_id = message_id.to_vec();
-        self.write(device_id, move |tx| {
-            Box::pin(async move {
-                sqlx::query("DELETE FROM receipts WHERE device_id = $1 AND message_id = $2")
+        self.write_function(
+            device_id,
+            move |tx| {
+                Box::pin(async move {
+                    let (outcome, error): (String, Option<String>) = sqlx::query_as(
+                        "SELECT o_outcome, o_error FROM postern_ack_receipt($1, $2)",
+                    )
                     .bind(device_id)
                     .bind(&message_id)
-                    .execute(&mut *tx)
+                    .fetch_one(&mut *tx)
                     .await?;
-                Ok(())
-            })
-        })
+                    match outcome.as_str() {
+                        "done" => Ok(()),
+                        other => Err(function_failed("postern_ack_receipt", other, error)),
+                    }
+                })
+            },
+            |_| Vec::new(),
+        )
         .await
     }
 }
@@ -1024,23 +1101,6 @@ async fn insert_receipt(
     .execute(&mut *tx)
     .await?;
     Ok(res.rows_affected() > 0)
-}
-
-/// Adds `bytes` to the account's undelivered bytes (the per-account quota).
-async fn add_queued_bytes(
-    tx: &mut PgConnection,
-    account_id: i64,
-    bytes: i64,
-) -> Result<(), ServerError> {
-    sqlx::query(
-        "INSERT INTO queued_bytes (account_id, bytes) VALUES ($1, $2)
-         ON CONFLICT(account_id) DO UPDATE SET bytes = queued_bytes.bytes + excluded.bytes",
-    )
-    .bind(account_id)
-    .bind(bytes)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }
 
 /// A message of `bytes` sent by `sender_device` left the queue (delivered or expired).
@@ -1159,10 +1219,21 @@ async fn write_loop(
             }
             continue;
         }
+        let mut aborted = false;
         for job in batch.drain(..) {
+            if !job.savepoint {
+                let (end, woken, answer) = (job.run)(&mut conn).await;
+                match end {
+                    JobEnd::Done => wakes.extend(woken),
+                    JobEnd::Failed => {}
+                    JobEnd::AbortedBatch => aborted = true,
+                }
+                answers.push(answer);
+                continue;
+            }
             let savepoint = exec(&mut conn, "SAVEPOINT op").await;
-            let (ok, woken, answer) = job(&mut conn).await;
-            if ok && savepoint.is_ok() {
+            let (end, woken, answer) = (job.run)(&mut conn).await;
+            if end == JobEnd::Done && savepoint.is_ok() {
                 wakes.extend(woken);
             } else {
                 let _ = exec(&mut conn, "ROLLBACK TO op").await;
@@ -1171,10 +1242,17 @@ async fn write_loop(
             answers.push(answer);
         }
         let mut notified = Ok(());
-        for payload in payloads(node, &wakes) {
-            notified = notify(&mut conn, payload).await;
-            if notified.is_err() {
-                break;
+        if aborted {
+            // COMMIT would answer ROLLBACK without an error: nothing of this batch is kept.
+            notified = Err(sqlx::Error::Protocol(
+                "a write failed outside a savepoint and aborted the batch".into(),
+            ));
+        } else {
+            for payload in payloads(node, &wakes) {
+                notified = notify(&mut conn, payload).await;
+                if notified.is_err() {
+                    break;
+                }
             }
         }
         let committed = match notified {
@@ -1261,6 +1339,170 @@ mod tests {
             PgStore::open(&url, hub2.clone())
         );
         ((n1.unwrap(), hub1), (n2.unwrap(), hub2))
+    }
+
+    /// A write whose device another node's open batch has locked waits for that batch and
+    /// then succeeds: the write functions' `lock_not_available` is a retry, not an error.
+    #[tokio::test]
+    async fn writes_wait_for_a_device_another_batch_holds_then_go_through() {
+        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
+        let store = PgStore::open(&url, Arc::new(Hub::default())).await.unwrap();
+        let alice = registered(&store, "alice", 1).await;
+        let bob = registered(&store, "bob", 2).await;
+        let l = EnqueueLimits {
+            max_queue: 100,
+            max_queued_bytes: u64::MAX,
+        };
+        let mut other = PgConnection::connect(&url).await.unwrap();
+        let hold = |key: i64| sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key);
+
+        // Another batch holds bob's queue: the message waits, then is queued.
+        exec(&mut other, "BEGIN").await.unwrap();
+        hold(bob.device_id * 4).execute(&mut other).await.unwrap();
+        let sending = tokio::spawn({
+            let (store, alice) = (store.clone(), alice.clone());
+            async move {
+                store
+                    .enqueue(&alice, "bob", b"m1", &ct(bob.device_id, 7), l)
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !sending.is_finished(),
+            "queued while bob's queue was locked"
+        );
+        assert!(store
+            .pending(bob.device_id, 0, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        exec(&mut other, "COMMIT").await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), sending)
+            .await
+            .expect("queued once the lock was released")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(outcome, EnqueueOutcome::Accepted { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(store.pending(bob.device_id, 0, 10).await.unwrap().len(), 1);
+
+        // Another batch holds alice's receipts: bob's acknowledgement waits, then deletes
+        // the message and queues alice's receipt.
+        exec(&mut other, "BEGIN").await.unwrap();
+        hold(alice.device_id * 4 + 1)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let acking = tokio::spawn({
+            let (store, bob) = (store.clone(), bob.clone());
+            async move { store.ack_message(&bob, b"m1").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !acking.is_finished(),
+            "acknowledged while alice's receipts were locked"
+        );
+        exec(&mut other, "COMMIT").await.unwrap();
+        let woken = tokio::time::timeout(Duration::from_secs(10), acking)
+            .await
+            .expect("acknowledged once the lock was released")
+            .unwrap()
+            .unwrap();
+        assert_eq!(woken, Some(alice.device_id));
+        assert!(store
+            .pending(bob.device_id, 0, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        let receipts = store
+            .pending_receipts(alice.device_id, 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(receipts[0].message_id, b"m1");
+        // A repeated acknowledgement finds nothing.
+        assert_eq!(store.ack_message(&bob, b"m1").await.unwrap(), None);
+        store.close().await;
+    }
+
+    /// A write function whose statement fails outright (here: it no longer exists) aborts
+    /// its batch's transaction; no other write of that batch may then be reported as done.
+    /// (Acknowledged receipts wake nobody, so no NOTIFY would fail before the COMMIT, which
+    /// PostgreSQL answers with ROLLBACK and no error.)
+    #[tokio::test]
+    async fn a_batch_aborted_by_a_failed_statement_reports_nothing_as_committed() {
+        let url = postern_test_kit::postgres::Postgres::shared().fresh_database();
+        let store = PgStore::open(&url, Arc::new(Hub::default())).await.unwrap();
+        let alice = registered(&store, "alice", 1).await;
+        let bob = registered(&store, "bob", 2).await;
+        let l = EnqueueLimits {
+            max_queue: 1000,
+            max_queued_bytes: u64::MAX,
+        };
+        // Fifty receipts waiting for alice.
+        for i in 0..50u32 {
+            let id = i.to_be_bytes();
+            store
+                .enqueue(&alice, "bob", &id, &ct(bob.device_id, i), l)
+                .await
+                .unwrap();
+            store.ack_message(&bob, &id).await.unwrap();
+        }
+        assert_eq!(
+            store
+                .pending_receipts(alice.device_id, 0, 100)
+                .await
+                .unwrap()
+                .len(),
+            50
+        );
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        exec(&mut admin, "DROP FUNCTION postern_enqueue")
+            .await
+            .unwrap();
+        // Alice's writes share one writer (her device's lane), so they share batches: her
+        // receipt acknowledgements and her sends, which now fail.
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let (s, device) = (store.clone(), alice.device_id);
+            tasks.push(tokio::spawn(async move {
+                let id = i.to_be_bytes();
+                s.ack_receipt(device, &id)
+                    .await
+                    .is_ok()
+                    .then_some(id.to_vec())
+            }));
+            let (s, a) = (store.clone(), alice.clone());
+            tasks.push(tokio::spawn(async move {
+                let id = (1000 + i).to_be_bytes();
+                assert!(s
+                    .enqueue(&a, "bob", &id, &ct(bob.device_id, i), l)
+                    .await
+                    .is_err());
+                None
+            }));
+        }
+        let mut reported = Vec::new();
+        for t in tasks {
+            reported.extend(t.await.unwrap());
+        }
+        let waiting: Vec<Vec<u8>> = store
+            .pending_receipts(alice.device_id, 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.message_id)
+            .collect();
+        for id in &reported {
+            assert!(
+                !waiting.contains(id),
+                "the acknowledgement of {id:?} was reported done but not kept"
+            );
+        }
+        store.close().await;
     }
 
     /// Two nodes on one database: a message queued through one wakes the recipient's
