@@ -1235,8 +1235,9 @@ async fn write_loop(
             let (end, woken, answer) = (job.run)(&mut conn).await;
             if end == JobEnd::Done && savepoint.is_ok() {
                 wakes.extend(woken);
-            } else {
-                let _ = exec(&mut conn, "ROLLBACK TO op").await;
+            } else if exec(&mut conn, "ROLLBACK TO op").await.is_err() {
+                // Without its savepoint the write cannot be undone alone.
+                aborted = true;
             }
             let _ = exec(&mut conn, "RELEASE op").await;
             answers.push(answer);
