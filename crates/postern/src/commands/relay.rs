@@ -381,6 +381,16 @@ fn replace_listeners(
     Ok(())
 }
 
+/// The name of the `index`-th (from 0) listener a repeated flag adds: `base`, then
+/// `base-2`, `base-3`, …
+pub fn numbered_name(base: &str, index: usize) -> String {
+    if index == 0 {
+        base.to_string()
+    } else {
+        format!("{base}-{}", index + 1)
+    }
+}
+
 /// `--media ADDR…`: TLS listeners to the first pool, marked as media ports.
 fn add_media_listeners(cfg: &mut RelayConfig, addrs: &[SocketAddr]) -> anyhow::Result<()> {
     if addrs.is_empty() {
@@ -395,11 +405,7 @@ fn add_media_listeners(cfg: &mut RelayConfig, addrs: &[SocketAddr]) -> anyhow::R
     };
     for (i, addr) in addrs.iter().enumerate() {
         cfg.listeners.push(ListenerConfig {
-            name: if i == 0 {
-                "media".to_string()
-            } else {
-                format!("media-{}", i + 1)
-            },
+            name: numbered_name("media", i),
             listen: *addr,
             tls: true,
             accept_proxy: false,

@@ -10,7 +10,7 @@ use postern_relay::{ProxyLink, RelayConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use super::relay::{default_state_dir, links_for, qr, relay_secret};
+use super::relay::{default_state_dir, links_for, numbered_name, qr, relay_secret};
 
 /// The state directory deploy/install.sh creates and the systemd unit uses.
 pub const SYSTEM_STATE_DIR: &str = "/var/lib/postern-relay";
@@ -152,11 +152,7 @@ fn media_listeners(addrs: &[SocketAddr]) -> Vec<PlannedListener> {
         .iter()
         .enumerate()
         .map(|(i, addr)| PlannedListener {
-            name: if i == 0 {
-                "media".to_string()
-            } else {
-                format!("media-{}", i + 1)
-            },
+            name: numbered_name("media", i),
             addr: *addr,
             tls: true,
             media: true,
@@ -400,26 +396,10 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
     } else {
         let mut v = Vec::new();
         for (i, a) in args.plain.iter().enumerate() {
-            v.push(PlannedListener::new(
-                if i == 0 {
-                    "chat".to_string()
-                } else {
-                    format!("chat-{}", i + 1)
-                },
-                *a,
-                false,
-            ));
+            v.push(PlannedListener::new(numbered_name("chat", i), *a, false));
         }
         for (i, a) in args.tls.iter().enumerate() {
-            v.push(PlannedListener::new(
-                if i == 0 {
-                    "https".to_string()
-                } else {
-                    format!("https-{}", i + 1)
-                },
-                *a,
-                true,
-            ));
+            v.push(PlannedListener::new(numbered_name("https", i), *a, true));
         }
         v
     };

@@ -148,10 +148,17 @@ type JobFn = Box<
 /// One write for a writer task's next batch.
 struct WriteJob {
     run: JobFn,
-    /// Whether the writer wraps it in `SAVEPOINT` / `RELEASE` (rolled back to on failure).
-    /// The write functions of migrations-postgres/0003 undo themselves when they fail and
-    /// answer instead of raising, so they go without those two round trips.
-    savepoint: bool,
+    undo: Undo,
+}
+
+/// How a failed write is undone without spoiling the rest of its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    /// The writer wraps it in `SAVEPOINT` / `RELEASE` and rolls back to the savepoint.
+    Savepoint,
+    /// A write function of migrations-postgres/0003: it undoes itself and answers instead
+    /// of raising, so it goes without those two round trips.
+    ItsOwn,
 }
 
 /// How a write ended, for the writer task.
@@ -366,25 +373,8 @@ impl PgStore {
             + Clone
             + 'static,
     {
-        self.write_waking(lane, op, |_| Vec::new()).await
-    }
-
-    /// [`Self::write_waking`] for a single call of a write function of
-    /// migrations-postgres/0003, which is all or nothing by itself: no savepoint around it.
-    async fn write_function<T, F>(
-        &self,
-        lane: i64,
-        op: F,
-        wakes: fn(&T) -> Vec<Wake>,
-    ) -> Result<T, ServerError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
-            + Send
-            + Clone
-            + 'static,
-    {
-        self.retrying(lane, op, wakes, false).await
+        self.write_waking(lane, op, |_| Vec::new(), Undo::Savepoint)
+            .await
     }
 
     /// Runs `op` in the next batch of the writer for `lane` (a device id, so one device's
@@ -396,23 +386,7 @@ impl PgStore {
         lane: i64,
         op: F,
         wakes: fn(&T) -> Vec<Wake>,
-    ) -> Result<T, ServerError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ServerError>>
-            + Send
-            + Clone
-            + 'static,
-    {
-        self.retrying(lane, op, wakes, true).await
-    }
-
-    async fn retrying<T, F>(
-        &self,
-        lane: i64,
-        op: F,
-        wakes: fn(&T) -> Vec<Wake>,
-        savepoint: bool,
+        undo: Undo,
     ) -> Result<T, ServerError>
     where
         T: Send + 'static,
@@ -423,7 +397,7 @@ impl PgStore {
     {
         let (mut attempt, mut contended) = (0, 0);
         loop {
-            match self.submit(lane, op.clone(), wakes, savepoint).await {
+            match self.submit(lane, op.clone(), wakes, undo).await {
                 // Another node's batch holds a device this write needs: its commit is
                 // milliseconds away, so try again in a following batch.
                 Err(ServerError::Contended) if contended < CONTENDED_RETRIES => {
@@ -445,7 +419,7 @@ impl PgStore {
         lane: i64,
         op: F,
         wakes: fn(&T) -> Vec<Wake>,
-        savepoint: bool,
+        undo: Undo,
     ) -> Result<T, ServerError>
     where
         T: Send + 'static,
@@ -460,7 +434,7 @@ impl PgStore {
                 let ok = match &result {
                     Ok(_) => JobEnd::Done,
                     // A statement's own error: outside a savepoint it aborts the transaction.
-                    Err(ServerError::Database(_)) if !savepoint => JobEnd::AbortedBatch,
+                    Err(ServerError::Database(_)) if undo == Undo::ItsOwn => JobEnd::AbortedBatch,
                     Err(_) => JobEnd::Failed,
                 };
                 let woken = result.as_ref().map(wakes).unwrap_or_default();
@@ -474,7 +448,7 @@ impl PgStore {
             })
         });
         self.writers[lane.rem_euclid(WRITERS as i64) as usize]
-            .send(WriteJob { run, savepoint })
+            .send(WriteJob { run, undo })
             .await
             .map_err(|_| ServerError::Config("the database writer has stopped".into()))?;
         answer
@@ -697,7 +671,7 @@ impl PgStore {
             message_id.to_vec(),
             ciphertexts.to_vec(),
         );
-        self.write_function(
+        self.write_waking(
             sender.device_id,
             move |tx| {
                 Box::pin(async move {
@@ -748,6 +722,7 @@ impl PgStore {
                     .collect(),
                 _ => Vec::new(),
             },
+            Undo::ItsOwn,
         )
         .await
     }
@@ -792,7 +767,7 @@ impl PgStore {
         message_id: &[u8],
     ) -> Result<Option<i64>, ServerError> {
         let (device, message_id) = (device.clone(), message_id.to_vec());
-        self.write_function(
+        self.write_waking(
             device.device_id,
             move |tx| {
                 Box::pin(async move {
@@ -815,6 +790,7 @@ impl PgStore {
                 })
             },
             |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect(),
+            Undo::ItsOwn,
         )
         .await
     }
@@ -879,6 +855,7 @@ impl PgStore {
                 })
             },
             |woken| woken.iter().map(|d| Wake::Receipts(*d)).collect(),
+            Undo::Savepoint,
         )
         .await
     }
@@ -961,13 +938,13 @@ impl PgStore {
                 }
                 Ok((wake, foreign))
             })
-        }, |(woken, _)| woken.iter().map(|d| Wake::Receipts(*d)).collect())
+        }, |(woken, _)| woken.iter().map(|d| Wake::Receipts(*d)).collect(), Undo::Savepoint)
         .await
     }
 
     pub async fn ack_receipt(&self, device_id: i64, message_id: &[u8]) -> Result<(), ServerError> {
         let message_id = message_id.to_vec();
-        self.write_function(
+        self.write_waking(
             device_id,
             move |tx| {
                 Box::pin(async move {
@@ -985,6 +962,7 @@ impl PgStore {
                 })
             },
             |_| Vec::new(),
+            Undo::ItsOwn,
         )
         .await
     }
@@ -1221,7 +1199,7 @@ async fn write_loop(
         }
         let mut aborted = false;
         for job in batch.drain(..) {
-            if !job.savepoint {
+            if job.undo == Undo::ItsOwn {
                 let (end, woken, answer) = (job.run)(&mut conn).await;
                 match end {
                     JobEnd::Done => wakes.extend(woken),
