@@ -2,9 +2,11 @@
 -- and acknowledging its receipt each become one round trip to PostgreSQL instead of three to
 -- twelve (each statement, and the savepoint around each write, was its own round trip, and
 -- the node's writer waited for each; docs/benchmarks.md, issue 16). They do what
--- store/postgres.rs did statement by statement, in the same order, and take the same advisory
--- locks with the same keys (device * 4 for a queue, device * 4 + 1 for its receipts,
--- account * 4 + 2 for a quota; see the key functions in store/postgres.rs).
+-- store/postgres.rs did statement by statement, in the same order. The advisory-lock keys
+-- (device * 4 for a queue, device * 4 + 1 for its receipts, account * 4 + 2 for a quota; ids
+-- are below 2^57, so keys never collide) and the two steps the rarer writes share with them
+-- (postern_queue_receipt, postern_release_bytes) exist only here: store/postgres.rs calls
+-- these functions too.
 --
 -- Each is all or nothing by itself: its body runs in a block with an EXCEPTION clause (a
 -- subtransaction inside PostgreSQL), so a failure undoes only this write and is answered, not
@@ -135,6 +137,30 @@ BEGIN
 END
 $$;
 
+-- Queues a receipt (delivered, or p_expired = 1) for p_sender_device, a device of this
+-- database, under its receipts' lock; returns whether it is new. The sending device may have
+-- been deleted since: then there is no one to tell (false).
+CREATE FUNCTION postern_queue_receipt(
+    p_sender_device BIGINT,
+    p_message_id BYTEA,
+    p_recipient TEXT,
+    p_now BIGINT,
+    p_expired BIGINT
+)
+RETURNS BOOLEAN
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queued BIGINT;
+BEGIN
+    PERFORM postern_try_lock(p_sender_device * 4 + 1);
+    INSERT INTO receipts (device_id, message_id, recipient, server_time_ms, expired)
+    SELECT id, p_message_id, p_recipient, p_now, p_expired FROM devices WHERE id = p_sender_device
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    RETURN v_queued > 0;
+END
+$$;
+
 -- The recipient p_device (of account p_recipient) stored the message: delete it, release its
 -- bytes and queue a receipt for the sending device. o_outcome 'acked' with o_sender_device,
 -- the device to wake; 'nothing' if there was nothing to delete (a repeated acknowledgement)
@@ -154,7 +180,6 @@ DECLARE
     v_sender_device BIGINT;
     v_bytes BIGINT;
     v_account BIGINT;
-    v_queued BIGINT;
 BEGIN
     o_outcome := 'nothing';
     BEGIN
@@ -165,12 +190,7 @@ BEGIN
             RETURN;
         END IF;
         PERFORM postern_release_bytes(v_account, v_sender_device, v_bytes);
-        PERFORM postern_try_lock(v_sender_device * 4 + 1);
-        INSERT INTO receipts (device_id, message_id, recipient, server_time_ms, expired)
-        SELECT id, p_message_id, p_recipient, p_now, 0 FROM devices WHERE id = v_sender_device
-        ON CONFLICT DO NOTHING;
-        GET DIAGNOSTICS v_queued = ROW_COUNT;
-        IF v_queued > 0 THEN
+        IF postern_queue_receipt(v_sender_device, p_message_id, p_recipient, p_now, 0) THEN
             o_outcome := 'acked';
             o_sender_device := v_sender_device;
         END IF;

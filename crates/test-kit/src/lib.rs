@@ -42,7 +42,8 @@ pub fn free_port() -> u16 {
         let start = std::process::id().wrapping_mul(2_654_435_761) % span;
         for _ in 0..span {
             let i = NEXT.fetch_add(1, Ordering::Relaxed);
-            // 7,919 is prime and does not divide the span: the walk visits every port.
+            // 7,919 is prime, so unless the span is a multiple of it the walk visits every
+            // port (if it is, it visits some; past them comes the fallback below).
             let port = FIRST + ((start + i.wrapping_mul(7_919)) % span) as u16;
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;

@@ -24,8 +24,8 @@
 //!   sender's node and by the recipient's, is guarded the same way. Locks are tried, never
 //!   waited for: a write that finds one held by another node's open batch is undone (its
 //!   savepoint, or the function's own block) and submitted again to a later batch (nothing
-//!   was acknowledged), so
-//!   batches of different nodes never wait on each other and cannot deadlock.
+//!   was acknowledged), so batches of different nodes never wait on each other and cannot
+//!   deadlock.
 //! * **Cross-node wake-ups.** A node knows only its own connections ([`Hub`]). Every
 //!   batch that queued envelopes or receipts sends, inside its transaction, one
 //!   `NOTIFY postern_wake` listing the devices to wake (split only past PostgreSQL's 8000
@@ -67,43 +67,19 @@ const RETRIES: usize = 8;
 /// pauses growing to 20 ms: a few seconds in all) before its caller is told to retry.
 const CONTENDED_RETRIES: usize = 200;
 
-/// Advisory-lock keys: one per device's queue (`device * 4`, taken only inside
-/// `postern_enqueue`, migrations-postgres/0003), one per device's receipts, one per
-/// account's byte quota (ids are below 2^57, so the keys never collide). The SQL functions
-/// compute the same keys.
-fn receipt_lock(device_id: i64) -> i64 {
-    device_id.wrapping_mul(4).wrapping_add(1)
-}
-/// The quota row is written by the sender's node (enqueue) and the recipient's (delivery):
-/// taken like the others, without waiting, so those two never wait on each other's row
-/// lock (which deadlocked nodes' batches in the scale-out benchmark).
-fn quota_lock(account_id: i64) -> i64 {
-    account_id.wrapping_mul(4).wrapping_add(2)
-}
-
-/// Serializes inserts into one device's queue (or receipts) until the transaction ends.
+/// SQLSTATE `lock_not_available`: `postern_try_lock` (migrations-postgres/0003), which every
+/// write takes its advisory locks with, found one held by another batch.
 ///
-/// It does not wait: when another node's open batch holds the lock, this write gives way
-/// ([`ServerError::Contended`]: its savepoint is rolled back, the rest of the batch goes
-/// on) and is submitted again to this node's next batch. Waiting instead would hold every
-/// lock this batch already took while the other batch waits for them in turn — two nodes'
-/// batches of a few hundred writes over the same devices then deadlock, and each deadlock
-/// stalls both writers for PostgreSQL's `deadlock_timeout`.
-async fn lock(tx: &mut PgConnection, key: i64) -> Result<(), ServerError> {
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await?;
-    if got {
-        Ok(())
-    } else {
-        Err(ServerError::Contended)
-    }
-}
+/// Locks are tried, not waited for: the write gives way ([`ServerError::Contended`]: undone,
+/// the rest of the batch goes on) and is submitted again to this node's next batch. Waiting
+/// instead would hold every lock this batch already took while the other batch waits for
+/// them in turn — two nodes' batches of a few hundred writes over the same devices then
+/// deadlock, and each deadlock stalls both writers for PostgreSQL's `deadlock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// What a write function of migrations-postgres/0003 answered when it did not do its write
-/// (and undid what it had done): `contended` is a lock held by another batch, which
-/// [`lock`] reports the same way, so the write is tried again in a later batch.
+/// (and undid what it had done): `contended` is a lock held by another batch (see
+/// [`LOCK_NOT_AVAILABLE`]), so the write is tried again in a later batch.
 fn function_failed(function: &str, outcome: &str, error: Option<String>) -> ServerError {
     match outcome {
         "contended" => ServerError::Contended,
@@ -430,8 +406,15 @@ impl PgStore {
         let (reply, answer) = oneshot::channel();
         let run: JobFn = Box::new(move |conn| {
             Box::pin(async move {
-                let result = op(conn).await;
-                let ok = match &result {
+                let result = match op(conn).await {
+                    Err(ServerError::Database(sqlx::Error::Database(e)))
+                        if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+                    {
+                        Err(ServerError::Contended)
+                    }
+                    other => other,
+                };
+                let end = match &result {
                     Ok(_) => JobEnd::Done,
                     // A statement's own error: outside a savepoint it aborts the transaction.
                     Err(ServerError::Database(_)) if undo == Undo::ItsOwn => JobEnd::AbortedBatch,
@@ -444,7 +427,7 @@ impl PgStore {
                         Err(e) => Err(ServerError::Config(format!("database commit failed: {e}"))),
                     });
                 });
-                (ok, woken, deferred)
+                (end, woken, deferred)
             })
         });
         self.writers[lane.rem_euclid(WRITERS as i64) as usize]
@@ -685,7 +668,7 @@ impl PgStore {
                     let (outcome, devices, error): (String, Vec<i64>, Option<String>) =
                         sqlx::query_as(
                             "SELECT o_outcome, o_devices, o_error
-             FROM postern_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                             FROM postern_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                         )
                         .bind(&recipient)
                         .bind(&message_id)
@@ -1056,8 +1039,7 @@ async fn delete_queued(
 }
 
 /// Queues a receipt (delivered, or `expired`) for `sender_device`, which must be a device
-/// of this database; returns whether it is new. The sender's device may have been
-/// deleted since: then there is no one to tell.
+/// of this database; returns whether it is new (see `postern_queue_receipt`).
 async fn insert_receipt(
     tx: &mut PgConnection,
     sender_device: i64,
@@ -1065,47 +1047,30 @@ async fn insert_receipt(
     recipient: &str,
     expired: bool,
 ) -> Result<bool, ServerError> {
-    lock(tx, receipt_lock(sender_device)).await?;
-    let res = sqlx::query(
-        "INSERT INTO receipts (device_id, message_id, recipient, server_time_ms, expired)
-         SELECT id, $1, $2, $3, $4 FROM devices WHERE id = $5
-         ON CONFLICT DO NOTHING",
+    Ok(
+        sqlx::query_scalar("SELECT postern_queue_receipt($1, $2, $3, $4, $5)")
+            .bind(sender_device)
+            .bind(message_id)
+            .bind(recipient)
+            .bind(now_ms())
+            .bind(i64::from(expired))
+            .fetch_one(&mut *tx)
+            .await?,
     )
-    .bind(message_id)
-    .bind(recipient)
-    .bind(now_ms())
-    .bind(i64::from(expired))
-    .bind(sender_device)
-    .execute(&mut *tx)
-    .await?;
-    Ok(res.rows_affected() > 0)
 }
 
-/// A message of `bytes` sent by `sender_device` left the queue (delivered or expired).
-/// Rows queued before migration 0002 do not name the sending account: it is looked up
-/// (such rows come from an unsharded database, where the sender's device is too).
+/// A message of `bytes` sent by `sender_device` left the queue (delivered or expired):
+/// releases it from the sending account's quota (see `postern_release_bytes`).
 async fn release_queued_bytes(
     tx: &mut PgConnection,
     sender_account: Option<i64>,
     sender_device: i64,
     bytes: i64,
 ) -> Result<(), ServerError> {
-    let account = match sender_account {
-        Some(a) => Some(a),
-        None => {
-            sqlx::query_scalar("SELECT account_id FROM devices WHERE id = $1")
-                .bind(sender_device)
-                .fetch_optional(&mut *tx)
-                .await?
-        }
-    };
-    let Some(account) = account else {
-        return Ok(());
-    };
-    lock(tx, quota_lock(account)).await?;
-    sqlx::query("UPDATE queued_bytes SET bytes = GREATEST(0, bytes - $1) WHERE account_id = $2")
+    sqlx::query("SELECT postern_release_bytes($1, $2, $3)")
+        .bind(sender_account)
+        .bind(sender_device)
         .bind(bytes)
-        .bind(account)
         .execute(&mut *tx)
         .await?;
     Ok(())
@@ -1404,6 +1369,48 @@ mod tests {
         assert_eq!(receipts[0].message_id, b"m1");
         // A repeated acknowledgement finds nothing.
         assert_eq!(store.ack_message(&bob, b"m1").await.unwrap(), None);
+
+        // The same for a write that runs statement by statement in a savepoint (a receipt
+        // from another shard): the lock error from `postern_queue_receipt` is a retry too.
+        exec(&mut other, "BEGIN").await.unwrap();
+        hold(alice.device_id * 4 + 1)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let foreign = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .queue_receipts(vec![ForeignReceipt {
+                        sender: "alice".into(),
+                        sender_device: alice.device_id,
+                        message_id: b"m2".to_vec(),
+                        recipient: "carol".into(),
+                        expired: false,
+                    }])
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !foreign.is_finished(),
+            "queued while alice's receipts were locked"
+        );
+        exec(&mut other, "COMMIT").await.unwrap();
+        let woken = tokio::time::timeout(Duration::from_secs(10), foreign)
+            .await
+            .expect("queued once the lock was released")
+            .unwrap()
+            .unwrap();
+        assert_eq!(woken, vec![alice.device_id]);
+        assert_eq!(
+            store
+                .pending_receipts(alice.device_id, 0, 10)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         store.close().await;
     }
 
